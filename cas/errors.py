@@ -1,0 +1,115 @@
+"""Errors raised by cas.
+
+Every error a user can meet is a :class:`CasError`; the CLI maps the class's
+``exit_code`` to the process exit status and prints the message on one line.
+
+    CasError                              exit 1
+    ├── UsageError                        exit 2  bad argument to an API call or command
+    │   ├── InvalidTagError
+    │   ├── TagExistsError
+    │   ├── OutputExistsError
+    │   └── ShapeMismatchError            load_into target does not fit the snapshot
+    ├── RepositoryError                   exit 3
+    │   ├── NotARepositoryError
+    │   ├── RepositoryExistsError         init on a non-empty directory
+    │   ├── FormatVersionError            repository written by an unknown format version
+    │   └── LockedError
+    ├── SnapshotNotFoundError             exit 4  unknown tag / id / prefix
+    │   └── AmbiguousSnapshotError
+    ├── UnsupportedObjectError            exit 5  value the typed encoding cannot hold
+    │   └── PickleRequiredError           snapshot holds pickled values; pass allow_pickle=True
+    ├── NotACheckpointError               exit 6  an input file that is not a checkpoint
+    └── CorruptionError                   exit 7  stored bytes are damaged or missing
+        ├── ChunkCorruptError             decoded bytes do not hash to the chunk id
+        ├── MissingChunkError             a referenced chunk is not in the index or its pack
+        ├── PackCorruptError              a pack's footer / trailer / checksum is wrong
+        └── ManifestCorruptError          a manifest node does not decode
+"""
+
+from __future__ import annotations
+
+
+class CasError(Exception):
+    """Base of every error cas raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(CasError):
+    exit_code = 2
+
+
+class InvalidTagError(UsageError):
+    pass
+
+
+class TagExistsError(UsageError):
+    pass
+
+
+class OutputExistsError(UsageError):
+    pass
+
+
+class ShapeMismatchError(UsageError):
+    pass
+
+
+class RepositoryError(CasError):
+    exit_code = 3
+
+
+class NotARepositoryError(RepositoryError):
+    pass
+
+
+class RepositoryExistsError(RepositoryError):
+    pass
+
+
+class FormatVersionError(RepositoryError):
+    pass
+
+
+class LockedError(RepositoryError):
+    pass
+
+
+class SnapshotNotFoundError(CasError):
+    exit_code = 4
+
+
+class AmbiguousSnapshotError(SnapshotNotFoundError):
+    pass
+
+
+class UnsupportedObjectError(CasError):
+    exit_code = 5
+
+
+class PickleRequiredError(UnsupportedObjectError):
+    pass
+
+
+class NotACheckpointError(CasError):
+    exit_code = 6
+
+
+class CorruptionError(CasError):
+    exit_code = 7
+
+
+class ChunkCorruptError(CorruptionError):
+    pass
+
+
+class MissingChunkError(CorruptionError):
+    pass
+
+
+class PackCorruptError(CorruptionError):
+    pass
+
+
+class ManifestCorruptError(CorruptionError):
+    pass

@@ -1,0 +1,164 @@
+"""The LMDB index: chunk locations, pack sizes and snapshot summaries.
+
+A cache of facts the packs and refs hold; ``Repository.rebuild_index`` makes it
+anew from pack footers and snapshot nodes. lmdb is imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from cas.errors import LockedError, RepositoryError
+from cas.ids import ZERO_DIGEST, ChunkId, PackId
+from cas.pack import FLAG_HAS_BASE, PackEntry
+
+# pack id, payload offset, stored length, raw length, codec, kind, flags, base id
+LOCATION = struct.Struct("<32sQQQBBB5x32s")
+PACK_INFO = struct.Struct("<QQ")  # file size, entry count
+MAP_SIZE = 1 << 40  # address space only; the file grows with use
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    pack_id: PackId
+    offset: int
+    stored_length: int
+    raw_length: int
+    codec: int
+    kind: int
+    base_id: ChunkId | None
+
+    def encode(self) -> bytes:
+        flags = FLAG_HAS_BASE if self.base_id is not None else 0
+        return LOCATION.pack(
+            self.pack_id, self.offset, self.stored_length, self.raw_length,
+            self.codec, self.kind, flags, self.base_id or ZERO_DIGEST,
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ChunkLocation:
+        pack, offset, stored, rawlen, codec, kind, flags, base = LOCATION.unpack(raw)
+        return cls(PackId(pack), offset, stored, rawlen, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None)
+
+    @classmethod
+    def of(cls, pack_id: PackId, entry: PackEntry) -> ChunkLocation:
+        return cls(pack_id, entry.offset, entry.stored_length, entry.raw_length, entry.codec, entry.kind, entry.base_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SealedPack:
+    pack_id: PackId
+    size: int
+    entries: list[PackEntry]
+
+
+class Index:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        try:
+            self._env = lmdb.open(
+                str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
+                create=not readonly, max_readers=512, metasync=True, sync=True,
+            )
+        except lmdb.LockError as exc:
+            raise LockedError(f"index at {path} is locked: {exc}") from None
+        except lmdb.Error as exc:
+            raise RepositoryError(f"cannot open the index at {path}: {exc}; `cas index rebuild` recreates it") from None
+        self._chunks = self._env.open_db(b"chunks", create=not readonly)
+        self._packs = self._env.open_db(b"packs", create=not readonly)
+        self._snapshots = self._env.open_db(b"snapshots", create=not readonly)
+
+    def close(self) -> None:
+        self._env.close()
+
+    # chunks -------------------------------------------------------------
+    def get(self, chunk_id: bytes) -> ChunkLocation | None:
+        with self._env.begin(db=self._chunks) as txn:
+            raw = txn.get(chunk_id)
+        return None if raw is None else ChunkLocation.decode(raw)
+
+    def get_many(self, chunk_ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
+        found = {}
+        with self._env.begin(db=self._chunks) as txn:
+            for cid in chunk_ids:
+                raw = txn.get(cid)
+                if raw is not None:
+                    found[cid] = ChunkLocation.decode(raw)
+        return found
+
+    def reader(self) -> ChunkLookup:
+        return ChunkLookup(self._env.begin(db=self._chunks))
+
+    def iter_chunks(self) -> Iterator[tuple[ChunkId, ChunkLocation]]:
+        with self._env.begin(db=self._chunks) as txn:
+            for key, value in txn.cursor():
+                yield ChunkId(bytes(key)), ChunkLocation.decode(value)
+
+    def chunk_count(self) -> int:
+        with self._env.begin() as txn:
+            return int(txn.stat(self._chunks)["entries"])
+
+    def remove_chunks(self, chunk_ids: Iterable[bytes]) -> int:
+        removed = 0
+        with self._env.begin(write=True, db=self._chunks) as txn:
+            for cid in chunk_ids:
+                removed += bool(txn.delete(cid))
+        return removed
+
+    # packs --------------------------------------------------------------
+    def commit(self, packs: Iterable[SealedPack], snapshots: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """One write transaction: the chunk entries of sealed packs and snapshot summaries.
+
+        An existing entry for a chunk is kept (first writer wins): a chunk written
+        twice by racing savers is found either way, and GC reclaims the spare copy.
+        """
+        with self._env.begin(write=True) as txn:
+            for pack in packs:
+                txn.put(pack.pack_id, PACK_INFO.pack(pack.size, len(pack.entries)), db=self._packs)
+                for entry in pack.entries:
+                    loc = ChunkLocation.of(pack.pack_id, entry)
+                    txn.put(entry.chunk_id, loc.encode(), db=self._chunks, overwrite=False)
+            for snap_id, node in snapshots:
+                txn.put(snap_id, node, db=self._snapshots)
+
+    def packs(self) -> dict[PackId, tuple[int, int]]:
+        with self._env.begin(db=self._packs) as txn:
+            return {PackId(bytes(k)): PACK_INFO.unpack(v) for k, v in txn.cursor()}
+
+    def remove_packs(self, pack_ids: Iterable[bytes]) -> None:
+        with self._env.begin(write=True, db=self._packs) as txn:
+            for pid in pack_ids:
+                txn.delete(pid)
+
+    # snapshots ------------------------------------------------------------
+    def snapshot_node(self, snap_id: bytes) -> bytes | None:
+        """The cached encoding of a snapshot node (the same bytes as its chunk)."""
+        with self._env.begin(db=self._snapshots) as txn:
+            raw = txn.get(snap_id)
+        return None if raw is None else bytes(raw)
+
+    def remove_snapshot(self, snap_id: bytes) -> None:
+        with self._env.begin(write=True, db=self._snapshots) as txn:
+            txn.delete(snap_id)
+
+    def clear(self) -> None:
+        with self._env.begin(write=True) as txn:
+            for db in (self._chunks, self._packs, self._snapshots):
+                txn.drop(db, delete=False)
+
+
+class ChunkLookup:
+    """A read transaction held for the length of one save (many lookups, one snapshot of the index)."""
+
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self._txn = txn
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return self._txn.get(chunk_id) is not None
+
+    def close(self) -> None:
+        self._txn.abort()

@@ -1,0 +1,215 @@
+"""Pack files: immutable files of chunk records with a self-describing footer.
+
+Layout (all integers little-endian; see FORMAT.md for the normative text)::
+
+    header   16 B   b"CASPACK\\x00" | u16 version | 6 reserved zero bytes
+    record*         88 B record header | payload
+    footer          96 B per entry, one per record, in record order
+    trailer  64 B   u64 footer offset | u64 entry count | 32 B BLAKE3(footer)
+                    | u16 version | 6 reserved | b"CASPEND\\x00"
+
+A pack is named by the BLAKE3 of all its bytes, so its name is its checksum.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import blake3
+
+from cas.errors import FormatVersionError, PackCorruptError
+from cas.faults import crash_point
+from cas.ids import ZERO_DIGEST, ChunkId, PackId
+
+PACK_VERSION = 1
+HEADER_MAGIC = b"CASPACK\x00"
+TRAILER_MAGIC = b"CASPEND\x00"
+RECORD_MAGIC = b"CREC"
+
+HEADER = struct.Struct("<8sH6x")  # magic, version
+# magic, codec, kind, flags, raw length, stored length, chunk id, base id
+RECORD_HEADER = struct.Struct("<4sBBBxQQ32s32s")
+# chunk id, base id, payload offset, stored length, raw length, codec, kind, flags
+FOOTER_ENTRY = struct.Struct("<32s32sQQQBBB5x")
+TRAILER = struct.Struct("<QQ32sH6x8s")
+
+FLAG_HAS_BASE = 0x01
+
+
+class ChunkKind(IntEnum):
+    DATA = 0  # tensor bytes, array bytes, bytes values, pickled values
+    NODE = 1  # manifest node (tree or snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class PackEntry:
+    """Where one chunk lives inside a pack."""
+
+    chunk_id: ChunkId
+    offset: int  # of the payload, from the start of the pack file
+    stored_length: int
+    raw_length: int
+    codec: int
+    kind: int
+    base_id: ChunkId | None = None
+
+    def footer_bytes(self) -> bytes:
+        flags = FLAG_HAS_BASE if self.base_id is not None else 0
+        return FOOTER_ENTRY.pack(
+            self.chunk_id, self.base_id or ZERO_DIGEST, self.offset, self.stored_length,
+            self.raw_length, self.codec, self.kind, flags,
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PackWriter:
+    """Appends records to a temp file; ``seal`` makes it a durable, immutable pack."""
+
+    def __init__(self, temp_path: Path) -> None:
+        self.temp_path = temp_path
+        self._file = open(temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in seal/abort
+        self._hasher = blake3.blake3()
+        self._entries: list[PackEntry] = []
+        self._size = 0
+        self._write(HEADER.pack(HEADER_MAGIC, PACK_VERSION))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            assert written is not None
+            view = view[written:]
+        self._hasher.update(data)
+        self._size += len(data)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def entries(self) -> list[PackEntry]:
+        return list(self._entries)
+
+    def add(
+        self,
+        chunk_id: ChunkId,
+        kind: ChunkKind,
+        codec: int,
+        payload: bytes | memoryview,
+        raw_length: int,
+        base_id: ChunkId | None = None,
+    ) -> PackEntry:
+        flags = FLAG_HAS_BASE if base_id is not None else 0
+        stored_length = len(payload)
+        self._write(RECORD_HEADER.pack(
+            RECORD_MAGIC, codec, kind, flags, raw_length, stored_length,
+            chunk_id, base_id or ZERO_DIGEST,
+        ))
+        entry = PackEntry(chunk_id, self._size, stored_length, raw_length, codec, int(kind), base_id)
+        self._write(payload)
+        self._entries.append(entry)
+        crash_point("chunk_written")
+        return entry
+
+    def seal(self, packs_dir: Path) -> tuple[PackId, Path]:
+        """Write footer and trailer, fsync, re-read the footer, rename into place, fsync dirs."""
+        footer_offset = self._size
+        footer = b"".join(e.footer_bytes() for e in self._entries)
+        self._write(footer)
+        self._write(TRAILER.pack(
+            footer_offset, len(self._entries), blake3.blake3(footer).digest(), PACK_VERSION, TRAILER_MAGIC,
+        ))
+        os.fsync(self._file.fileno())
+        self._file.close()
+        pack_id = PackId(self._hasher.digest())
+        # Re-read what reached the disk before calling it done (catches a torn write now).
+        written = read_footer(self.temp_path)
+        if written != self._entries:
+            raise PackCorruptError(f"pack {pack_id.short()} does not read back as written")
+        final = pack_path(packs_dir, pack_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        crash_point("pack_before_rename")
+        os.replace(self.temp_path, final)
+        _fsync_dir(final.parent)
+        _fsync_dir(packs_dir)
+        crash_point("pack_sealed")
+        return pack_id, final
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+def pack_path(packs_dir: Path, pack_id: PackId) -> Path:
+    name = pack_id.hex()
+    return packs_dir / name[:2] / f"{name}.pack"
+
+
+def read_footer(path: Path) -> list[PackEntry]:
+    """Parse and check a pack's header, trailer and footer (not the payloads)."""
+    name = path.name
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER.size + TRAILER.size:
+                raise PackCorruptError(f"pack {name} is truncated ({size} bytes)")
+            magic, version = HEADER.unpack(f.read(HEADER.size))
+            if magic != HEADER_MAGIC:
+                raise PackCorruptError(f"{name} is not a cas pack (bad header magic)")
+            if version != PACK_VERSION:
+                raise FormatVersionError(f"pack {name} has format version {version}; this cas reads {PACK_VERSION}")
+            f.seek(size - TRAILER.size)
+            footer_offset, count, footer_hash, t_version, t_magic = TRAILER.unpack(f.read(TRAILER.size))
+            if t_magic != TRAILER_MAGIC or t_version != version:
+                raise PackCorruptError(f"pack {name} is truncated or damaged (bad trailer)")
+            if footer_offset + count * FOOTER_ENTRY.size + TRAILER.size != size or footer_offset < HEADER.size:
+                raise PackCorruptError(f"pack {name} footer does not fit the file (truncated or damaged)")
+            f.seek(footer_offset)
+            footer = f.read(count * FOOTER_ENTRY.size)
+    except FileNotFoundError:
+        raise PackCorruptError(f"pack {name} is missing") from None
+    if blake3.blake3(footer).digest() != footer_hash:
+        raise PackCorruptError(f"pack {name} footer checksum mismatch")
+    entries = []
+    for i in range(count):
+        cid, base, offset, stored, raw, codec, kind, flags = FOOTER_ENTRY.unpack_from(footer, i * FOOTER_ENTRY.size)
+        if offset < HEADER.size + RECORD_HEADER.size or offset + stored > footer_offset:
+            raise PackCorruptError(f"pack {name} entry {i} points outside the records")
+        entries.append(PackEntry(
+            ChunkId(cid), offset, stored, raw, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None,
+        ))
+    return entries
+
+
+def hash_pack_file(path: Path) -> PackId:
+    """BLAKE3 of every byte of the pack: equals its name when intact."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update_mmap(path)
+    return PackId(hasher.digest())
+
+
+def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:
+    """Every sealed pack under ``packs_dir``; files whose names are not pack ids are skipped."""
+    if not packs_dir.is_dir():
+        return
+    for sub in sorted(packs_dir.iterdir()):
+        if not sub.is_dir():
+            continue
+        for path in sorted(sub.glob("*.pack")):
+            try:
+                yield PackId.from_hex(path.stem), path
+            except Exception:  # noqa: BLE001 - a stray file is not a pack
+                continue

@@ -1,0 +1,125 @@
+"""Reading chunks back: pread from packs, decode, verify the BLAKE3 id, copy into place."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cas.codec import Codec, decode
+from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
+from cas.ids import ChunkId, PackId, hash_bytes
+from cas.index import ChunkLocation, Index
+from cas.pack import pack_path
+
+MAX_OPEN_PACKS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRead:
+    chunk_id: ChunkId
+    location: ChunkLocation
+    dest: memoryview
+    where: str  # "snapshot S, tensor T" for messages
+
+
+class ChunkReader:
+    def __init__(self, packs_dir: Path, index: Index) -> None:
+        self.packs_dir = packs_dir
+        self.index = index
+        self._fds: dict[PackId, int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _fd(self, pack_id: PackId) -> int:
+        with self._lock:
+            fd = self._fds.get(pack_id)
+            if fd is None:
+                if len(self._fds) >= MAX_OPEN_PACKS:
+                    for old in list(self._fds)[: MAX_OPEN_PACKS // 2]:
+                        os.close(self._fds.pop(old))
+                try:
+                    fd = os.open(pack_path(self.packs_dir, pack_id), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
+                self._fds[pack_id] = fd
+            return fd
+
+    def locate(self, chunk_id: ChunkId, where: str) -> ChunkLocation:
+        loc = self.index.get(chunk_id)
+        if loc is None:
+            raise MissingChunkError(f"{where}: chunk {chunk_id.short()} is not in the index")
+        return loc
+
+    def _payload(self, loc: ChunkLocation) -> bytes:
+        data = os.pread(self._fd(loc.pack_id), loc.stored_length, loc.offset)
+        if len(data) != loc.stored_length:
+            raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
+        return data
+
+    def read(self, chunk_id: ChunkId, where: str, loc: ChunkLocation | None = None) -> bytes:
+        """The verified raw bytes of one chunk."""
+        loc = loc or self.locate(chunk_id, where)
+        try:
+            out = decode(loc.codec, self._payload(loc), loc.raw_length)
+            if hash_bytes(out) != chunk_id:
+                raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
+        except CorruptionError as exc:
+            raise type(exc)(f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+        return bytes(out)
+
+    def read_into(self, job: ChunkRead) -> None:
+        loc = job.location
+        try:
+            if len(job.dest) != loc.raw_length:
+                raise ChunkCorruptError(f"chunk {job.chunk_id.short()} has {loc.raw_length} bytes, expected {len(job.dest)}")
+            if loc.codec == Codec.RAW:
+                got = os.preadv(self._fd(loc.pack_id), [job.dest], loc.offset)
+                if got != loc.stored_length:
+                    raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
+                if hash_bytes(job.dest) != job.chunk_id:
+                    raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
+                return
+            out = decode(loc.codec, self._payload(loc), loc.raw_length)
+            if hash_bytes(out) != job.chunk_id:
+                raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
+            job.dest[:] = out
+        except CorruptionError as exc:
+            raise type(exc)(f"{job.where}: {exc} (pack {loc.pack_id.short()})") from None
+
+    def plan(self, dest: memoryview, chunks: Sequence[ChunkId], where: str) -> list[ChunkRead]:
+        """Split ``dest`` by the chunks' raw lengths; every chunk must be indexed and the sizes must add up."""
+        locations = self.index.get_many(chunks)
+        reads: list[ChunkRead] = []
+        offset = 0
+        for cid in chunks:
+            loc = locations.get(cid)
+            if loc is None:
+                raise MissingChunkError(f"{where}: chunk {cid.short()} is not in the index")
+            reads.append(ChunkRead(cid, loc, dest[offset:offset + loc.raw_length], where))
+            offset += loc.raw_length
+        if offset != len(dest):
+            raise ChunkCorruptError(f"{where}: chunks hold {offset} bytes, expected {len(dest)}")
+        return reads
+
+    def run(self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None = None) -> None:
+        """Read many chunks in parallel, in pack order; the first error is raised after all finish."""
+        reads = sorted(reads, key=lambda r: (r.location.pack_id, r.location.offset))
+        futures = [pool.submit(self.read_into, r) for r in reads]
+        first: BaseException | None = None
+        for fut, r in zip(futures, reads, strict=True):
+            exc = fut.exception()
+            if exc is not None and first is None:
+                first = exc
+            if progress is not None:
+                progress(len(r.dest))
+        if first is not None:
+            raise first

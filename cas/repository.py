@@ -1,0 +1,456 @@
+"""The engine: ties the store, packs, index and manifests into save / load / verify / diff."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+from cas.codec import check_compression
+from cas.errors import (
+    AmbiguousSnapshotError,
+    CorruptionError,
+    ManifestCorruptError,
+    ShapeMismatchError,
+    SnapshotNotFoundError,
+    TagExistsError,
+    UsageError,
+)
+from cas.faults import crash_point
+from cas.ids import ChunkId, SnapshotId
+from cas.index import Index, SealedPack
+from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
+from cas.pack import iter_pack_files, read_footer
+from cas.reader import ChunkRead, ChunkReader
+from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
+from cas.saver import ChunkStorer, PackSink
+from cas.statedict import (
+    Blob,
+    KeyPath,
+    collect_targets,
+    decode_state,
+    encode_state,
+    format_path,
+    plain_key,
+    tensor_leaves,
+)
+from cas.store import LocalStore, check_tag
+
+DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
+DEFAULT_PACK_SIZE = 64 << 20
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 256 << 20
+Progress = Callable[[int, int], None]
+
+
+def _default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class Repository:
+    """A cas repository on local disk. Use ``Repository.init`` or ``Repository.open``."""
+
+    def __init__(self, store: LocalStore, config: dict[str, Any], threads: int | None = None) -> None:
+        self._store = store
+        self.config = config
+        self.path = store.root
+        self.index = Index(store.index_dir)
+        self._threads = threads or _default_threads()
+        self._pool: ThreadPoolExecutor | None = None
+        self.reader = ChunkReader(store.packs_dir, self.index)
+        if self.index.chunk_count() == 0 and any(True for _ in iter_pack_files(store.packs_dir)):
+            self.rebuild_index()  # index lost or never built: packs and refs hold every fact
+
+    # lifecycle ------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        compression: str = "default",
+        threads: int | None = None,
+    ) -> Repository:
+        """Create a repository in a new or empty directory."""
+        if not isinstance(chunk_size, int) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size % 16:
+            raise UsageError(
+                f"chunk size {chunk_size} must be a multiple of 16 between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
+            )
+        if not isinstance(pack_size, int) or pack_size < chunk_size:
+            raise UsageError(f"pack size {pack_size} must be at least the chunk size {chunk_size}")
+        check_compression(compression)
+        store = LocalStore.create(
+            Path(path), {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression}
+        )
+        _, config = LocalStore.open(store.root)
+        return cls(store, config, threads)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, threads: int | None = None) -> Repository:
+        """Open an existing repository; a clear error if ``path`` is not one."""
+        store, config = LocalStore.open(Path(path))
+        return cls(store, config, threads)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.reader.close()
+        self.index.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cas")
+        return self._pool
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.config["chunk_size"])
+
+    # save ------------------------------------------------------------------
+    def save(
+        self,
+        state_dict: Any,
+        tag: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        allow_pickle: bool = False,
+        compression: str | None = None,
+        parent: str | None = "latest",
+        progress: Progress | None = None,
+    ) -> Snapshot:
+        """Store ``state_dict`` as a new snapshot; only chunks not already stored are written."""
+        if tag is not None:
+            check_tag(tag)
+            if self._store.has_ref(tag):
+                raise TagExistsError(f"tag {tag!r} already names a snapshot; pick another tag or `rm` it first")
+        metadata = dict(metadata or {})
+        check_metadata(metadata)
+        compression = compression or str(self.config.get("compression", "default"))
+        check_compression(compression)
+        parent_id = self._resolve_id(parent) if parent is not None and self._store.ref_names() else None
+
+        encoded = encode_state(state_dict, allow_pickle=allow_pickle)
+        blobs = encoded.storages + encoded.blobs
+        total = sum(b.nbytes for b in blobs)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        with self._store.lock(exclusive=False):
+            sink = PackSink(lambda: self._store.new_temp_path("pack"), self._store.packs_dir, int(self.config["pack_size"]))
+            lookup = self.index.reader()
+            storer = ChunkStorer(sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2)
+            try:
+                storer.store_blobs(blobs, advance)
+                tree = pack_node(
+                    {"v": NODE_VERSION, "type": "tree", "root": encoded.tree,
+                     "storages": [[b.nbytes, b] for b in encoded.storages]},
+                    default=_blob_chunks,
+                )
+                tree_id = storer.store_node(tree)
+                node = SnapshotNode(
+                    tree=tree_id, tag=tag, parent=parent_id, time_ns=time.time_ns(), metadata=metadata,
+                    logical_bytes=encoded.logical_bytes, tensor_count=encoded.tensor_count,
+                    bytes_added=sink.stored_bytes, chunk_size=self.chunk_size, pickled=encoded.pickled,
+                )
+                node_bytes = node.encode()
+                snap_id = SnapshotId(storer.store_node(node_bytes))
+                packs = sink.finish()
+                crash_point("before_index_commit")
+                self.index.commit(packs, [(snap_id, node_bytes)])
+                crash_point("before_ref")
+                ref = tag or snap_id.hex()
+                if tag is not None and self._store.has_ref(tag):
+                    raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing was tagged")
+                self._store.write_ref(ref, snap_id)
+                crash_point("after_ref")
+            except BaseException:
+                sink.abort()
+                raise
+            finally:
+                lookup.close()
+        return self._snapshot(ref, snap_id, node)
+
+    # snapshots ----------------------------------------------------------------
+    def _snapshot_node(self, snap_id: SnapshotId) -> SnapshotNode:
+        name = f"snapshot {snap_id.short()}"
+        raw = self.index.snapshot_node(snap_id)
+        if raw is None:
+            raw = self.reader.read(snap_id, name)
+        return SnapshotNode.decode(raw, name)
+
+    @staticmethod
+    def _snapshot(ref: str, snap_id: SnapshotId, node: SnapshotNode) -> Snapshot:
+        return Snapshot(
+            id=snap_id.hex(), tag=node.tag, time=node.time_ns / 1e9,
+            parent=None if node.parent is None else node.parent.hex(), metadata=node.metadata,
+            logical_bytes=node.logical_bytes, bytes_added=node.bytes_added, tensor_count=node.tensor_count, ref=ref,
+        )
+
+    def _refs(self) -> list[tuple[str, SnapshotId]]:
+        return [(name, self._store.read_ref(name)) for name in self._store.ref_names()]
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot a ref points to, oldest first."""
+        snaps = [self._snapshot(name, sid, self._snapshot_node(sid)) for name, sid in self._refs()]
+        return sorted(snaps, key=lambda s: (s.time, s.id))
+
+    def _resolve_id(self, spec: str) -> SnapshotId:
+        return SnapshotId.from_hex(self.resolve(spec).id)
+
+    def resolve(self, spec: str) -> Snapshot:
+        """A snapshot by tag, full id, unique id prefix (4+ hex digits), or ``latest``."""
+        if not isinstance(spec, str) or not spec:
+            raise UsageError(f"snapshot must be a tag, an id or 'latest', not {spec!r}")
+        if spec == "latest":
+            snaps = self.snapshots()
+            if not snaps:
+                raise SnapshotNotFoundError("the repository has no snapshots yet, so there is no 'latest'")
+            return snaps[-1]
+        if "/" not in spec and spec not in (".", "..") and self._store.has_ref(spec):
+            sid = self._store.read_ref(spec)
+            return self._snapshot(spec, sid, self._snapshot_node(sid))
+        lowered = spec.lower()
+        if len(lowered) >= 4 and all(c in "0123456789abcdef" for c in lowered):
+            matches = {sid: name for name, sid in self._refs() if sid.hex().startswith(lowered)}
+            if len(matches) == 1:
+                sid, name = next(iter(matches.items()))
+                return self._snapshot(name, sid, self._snapshot_node(sid))
+            if len(matches) > 1:
+                raise AmbiguousSnapshotError(f"id prefix {spec!r} matches {len(matches)} snapshots; give more digits")
+        raise SnapshotNotFoundError(f"no snapshot named {spec!r} (try `cas ls` for tags and ids)")
+
+    def delete(self, spec: str) -> Snapshot:
+        """Drop the ref of a snapshot; its chunks are freed by a later GC."""
+        if spec == "latest":
+            raise UsageError("refusing to delete 'latest': name the snapshot by its tag or id")
+        snap = self.resolve(spec)
+        self._store.delete_ref(snap.ref)
+        return snap
+
+    # load ------------------------------------------------------------------
+    def _tree(self, snap: Snapshot) -> tuple[Any, list[Any], SnapshotNode]:
+        node = self._snapshot_node(SnapshotId.from_hex(snap.id))
+        name = f"tree of snapshot {snap.short_id}"
+        tree = unpack_node(self.reader.read(node.tree, name), "tree", name)
+        if "root" not in tree or not isinstance(tree.get("storages"), list):
+            raise ManifestCorruptError(f"{name} is malformed")
+        return tree["root"], tree["storages"], node
+
+    def _read_blob(self, snap: Snapshot) -> Callable[[list[ChunkId], KeyPath], bytes]:
+        def read(chunks: list[ChunkId], path: KeyPath) -> bytes:
+            where = f"snapshot {snap.short_id}, tensor {format_path(path)}"
+            return b"".join(self.reader.read(c, where) for c in chunks)
+        return read
+
+    def _fill(self, snap: Snapshot, decoded: Any, progress: Progress | None) -> None:
+        reads: list[ChunkRead] = []
+        for job in decoded.fills:
+            reads.extend(self.reader.plan(job.dest, job.chunks, f"snapshot {snap.short_id}, tensor {format_path(job.path)}"))
+        total = sum(len(r.dest) for r in reads)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        self.reader.run(reads, self.pool, advance)
+
+    def load(self, snapshot: str = "latest", *, allow_pickle: bool = False, progress: Progress | None = None) -> Any:
+        """The state dict of a snapshot, every chunk verified against its id."""
+        snap = self.resolve(snapshot)
+        root, storages, _ = self._tree(snap)
+        decoded = decode_state(
+            root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap), name=f"snapshot {snap.short_id}"
+        )
+        self._fill(snap, decoded, progress)
+        return decoded.value
+
+    def load_into(
+        self,
+        target: torch.nn.Module | dict[Any, Any],
+        snapshot: str = "latest",
+        *,
+        allow_pickle: bool = False,
+        progress: Progress | None = None,
+    ) -> Any:
+        """Fill the tensors of a module or state dict in place from a snapshot.
+
+        Names, shapes and dtypes must all match (checked before any byte is written).
+        Non-tensor values of a dict target are replaced by the snapshot's.
+        """
+        snap = self.resolve(snapshot)
+        root, storages, _ = self._tree(snap)
+        targets = collect_targets(target)
+        stored = {path: enc for path, enc in tensor_leaves(root) if enc[0] in ("T", "V")}
+        problems = []
+        for path, enc in stored.items():
+            t = targets.get(path)
+            shape = [int(d) for d in enc[2]]
+            if t is None:
+                problems.append(f"{format_path(path)} is in the snapshot but not in the target")
+            elif list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != enc[1]:
+                problems.append(
+                    f"{format_path(path)}: snapshot has {enc[1]}{shape}, target has "
+                    f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+                )
+        problems += [f"{format_path(p)} is in the target but not in the snapshot" for p in targets if p not in stored]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ShapeMismatchError(f"snapshot {snap.short_id} does not fit the target: " + "; ".join(problems[:5]) + more)
+        decoded = decode_state(
+            root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
+            name=f"snapshot {snap.short_id}", targets=targets,
+        )
+        self._fill(snap, decoded, progress)
+        with torch.no_grad():
+            for dest, src in decoded.copies:
+                dest.copy_(src)
+        if isinstance(target, dict):
+            _merge_values(target, decoded.value)
+        return target
+
+    # diff / stats / verify ----------------------------------------------------
+    def diff(self, a: str, b: str) -> DiffReport:
+        """Tensors added, removed, changed and unchanged from snapshot ``a`` to ``b`` (no data read)."""
+        sa, sb = self.resolve(a), self.resolve(b)
+        leaves_a, values_a = _fingerprints(*self._tree(sa)[:2])
+        leaves_b, values_b = _fingerprints(*self._tree(sb)[:2])
+        report = DiffReport(a=sa.id, b=sb.id)
+        for path, (key, nbytes) in leaves_b.items():
+            if path not in leaves_a:
+                report.added.append(path)
+            elif leaves_a[path][0] != key:
+                report.changed.append(path)
+                report.changed_bytes += nbytes
+            else:
+                report.unchanged.append(path)
+        report.removed = [p for p in leaves_a if p not in leaves_b]
+        report.values_changed = [
+            p for p in sorted(set(values_a) | set(values_b)) if values_a.get(p) != values_b.get(p)
+        ]
+        return report
+
+    def stats(self) -> StatsReport:
+        snaps = self.snapshots()
+        unique = 0
+        chunks = 0
+        for _cid, loc in self.index.iter_chunks():
+            unique += loc.raw_length
+            chunks += 1
+        packs = self.index.packs()
+        stored = sum(size for size, _count in packs.values())
+        per = [
+            {"id": s.id, "tag": s.tag, "time": s.time, "logical_bytes": s.logical_bytes, "bytes_added": s.bytes_added}
+            for s in snaps
+        ]
+        return StatsReport(
+            snapshot_count=len(snaps), logical_bytes=sum(s.logical_bytes for s in snaps), unique_bytes=unique,
+            stored_bytes=stored, chunk_count=chunks, pack_count=len(packs), per_snapshot=per,
+        )
+
+    def verify(self, read_data: bool = False, progress: Progress | None = None) -> VerifyReport:
+        from cas.verify import verify_repository
+
+        return verify_repository(self, read_data=read_data, progress=progress)
+
+    # index recovery -----------------------------------------------------------
+    def rebuild_index(self) -> int:
+        """Recreate the index from pack footers and snapshot nodes; returns the number of chunks indexed."""
+        with self._store.lock(exclusive=True):
+            self.index.clear()
+            packs = []
+            for pack_id, path in iter_pack_files(self._store.packs_dir):
+                try:
+                    entries = read_footer(path)
+                except CorruptionError:
+                    continue  # a damaged pack stays unindexed; verify / check report what it held
+                packs.append(SealedPack(pack_id, path.stat().st_size, entries))
+            self.index.commit(packs)
+            snapshots = []
+            for name, sid in self._refs():
+                try:
+                    snapshots.append((sid, self.reader.read(sid, f"ref {name}")))
+                except CorruptionError:
+                    continue
+            self.index.commit([], snapshots)
+            return sum(len(p.entries) for p in packs)
+
+
+def _blob_chunks(obj: Any) -> Any:
+    if isinstance(obj, Blob):
+        return b"".join(obj.chunks)
+    raise TypeError(f"cannot encode {type(obj).__name__} in a manifest node")
+
+
+def _fingerprints(root: Any, storages: list[Any]) -> tuple[dict[str, tuple[Any, int]], dict[str, Any]]:
+    """Per tensor path: a key that changes when its content does; per non-tensor leaf path: its encoding."""
+    leaves: dict[str, tuple[Any, int]] = {}
+    for path, enc in tensor_leaves(root):
+        name = format_path(path)
+        if enc[0] == "V":
+            nbytes, chunks = storages[int(enc[5])]
+            key: Any = ("V", enc[1], tuple(enc[2]), tuple(enc[3]), enc[4], chunks)
+            leaves[name] = (key, int(nbytes))
+        else:
+            chunks = enc[3]
+            leaves[name] = ((enc[0], enc[1], tuple(enc[2]), chunks), _leaf_nbytes(enc))
+    values: dict[str, Any] = {}
+    _collect_values(root, (), values)
+    return leaves, values
+
+
+def _leaf_nbytes(enc: list[Any]) -> int:
+    n = 1
+    for d in enc[2]:
+        n *= int(d)
+    if enc[0] == "A":
+        return n * np.dtype(enc[1]).itemsize
+    return n * torch.empty(0, dtype=getattr(torch, enc[1])).element_size()
+
+
+def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:
+    tag = enc[0]
+    if tag in ("T", "V", "A"):
+        return
+    if tag in ("d", "o"):
+        for k, v in enc[1]:
+            _collect_values(v, path + (plain_key(k),), out)
+    elif tag in ("l", "t"):
+        for i, v in enumerate(enc[1]):
+            _collect_values(v, path + (i,), out)
+    else:
+        out[format_path(path)] = repr(enc)
+
+
+def _merge_values(target: dict[Any, Any], loaded: dict[Any, Any]) -> None:
+    for key, value in loaded.items():
+        current = target.get(key)
+        if isinstance(current, torch.Tensor):
+            continue
+        if isinstance(current, dict) and isinstance(value, dict):
+            _merge_values(current, value)
+        else:
+            target[key] = value

@@ -1,0 +1,138 @@
+"""The save pipeline: chunk -> hash (thread pool) -> dedup lookup -> encode (thread pool) -> pack.
+
+Memory is bounded: chunks are zero-copy slices of the caller's tensors, and at
+most ``window`` hashes and ``window`` encoded chunks are in flight at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from pathlib import Path
+
+from cas.codec import encode
+from cas.faults import crash_point
+from cas.ids import ChunkId, hash_bytes
+from cas.index import ChunkLookup, SealedPack
+from cas.pack import ChunkKind, PackWriter
+from cas.statedict import Blob
+
+
+class PackSink:
+    """Appends chunks to the open pack and seals it at the target size."""
+
+    def __init__(self, new_temp_path: Callable[[], Path], packs_dir: Path, target_size: int) -> None:
+        self._new_temp_path = new_temp_path
+        self._packs_dir = packs_dir
+        self._target_size = target_size
+        self._writer: PackWriter | None = None
+        self.sealed: list[SealedPack] = []
+        self.stored_bytes = 0
+
+    def add(self, chunk_id: ChunkId, kind: ChunkKind, codec: int, payload: bytes | memoryview, raw_length: int) -> None:
+        if self._writer is None:
+            self._writer = PackWriter(self._new_temp_path())
+        before = self._writer.size
+        self._writer.add(chunk_id, kind, codec, payload, raw_length)
+        self.stored_bytes += self._writer.size - before
+        if self._writer.size >= self._target_size:
+            self._seal()
+
+    def _seal(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        entries = writer.entries
+        pack_id, path = writer.seal(self._packs_dir)
+        self.sealed.append(SealedPack(pack_id, path.stat().st_size, entries))
+
+    def finish(self) -> list[SealedPack]:
+        self._seal()
+        return self.sealed
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+class ChunkStorer:
+    """Stores blobs and nodes for one save, deduplicating against the index and itself."""
+
+    def __init__(
+        self,
+        sink: PackSink,
+        lookup: ChunkLookup,
+        pool: Executor,
+        compression: str,
+        chunk_size: int,
+        window: int,
+    ) -> None:
+        self.sink = sink
+        self.lookup = lookup
+        self.pool = pool
+        self.compression = compression
+        self.chunk_size = chunk_size
+        self.window = window
+        self.known: set[bytes] = set()
+        self.new_chunks = 0
+        self.dedup_chunks = 0
+
+    def _is_new(self, cid: bytes) -> bool:
+        if cid in self.known:
+            return False
+        self.known.add(cid)
+        return cid not in self.lookup
+
+    def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, memoryview]]:
+        size = self.chunk_size
+        for blob in blobs:
+            view = blob.view
+            for start in range(0, len(view), size):
+                yield blob, view[start:start + size]
+
+    def store_blobs(self, blobs: list[Blob], progress: Callable[[int], None] | None = None) -> None:
+        compression = self.compression
+        hashing: deque[tuple[Blob, memoryview, Future[bytes]]] = deque()
+        encoding: deque[tuple[ChunkId, int, Future[tuple[int, bytes | memoryview]]]] = deque()
+
+        def drain_hash() -> None:
+            blob, piece, fut = hashing.popleft()
+            cid = ChunkId(fut.result())
+            blob.chunks.append(cid)
+            if self._is_new(cid):
+                encoding.append((cid, len(piece), self.pool.submit(encode, piece, compression)))
+            else:
+                self.dedup_chunks += 1
+            if progress is not None:
+                progress(len(piece))
+
+        def drain_encode() -> None:
+            cid, raw_length, fut = encoding.popleft()
+            codec, payload = fut.result()
+            self.sink.add(cid, ChunkKind.DATA, codec, payload, raw_length)
+            self.new_chunks += 1
+
+        for blob in blobs:
+            blob.chunks.clear()
+        for blob, piece in self._pieces(blobs):
+            hashing.append((blob, piece, self.pool.submit(hash_bytes, piece)))
+            while len(hashing) > self.window:
+                drain_hash()
+            while encoding and (len(encoding) > self.window or encoding[0][2].done()):
+                drain_encode()
+        while hashing:
+            drain_hash()
+            while encoding and encoding[0][2].done():
+                drain_encode()
+        while encoding:
+            drain_encode()
+        crash_point("blobs_stored")
+
+    def store_node(self, data: bytes) -> ChunkId:
+        cid = ChunkId(hash_bytes(data))
+        if self._is_new(cid):
+            codec, payload = encode(data, self.compression)
+            self.sink.add(cid, ChunkKind.NODE, codec, payload, len(data))
+        return cid

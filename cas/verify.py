@@ -1,0 +1,157 @@
+"""Repository verification: every ref, every manifest node, every chunk a snapshot reaches.
+
+``verify`` returns findings; it raises only for errors outside the data it checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
+from cas.ids import ChunkId, PackId, SnapshotId
+from cas.index import ChunkLocation
+from cas.manifest import SnapshotNode, split_chunk_ids, unpack_node
+from cas.pack import hash_pack_file, pack_path, read_footer
+from cas.reports import Problem, VerifyReport
+from cas.statedict import blob_leaves, format_path
+
+if TYPE_CHECKING:
+    from cas.repository import Repository
+
+#: chunk id -> the (snapshot, tensor) pairs that reach it
+Users = dict[ChunkId, list[tuple[str, str]]]
+
+
+def _problem_kind(exc: CorruptionError) -> str:
+    if isinstance(exc, MissingChunkError):
+        return "missing-chunk"
+    return "corrupt-chunk"
+
+
+def verify_repository(
+    repo: Repository, read_data: bool = False, progress: Callable[[int, int], None] | None = None
+) -> VerifyReport:
+    report = VerifyReport(read_data=read_data)
+    packs_dir = repo.path / "packs"
+    index = repo.index
+    pack_sizes: dict[PackId, int | None] = {}
+    bad_packs: dict[PackId, str] = {}
+
+    for pack_id, (size, _count) in index.packs().items():
+        path = pack_path(packs_dir, pack_id)
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            pack_sizes[pack_id] = None
+            bad_packs[pack_id] = "missing-pack"
+            report.problems.append(Problem("missing-pack", f"pack file {path.name} is missing", pack=pack_id.hex()))
+            continue
+        pack_sizes[pack_id] = actual
+        report.packs_checked += 1
+        problem = None
+        if actual != size:
+            problem = f"pack is {actual} bytes, the index recorded {size}"
+        elif read_data:
+            try:
+                read_footer(path)
+                if hash_pack_file(path) != pack_id:
+                    problem = "pack contents do not match its name (BLAKE3 checksum)"
+            except (CorruptionError, FormatVersionError) as exc:
+                problem = str(exc)
+            report.bytes_read += actual
+        if problem:
+            bad_packs[pack_id] = "corrupt-pack"
+            report.problems.append(Problem("corrupt-pack", problem, pack=pack_id.hex()))
+
+    users: Users = {}
+    for name in repo._store.ref_names():
+        try:
+            sid = repo._store.read_ref(name)
+        except CorruptionError as exc:
+            report.problems.append(Problem("damaged-ref", str(exc), snapshot=name))
+            continue
+        label = f"{name} ({sid.short()})" if name != sid.hex() else sid.short()
+        report.snapshots_checked += 1
+        try:
+            _collect_snapshot(repo, sid, label, users)
+        except (CorruptionError, FormatVersionError) as exc:
+            report.problems.append(Problem("corrupt-manifest", str(exc), snapshot=label))
+
+    # Every chunk a snapshot reaches must be indexed, in a pack that exists and is big enough.
+    to_read: list[tuple[ChunkId, ChunkLocation]] = []
+    locations = index.get_many(users)
+    for cid, reached_by in users.items():
+        loc = locations.get(cid)
+        if loc is None:
+            for snap, tensor in reached_by:
+                report.problems.append(Problem(
+                    "missing-chunk", f"chunk {cid.short()} is not in the index", snapshot=snap, tensor=tensor,
+                    chunk=cid.hex(),
+                ))
+            continue
+        size = pack_sizes.get(loc.pack_id, -1)
+        if size == -1:
+            path = pack_path(packs_dir, loc.pack_id)
+            size = pack_sizes[loc.pack_id] = path.stat().st_size if path.exists() else None
+        if size is None or loc.offset + loc.stored_length > size:
+            for snap, tensor in reached_by:
+                report.problems.append(Problem(
+                    "missing-chunk", f"chunk {cid.short()} is gone: its pack is missing or truncated",
+                    snapshot=snap, tensor=tensor, pack=loc.pack_id.hex(), chunk=cid.hex(),
+                ))
+            continue
+        report.chunks_checked += 1
+        if read_data:
+            to_read.append((cid, loc))
+
+    if read_data and to_read:
+        total = sum(loc.raw_length for _, loc in to_read)
+        done = 0
+
+        def check(item: tuple[ChunkId, ChunkLocation]) -> tuple[ChunkId, ChunkLocation, str | None]:
+            cid, loc = item
+            try:
+                repo.reader.read(cid, f"chunk {cid.short()}", loc)
+            except CorruptionError as exc:
+                return cid, loc, str(exc)
+            return cid, loc, None
+
+        for cid, loc, error in repo.pool.map(check, sorted(to_read, key=lambda x: (x[1].pack_id, x[1].offset))):
+            done += loc.raw_length
+            report.bytes_read += loc.stored_length
+            if progress is not None:
+                progress(done, total)
+            if error is None:
+                continue
+            for snap, tensor in users[cid]:
+                report.problems.append(Problem(
+                    "corrupt-chunk", error, snapshot=snap, tensor=tensor, pack=loc.pack_id.hex(), chunk=cid.hex(),
+                ))
+    return report
+
+
+def _collect_snapshot(repo: Repository, sid: SnapshotId, label: str, users: Users) -> None:
+    """Read (and so verify) the snapshot and tree nodes; note which tensor reaches which chunk."""
+    node = SnapshotNode.decode(repo.reader.read(sid, f"snapshot {label}"), f"snapshot {label}")
+    name = f"tree of snapshot {label}"
+    tree = unpack_node(repo.reader.read(node.tree, name), "tree", name)
+    root, storages = tree.get("root"), tree.get("storages")
+    if root is None or not isinstance(storages, list):
+        raise CorruptionError(f"{name} is malformed")
+    storage_users: dict[int, str] = {}
+    for path, enc in _view_leaves(root):
+        storage_users.setdefault(int(enc[5]), format_path(path))
+    for i, (_nbytes, raw) in enumerate(storages):
+        for cid in split_chunk_ids(raw, name):
+            users.setdefault(cid, []).append((label, storage_users.get(i, f"<storage {i}>")))
+    for path, raw in blob_leaves(root):
+        tensor = format_path(path)
+        for cid in split_chunk_ids(raw, name):
+            users.setdefault(cid, []).append((label, tensor))
+
+
+def _view_leaves(root: object) -> list[tuple[tuple[object, ...], list[object]]]:
+    from cas.statedict import tensor_leaves
+
+    return [(p, e) for p, e in tensor_leaves(root) if e[0] == "V"]
