@@ -30,7 +30,7 @@ def pack_node(node: dict[str, Any], default: Callable[[Any], Any] | None = None)
 def unpack_node(data: bytes | memoryview, expected_type: str, name: str) -> dict[str, Any]:
     try:
         node = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise ManifestCorruptError(f"manifest node {name} does not decode: {exc}") from None
     if not isinstance(node, dict) or "v" not in node or "type" not in node:
         raise ManifestCorruptError(f"manifest node {name} is not a cas node")

@@ -14,6 +14,7 @@ A pack is named by the BLAKE3 of all its bytes, so its name is its checksum.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ FOOTER_ENTRY = struct.Struct("<32s32sQQQBBB5x")
 TRAILER = struct.Struct("<QQ32sH6x8s")
 
 FLAG_HAS_BASE = 0x01
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class ChunkKind(IntEnum):
@@ -209,7 +211,5 @@ def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:
         if not sub.is_dir():
             continue
         for path in sorted(sub.glob("*.pack")):
-            try:
-                yield PackId.from_hex(path.stem), path
-            except Exception:  # noqa: BLE001 - a stray file is not a pack
-                continue
+            if HEX64.fullmatch(path.stem):  # a stray file is not a pack
+                yield PackId(bytes.fromhex(path.stem)), path

@@ -80,7 +80,9 @@ class ChunkReader:
         loc = job.location
         try:
             if len(job.dest) != loc.raw_length:
-                raise ChunkCorruptError(f"chunk {job.chunk_id.short()} has {loc.raw_length} bytes, expected {len(job.dest)}")
+                raise ChunkCorruptError(
+                    f"chunk {job.chunk_id.short()} has {loc.raw_length} bytes, expected {len(job.dest)}"
+                )
             if loc.codec == Codec.RAW:
                 got = os.preadv(self._fd(loc.pack_id), [job.dest], loc.offset)
                 if got != loc.stored_length:

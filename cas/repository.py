@@ -39,9 +39,11 @@ from cas.statedict import (
     encode_state,
     format_path,
     plain_key,
+    subtree,
     tensor_leaves,
 )
 from cas.store import LocalStore, check_tag
+from cas.verify import verify_repository
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
 DEFAULT_PACK_SIZE = 64 << 20
@@ -109,7 +111,9 @@ class Repository:
     def __enter__(self) -> Repository:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     @property
@@ -157,7 +161,9 @@ class Repository:
                 progress(done, total)
 
         with self._store.lock(exclusive=False):
-            sink = PackSink(lambda: self._store.new_temp_path("pack"), self._store.packs_dir, int(self.config["pack_size"]))
+            sink = PackSink(
+                lambda: self._store.new_temp_path("pack"), self._store.packs_dir, int(self.config["pack_size"])
+            )
             lookup = self.index.reader()
             storer = ChunkStorer(sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2)
             try:
@@ -181,7 +187,7 @@ class Repository:
                 crash_point("before_ref")
                 ref = tag or snap_id.hex()
                 if tag is not None and self._store.has_ref(tag):
-                    raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing was tagged")
+                    raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing tagged")
                 self._store.write_ref(ref, snap_id)
                 crash_point("after_ref")
             except BaseException:
@@ -266,7 +272,8 @@ class Repository:
     def _fill(self, snap: Snapshot, decoded: Any, progress: Progress | None) -> None:
         reads: list[ChunkRead] = []
         for job in decoded.fills:
-            reads.extend(self.reader.plan(job.dest, job.chunks, f"snapshot {snap.short_id}, tensor {format_path(job.path)}"))
+            where = f"snapshot {snap.short_id}, tensor {format_path(job.path)}"
+            reads.extend(self.reader.plan(job.dest, job.chunks, where))
         total = sum(len(r.dest) for r in reads)
         done = 0
 
@@ -293,16 +300,24 @@ class Repository:
         target: torch.nn.Module | dict[Any, Any],
         snapshot: str = "latest",
         *,
+        key: str | None = None,
         allow_pickle: bool = False,
         progress: Progress | None = None,
     ) -> Any:
         """Fill the tensors of a module or state dict in place from a snapshot.
 
-        Names, shapes and dtypes must all match (checked before any byte is written).
-        Non-tensor values of a dict target are replaced by the snapshot's.
+        ``key`` picks a part of the snapshot ('/'-separated, e.g. ``"model"`` when the
+        snapshot holds ``{"model": ..., "optim": ...}``). Names, shapes and dtypes must
+        all match (checked before any byte is written). Non-tensor values of a dict
+        target are replaced by the snapshot's.
         """
         snap = self.resolve(snapshot)
         root, storages, _ = self._tree(snap)
+        if key:
+            try:
+                root = subtree(root, tuple(key.strip("/").split("/")), f"snapshot {snap.short_id}")
+            except KeyError as exc:
+                raise UsageError(str(exc.args[0])) from None
         targets = collect_targets(target)
         stored = {path: enc for path, enc in tensor_leaves(root) if enc[0] in ("T", "V")}
         problems = []
@@ -319,7 +334,8 @@ class Repository:
         problems += [f"{format_path(p)} is in the target but not in the snapshot" for p in targets if p not in stored]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ShapeMismatchError(f"snapshot {snap.short_id} does not fit the target: " + "; ".join(problems[:5]) + more)
+            listed = "; ".join(problems[:5]) + more
+            raise ShapeMismatchError(f"snapshot {snap.short_id} does not fit the target: {listed}")
         decoded = decode_state(
             root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
             name=f"snapshot {snap.short_id}", targets=targets,
@@ -331,6 +347,16 @@ class Repository:
         if isinstance(target, dict):
             _merge_values(target, decoded.value)
         return target
+
+    def tensors(self, snapshot: str = "latest") -> list[dict[str, Any]]:
+        """Every tensor/array leaf of a snapshot: path, dtype, shape, bytes (from the manifest; no data read)."""
+        snap = self.resolve(snapshot)
+        root, _storages, _ = self._tree(snap)
+        return [
+            {"path": format_path(path), "kind": "array" if enc[0] == "A" else "tensor", "dtype": str(enc[1]),
+             "shape": [int(d) for d in enc[2]], "nbytes": _leaf_nbytes(enc), "shared_storage": enc[0] == "V"}
+            for path, enc in tensor_leaves(root)
+        ]
 
     # diff / stats / verify ----------------------------------------------------
     def diff(self, a: str, b: str) -> DiffReport:
@@ -372,8 +398,6 @@ class Repository:
         )
 
     def verify(self, read_data: bool = False, progress: Progress | None = None) -> VerifyReport:
-        from cas.verify import verify_repository
-
         return verify_repository(self, read_data=read_data, progress=progress)
 
     # index recovery -----------------------------------------------------------
@@ -437,10 +461,10 @@ def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:
         return
     if tag in ("d", "o"):
         for k, v in enc[1]:
-            _collect_values(v, path + (plain_key(k),), out)
+            _collect_values(v, (*path, plain_key(k)), out)
     elif tag in ("l", "t"):
         for i, v in enumerate(enc[1]):
-            _collect_values(v, path + (i,), out)
+            _collect_values(v, (*path, i), out)
     else:
         out[format_path(path)] = repr(enc)
 

@@ -133,15 +133,15 @@ class _Encoder:
         if type(obj) is torch.device:
             return ["E", str(obj)]
         if type(obj) in (dict, OrderedDict):
-            pairs = [[self.key(k, path + (k,)), self.value(v, path + (k,))] for k, v in obj.items()]
+            pairs = [[self.key(k, (*path, k)), self.value(v, (*path, k))] for k, v in obj.items()]
             if type(obj) is dict:
                 return ["d", pairs]
             meta = getattr(obj, "_metadata", None)
-            return ["o", pairs, self.value(meta, path + ("_metadata",))]
+            return ["o", pairs, self.value(meta, (*path, "_metadata"))]
         if type(obj) is list:
-            return ["l", [self.value(v, path + (i,)) for i, v in enumerate(obj)]]
+            return ["l", [self.value(v, (*path, i)) for i, v in enumerate(obj)]]
         if type(obj) is tuple:
-            return ["t", [self.value(v, path + (i,)) for i, v in enumerate(obj)]]
+            return ["t", [self.value(v, (*path, i)) for i, v in enumerate(obj)]]
         return self.fallback(obj, path)
 
     def array(self, arr: np.ndarray, path: KeyPath) -> list[Any]:
@@ -160,7 +160,7 @@ class _Encoder:
             )
         try:
             data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pickle raises anything the object raises
             raise UnsupportedObjectError(f"value at {format_path(path)} ({what}) cannot be pickled: {exc}") from None
         self.pickled = True
         return ["P", self.blob(memoryview(data), path)]
@@ -176,7 +176,9 @@ def _is_hashable_plain(key: Any) -> bool:
 
 def _host_tensor(t: torch.Tensor, path: KeyPath) -> torch.Tensor:
     if t.layout != torch.strided:
-        raise UnsupportedObjectError(f"tensor at {format_path(path)} has layout {t.layout}; only dense tensors are stored")
+        raise UnsupportedObjectError(
+            f"tensor at {format_path(path)} has layout {t.layout}; only dense tensors are stored"
+        )
     if t.is_quantized:
         raise UnsupportedObjectError(f"tensor at {format_path(path)} is quantized; dequantize it before saving")
     if t.device.type == "meta":
@@ -216,7 +218,9 @@ def encode_state(obj: Any, allow_pickle: bool = False) -> Encoded:
                     st = st.cpu()
                 storage_index[leader] = len(storages)
                 storages.append(Blob(byte_view(_storage_bytes(st)), path))
-            slot.extend(["V", dtype, list(t.shape), list(t.stride()), t.storage_offset(), storage_index[leader], _flags(t)])
+            slot.extend(
+                ["V", dtype, list(t.shape), list(t.stride()), t.storage_offset(), storage_index[leader], _flags(t)]
+            )
             continue
         host = _host_tensor(t, path)
         if not host.is_contiguous():
@@ -224,7 +228,9 @@ def encode_state(obj: Any, allow_pickle: bool = False) -> Encoded:
         try:
             view = byte_view(host)
         except (RuntimeError, TypeError) as exc:
-            raise UnsupportedObjectError(f"tensor at {format_path(path)} has dtype {dtype}, which cas cannot store: {exc}") from None
+            raise UnsupportedObjectError(
+                f"tensor at {format_path(path)} has dtype {dtype}, which cas cannot store: {exc}"
+            ) from None
         slot.extend(["T", dtype, list(t.shape), enc.blob(view, path), _flags(t)])
     logical = sum(b.nbytes for b in storages) + sum(b.nbytes for b in enc.blobs)
     return Encoded(tree, storages, enc.blobs, len(enc.tensors), logical, enc.pickled)
@@ -348,16 +354,16 @@ class _Decoder:
             out: dict[Any, Any] = {} if tag == "d" else OrderedDict()
             for key_enc, val_enc in enc[1]:
                 key = self.value(key_enc, path)
-                out[key] = self.value(val_enc, path + (key,))
+                out[key] = self.value(val_enc, (*path, key))
             if tag == "o":
-                meta = self.value(enc[2], path + ("_metadata",))
+                meta = self.value(enc[2], (*path, "_metadata"))
                 if meta is not None:
                     out._metadata = meta  # type: ignore[attr-defined]
             return out
         if tag == "l":
-            return [self.value(v, path + (i,)) for i, v in enumerate(enc[1])]
+            return [self.value(v, (*path, i)) for i, v in enumerate(enc[1])]
         if tag == "t":
-            return tuple(self.value(v, path + (i,)) for i, v in enumerate(enc[1]))
+            return tuple(self.value(v, (*path, i)) for i, v in enumerate(enc[1]))
         if tag == "P":
             if not self.allow_pickle:
                 raise PickleRequiredError(
@@ -401,10 +407,10 @@ def _walk(enc: Any, path: KeyPath, out: list[tuple[KeyPath, list[Any]]]) -> None
         out.append((path, enc))
     elif tag in ("d", "o"):
         for key_enc, val_enc in enc[1]:
-            _walk(val_enc, path + (plain_key(key_enc),), out)
+            _walk(val_enc, (*path, plain_key(key_enc)), out)
     elif tag in ("l", "t"):
         for i, v in enumerate(enc[1]):
-            _walk(v, path + (i,), out)
+            _walk(v, (*path, i), out)
 
 
 def plain_key(enc: Any) -> Any:
@@ -437,10 +443,10 @@ def _walk_blobs(enc: Any, path: KeyPath, out: list[tuple[KeyPath, bytes]]) -> No
         out.append((path, enc[1]))
     elif tag in ("d", "o"):
         for key_enc, val_enc in enc[1]:
-            _walk_blobs(val_enc, path + (plain_key(key_enc),), out)
+            _walk_blobs(val_enc, (*path, plain_key(key_enc)), out)
     elif tag in ("l", "t"):
         for i, v in enumerate(enc[1]):
-            _walk_blobs(v, path + (i,), out)
+            _walk_blobs(v, (*path, i), out)
 
 
 def collect_targets(obj: Any, path: KeyPath = ()) -> dict[KeyPath, torch.Tensor]:
@@ -452,8 +458,26 @@ def collect_targets(obj: Any, path: KeyPath = ()) -> dict[KeyPath, torch.Tensor]
         found[path] = obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            found.update(collect_targets(v, path + (k,)))
+            found.update(collect_targets(v, (*path, k)))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            found.update(collect_targets(v, path + (i,)))
+            found.update(collect_targets(v, (*path, i)))
     return found
+
+
+def subtree(enc: Any, path: KeyPath, name: str) -> Any:
+    """The encoded value at ``path`` (dict keys / list indexes) inside an encoded tree."""
+    for depth, key in enumerate(path):
+        tag = enc[0]
+        if tag in ("d", "o"):
+            for key_enc, val_enc in enc[1]:
+                if plain_key(key_enc) == key or str(plain_key(key_enc)) == str(key):
+                    enc = val_enc
+                    break
+            else:
+                raise KeyError(f"{name} has no key {format_path(path[: depth + 1])}")
+        elif tag in ("l", "t") and str(key).isdigit() and int(key) < len(enc[1]):
+            enc = enc[1][int(key)]
+        else:
+            raise KeyError(f"{name} has no key {format_path(path[: depth + 1])}")
+    return enc

@@ -14,7 +14,7 @@ from cas.index import ChunkLocation
 from cas.manifest import SnapshotNode, split_chunk_ids, unpack_node
 from cas.pack import hash_pack_file, pack_path, read_footer
 from cas.reports import Problem, VerifyReport
-from cas.statedict import blob_leaves, format_path
+from cas.statedict import blob_leaves, format_path, tensor_leaves
 
 if TYPE_CHECKING:
     from cas.repository import Repository
@@ -152,6 +152,4 @@ def _collect_snapshot(repo: Repository, sid: SnapshotId, label: str, users: User
 
 
 def _view_leaves(root: object) -> list[tuple[tuple[object, ...], list[object]]]:
-    from cas.statedict import tensor_leaves
-
     return [(p, e) for p, e in tensor_leaves(root) if e[0] == "V"]

@@ -1,0 +1,287 @@
+"""The `cas` command line. Errors are one line on stderr with the error class's exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from cas.errors import CasError, UsageError
+from cas.importers import export_file, import_paths
+from cas.repository import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Repository
+
+console = Console()
+err_console = Console(stderr=True)
+UNITS = {"": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+         "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if not num.isdigit() or unit not in UNITS:
+        raise UsageError(f"{text!r} is not a size (examples: 1048576, 1M, 4MiB)")
+    return int(num) * UNITS[unit]
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte-progress bar on stderr (hidden when stderr is not a terminal)."""
+    bar = Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+    )
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+class Context:
+    def __init__(self, repo_path: str | None) -> None:
+        self.repo_path = repo_path
+
+    def path(self) -> Path:
+        if not self.repo_path:
+            raise UsageError("no repository given: pass --repo PATH or set CAS_REPO")
+        return Path(self.repo_path)
+
+    def open(self) -> Repository:
+        return Repository.open(self.path())
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--repo", "repo_path", envvar="CAS_REPO", metavar="PATH", help="Repository directory (or $CAS_REPO).")
+@click.version_option(package_name="cas")
+@click.pass_context
+def cli(ctx: click.Context, repo_path: str | None) -> None:
+    """cas: a content-addressed, deduplicating store for training checkpoints."""
+    ctx.obj = Context(repo_path)
+
+
+@cli.command()
+@click.option("--chunk-size", default=str(DEFAULT_CHUNK_SIZE), show_default=True, help="Tensor chunk size (e.g. 1M).")
+@click.option("--pack-size", default=str(DEFAULT_PACK_SIZE), show_default=True, help="Target pack file size.")
+@click.option("--compression", type=click.Choice(["none", "fast", "default", "max"]), default="default",
+              show_default=True)
+@pass_ctx
+def init(ctx: Context, chunk_size: str, pack_size: str, compression: str) -> None:
+    """Create a new repository in an empty directory."""
+    with Repository.init(ctx.path(), chunk_size=parse_size(chunk_size), pack_size=parse_size(pack_size),
+                         compression=compression) as repo:
+        click.echo(f"created cas repository at {repo.path} (chunk size {human_bytes(repo.chunk_size)})")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tag", "-t", default=None, help="Tag of the new snapshot.")
+@click.option("--compression", type=click.Choice(["none", "fast", "default", "max"]), default=None)
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata (VALUE parsed as JSON if it can).")
+@pass_ctx
+def save(ctx: Context, paths: tuple[Path, ...], tag: str | None, compression: str | None, meta: tuple[str, ...]) -> None:
+    """Import .pt/.pth/.safetensors files (or directories of them) as one snapshot."""
+    metadata: dict[str, Any] = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--meta takes KEY=VALUE, got {item!r}")
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    state, source = import_paths(list(paths))
+    metadata.setdefault("source", source)
+    with ctx.open() as repo, progress_bar("saving") as update:
+        snap = repo.save(state, tag=tag, metadata=metadata, compression=compression, progress=update)
+    click.echo(f"saved snapshot {snap.short_id}" + (f" ({snap.tag})" if snap.tag else "")
+               + f": {human_bytes(snap.logical_bytes)} logical, {human_bytes(snap.bytes_added)} added")
+
+
+@cli.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def ls_cmd(ctx: Context, as_json: bool) -> None:
+    """List snapshots, oldest first."""
+    with ctx.open() as repo:
+        snaps = repo.snapshots()
+    if as_json:
+        emit_json([s.to_dict() for s in snaps])
+        return
+    table = Table("id", "tag", "time (UTC)", "logical", "added", "tensors", "metadata")
+    for s in snaps:
+        meta = {k: v for k, v in s.metadata.items() if k != "source"}
+        table.add_row(s.short_id, s.tag or "", s.datetime.strftime("%Y-%m-%d %H:%M:%S"), human_bytes(s.logical_bytes),
+                      human_bytes(s.bytes_added), str(s.tensor_count), json.dumps(meta)[:60] if meta else "")
+    console.print(table)
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def show(ctx: Context, snapshot: str, as_json: bool) -> None:
+    """Show one snapshot: metadata and its tensors."""
+    with ctx.open() as repo:
+        snap = repo.resolve(snapshot)
+        tensors = repo.tensors(snap.id)
+    if as_json:
+        emit_json({**snap.to_dict(), "tensors": tensors})
+        return
+    click.echo(f"snapshot {snap.id}\ntag      {snap.tag or '-'}\ntime     {snap.datetime.isoformat()}\n"
+               f"parent   {snap.parent or '-'}\nlogical  {human_bytes(snap.logical_bytes)}\n"
+               f"added    {human_bytes(snap.bytes_added)}\nmetadata {json.dumps(snap.metadata)}")
+    table = Table("path", "dtype", "shape", "bytes")
+    for t in tensors:
+        table.add_row(t["path"], t["dtype"], "x".join(map(str, t["shape"])) or "()", human_bytes(t["nbytes"]))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def diff(ctx: Context, a: str, b: str, as_json: bool) -> None:
+    """Tensors added, removed and changed from snapshot A to B."""
+    with ctx.open() as repo:
+        report = repo.diff(a, b)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    for sign, paths in (("+", report.added), ("-", report.removed), ("M", report.changed),
+                        ("~", report.values_changed)):
+        for p in paths:
+            click.echo(f"{sign} {p}")
+    click.echo(f"{len(report.added)} added, {len(report.removed)} removed, {len(report.changed)} changed "
+               f"({human_bytes(report.changed_bytes)}), {len(report.unchanged)} unchanged tensors; "
+               f"{len(report.values_changed)} other values changed")
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load values that were stored with pickle (trusted data only).")
+@pass_ctx
+def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: bool) -> None:
+    """Write a snapshot to OUT as .pt or .safetensors (by extension)."""
+    with ctx.open() as repo:
+        snap = repo.resolve(snapshot)
+        with progress_bar("restoring") as update:
+            state = repo.load(snap.id, allow_pickle=allow_pickle, progress=update)
+    export_file(state, out, force=force, metadata=snap.metadata)
+    click.echo(f"restored snapshot {snap.short_id} to {out}")
+
+
+@cli.command()
+@click.option("--read-data", is_flag=True, help="Read and re-hash every chunk (slower, complete).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def verify(ctx: Context, read_data: bool, as_json: bool) -> None:
+    """Check every snapshot reaches intact chunks; exit 1 on any problem."""
+    with ctx.open() as repo, progress_bar("verifying") as update:
+        report = repo.verify(read_data=read_data, progress=update)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for problem in report.problems:
+            click.echo(str(problem))
+        status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(f"verify {'--read-data ' if read_data else ''}{status}: {report.snapshots_checked} snapshots, "
+                   f"{report.chunks_checked} chunks, {report.packs_checked} packs, {human_bytes(report.bytes_read)} read")
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def stats(ctx: Context, as_json: bool) -> None:
+    """Logical vs stored bytes, dedup and compression ratios."""
+    with ctx.open() as repo:
+        report = repo.stats()
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(f"snapshots         {report.snapshot_count}\n"
+               f"logical bytes     {human_bytes(report.logical_bytes)}\n"
+               f"unique bytes      {human_bytes(report.unique_bytes)}  (dedup {report.dedup_ratio:.2f}x)\n"
+               f"stored bytes      {human_bytes(report.stored_bytes)}  (compression {report.compression_ratio:.2f}x)\n"
+               f"overall ratio     {report.ratio:.2f}x\n"
+               f"chunks / packs    {report.chunk_count} / {report.pack_count}")
+
+
+@cli.command(name="rm")
+@click.argument("tags", nargs=-1, required=True)
+@pass_ctx
+def rm_cmd(ctx: Context, tags: tuple[str, ...]) -> None:
+    """Drop snapshots by tag or id (space returns after gc)."""
+    with ctx.open() as repo:
+        for tag in tags:
+            snap = repo.delete(tag)
+            click.echo(f"removed snapshot {snap.short_id}" + (f" ({snap.tag})" if snap.tag else ""))
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="Where to create the demo repository (default: a new temp dir).")
+@click.option("--steps", default=40, show_default=True)
+@click.option("--every", default=10, show_default=True, help="Checkpoint every N steps.")
+def demo(directory: Path | None, steps: int, every: int) -> None:
+    """Train a small model, checkpoint into a new repository, verify and restore bit-identically."""
+    from cas.demo import run_demo
+
+    sys.exit(run_demo(directory, steps=steps, every=every))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="cas", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("cas: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"cas: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except CasError as exc:
+        click.echo(f"cas: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        click.echo(f"cas: error: {exc.strerror or exc} ({exc.filename or ''})", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("cas: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,116 @@
+"""Checkpoint files in and out: .pt/.pth (torch, weights_only) and .safetensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from cas.errors import NotACheckpointError, OutputExistsError, UnsupportedObjectError, UsageError
+from cas.store import fsync_dir
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
+
+
+def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Load one checkpoint file; returns its state and a description for snapshot metadata."""
+    if not path.exists():
+        raise NotACheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        raise NotACheckpointError(f"{path} is a directory")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header_meta = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise NotACheckpointError(f"{path} is not a readable .safetensors file: {exc}") from None
+        return state, {"file": path.name, "format": "safetensors", "safetensors_metadata": header_meta}
+    if suffix in TORCH_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NotACheckpointError(
+                f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {first}"
+            ) from None
+        return state, {"file": path.name, "format": "torch"}
+    raise NotACheckpointError(
+        f"{path}: unknown checkpoint type {suffix or '(no extension)'}; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+    )
+
+
+def import_paths(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
+    """One file -> its state; several files or a directory -> {relative path: state}."""
+    files: list[tuple[str, Path]] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
+            if not found:
+                raise NotACheckpointError(f"{path} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+            files.extend((str(p.relative_to(path)), p) for p in found)
+        else:
+            files.append((path.name, path))
+    if len(files) == 1 and not paths[0].is_dir():
+        return read_checkpoint(files[0][1])
+    names = [name for name, _ in files]
+    if len(set(names)) != len(names):
+        raise UsageError("two inputs have the same name; save them as separate snapshots or from one directory")
+    state: dict[str, Any] = {}
+    sources = []
+    for name, path in files:
+        state[name], source = read_checkpoint(path)
+        sources.append(source)
+    return state, {"files": sources}
+
+
+def export_file(state: Any, out: Path, *, force: bool, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``state`` as .pt or .safetensors: temp file in the same directory, fsync, rename."""
+    suffix = out.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise UsageError(f"cannot tell the output format of {out}: use a .pt or .safetensors name")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UsageError(f"directory {out.parent} does not exist")
+    temp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        if suffix == SAFETENSORS_SUFFIX:
+            _write_safetensors(state, temp, metadata or {})
+        else:
+            torch.save(state, temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, out)
+        fsync_dir(out.parent)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _write_safetensors(state: Any, path: Path, metadata: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UnsupportedObjectError(
+            "this snapshot is not a flat dict of named tensors, which is all .safetensors can hold; restore to .pt"
+        )
+    source = metadata.get("source")
+    header = source.get("safetensors_metadata") if isinstance(source, dict) else None
+    # safetensors cannot express shared storage: shared tensors are written as copies.
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(ptr)
+        tensors[key] = t.contiguous()
+    save_file(tensors, str(path), metadata=header if isinstance(header, dict) and header else None)
