@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from cas.demo import run_demo
 from cas.errors import CasError, UsageError
 from cas.importers import export_file, import_paths
 from cas.repository import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Repository
@@ -105,7 +106,9 @@ def init(ctx: Context, chunk_size: str, pack_size: str, compression: str) -> Non
 @click.option("--compression", type=click.Choice(["none", "fast", "default", "max"]), default=None)
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Metadata (VALUE parsed as JSON if it can).")
 @pass_ctx
-def save(ctx: Context, paths: tuple[Path, ...], tag: str | None, compression: str | None, meta: tuple[str, ...]) -> None:
+def save(
+    ctx: Context, paths: tuple[Path, ...], tag: str | None, compression: str | None, meta: tuple[str, ...]
+) -> None:
     """Import .pt/.pth/.safetensors files (or directories of them) as one snapshot."""
     metadata: dict[str, Any] = {}
     for item in meta:
@@ -215,7 +218,8 @@ def verify(ctx: Context, read_data: bool, as_json: bool) -> None:
             click.echo(str(problem))
         status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
         click.echo(f"verify {'--read-data ' if read_data else ''}{status}: {report.snapshots_checked} snapshots, "
-                   f"{report.chunks_checked} chunks, {report.packs_checked} packs, {human_bytes(report.bytes_read)} read")
+                   f"{report.chunks_checked} chunks, {report.packs_checked} packs, "
+                   f"{human_bytes(report.bytes_read)} read")
     if not report.ok:
         sys.exit(1)
 
@@ -256,8 +260,6 @@ def rm_cmd(ctx: Context, tags: tuple[str, ...]) -> None:
 @click.option("--every", default=10, show_default=True, help="Checkpoint every N steps.")
 def demo(directory: Path | None, steps: int, every: int) -> None:
     """Train a small model, checkpoint into a new repository, verify and restore bit-identically."""
-    from cas.demo import run_demo
-
     sys.exit(run_demo(directory, steps=steps, every=every))
 
 

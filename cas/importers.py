@@ -45,7 +45,8 @@ def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
             ) from None
         return state, {"file": path.name, "format": "torch"}
     raise NotACheckpointError(
-        f"{path}: unknown checkpoint type {suffix or '(no extension)'}; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        f"{path}: unknown checkpoint type {suffix or '(no extension)'}; "
+        f"expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
     )
 
 
@@ -107,10 +108,8 @@ def _write_safetensors(state: Any, path: Path, metadata: dict[str, Any]) -> None
     # safetensors cannot express shared storage: shared tensors are written as copies.
     seen: set[int] = set()
     tensors: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel():
-            t = t.clone()
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        tensors[key] = (tensor.clone() if ptr in seen and tensor.numel() else tensor).contiguous()
         seen.add(ptr)
-        tensors[key] = t.contiguous()
     save_file(tensors, str(path), metadata=header if isinstance(header, dict) and header else None)

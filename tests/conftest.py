@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cas
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[cas.Repository]:
+    r = cas.Repository.init(tmp_path / "repo", chunk_size=64 * 1024, pack_size=1 << 20)
+    yield r
+    r.close()
