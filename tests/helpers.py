@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}/{i}")
     elif isinstance(a, float):
-        assert a == b or (a != a and b != b), f"{path}: {a} != {b}"
+        assert a == b or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 

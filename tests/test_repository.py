@@ -42,7 +42,7 @@ def test_future_format_version_is_refused(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     config["version"] = 7
     (tmp_path / "r" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(cas.FormatVersionError, match="version 7.*upgrade cas"):
+    with pytest.raises(cas.FormatVersionError, match=r"version 7.*upgrade cas"):
         cas.Repository.open(tmp_path / "r")
 
 
