@@ -59,9 +59,10 @@ def _dtype_from_name(name: object, where: str) -> torch.dtype:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """A zero-copy uint8 view of a contiguous CPU tensor's elements."""
-    flat = t.reshape(-1)
-    if flat.numel() == 0:
+    if t.numel() == 0:
         return memoryview(b"")
+    # as_strided, not reshape: a contiguous tensor may still carry an odd stride on a size-1 dim
+    flat = t.as_strided((t.numel(),), (1,))
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
@@ -99,6 +100,10 @@ class _Encoder:
                 f"dict key {key!r} of type {type(key).__name__} at {format_path(path)} is not supported; "
                 "keys may be str, int, float, bool, None, bytes or tuples of those"
             )
+        if type(key) is bytes:
+            return ["y", key, False]  # keys stay inline whatever their size
+        if type(key) is tuple:
+            return ["t", [self.key(k, path) for k in key]]
         return self.value(key, path)
 
     def value(self, obj: Any, path: KeyPath) -> list[Any]:
@@ -196,12 +201,16 @@ def _flags(t: torch.Tensor) -> int:
 def encode_state(obj: Any, allow_pickle: bool = False) -> Encoded:
     """Encode ``obj`` into a tree value and the blobs that hold its bulk bytes."""
     enc = _Encoder(allow_pickle)
-    tree = enc.value(obj, ())
+    try:
+        tree = enc.value(obj, ())
+    except RecursionError:
+        raise UnsupportedObjectError("the state dict is nested too deeply to encode") from None
     # Tensors that share a storage with another tensor of this state dict keep sharing:
     # the storage is stored once and each tensor becomes a view into it.
     groups: dict[tuple[str, int], list[int]] = {}
     for i, (t, _path, _slot) in enumerate(enc.tensors):
-        if t.layout == torch.strided and not t.is_quantized and t.device.type != "meta":
+        lazy = t.is_conj() or t.is_neg()  # conj/neg views are resolved to plain tensors, not shared
+        if t.layout == torch.strided and not t.is_quantized and t.device.type != "meta" and not lazy:
             st = t.untyped_storage()
             if st.nbytes() > 0:
                 groups.setdefault((str(t.device), st.data_ptr()), []).append(i)
@@ -389,7 +398,7 @@ def decode_state(
         value = dec.value(tree, ())
     except (PickleRequiredError, ManifestCorruptError):
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
         raise ManifestCorruptError(f"{name} is malformed: {type(exc).__name__}: {exc}") from None
     return Decoded(value, dec.fills, dec.copies)
 
