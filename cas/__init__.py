@@ -1,11 +1,13 @@
 """cas: a content-addressed, deduplicating store for deep-learning checkpoints."""
 
+from cas.check import CheckReport
 from cas.errors import (
     AmbiguousSnapshotError,
     CasError,
     ChunkCorruptError,
     CorruptionError,
     FormatVersionError,
+    GcRefusedError,
     InvalidTagError,
     ManifestCorruptError,
     MissingChunkError,
@@ -22,18 +24,24 @@ from cas.errors import (
     UnsupportedObjectError,
     UsageError,
 )
+from cas.gc import GcReport
 from cas.reports import DiffReport, Problem, Snapshot, StatsReport, VerifyReport
 from cas.repository import Repository
+from cas.retention import ForgetReport, RetentionPolicy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousSnapshotError",
     "CasError",
+    "CheckReport",
     "ChunkCorruptError",
     "CorruptionError",
     "DiffReport",
+    "ForgetReport",
     "FormatVersionError",
+    "GcRefusedError",
+    "GcReport",
     "InvalidTagError",
     "ManifestCorruptError",
     "MissingChunkError",
@@ -46,6 +54,7 @@ __all__ = [
     "Repository",
     "RepositoryError",
     "RepositoryExistsError",
+    "RetentionPolicy",
     "ShapeMismatchError",
     "Snapshot",
     "SnapshotNotFoundError",

@@ -240,6 +240,12 @@ def stats(ctx: Context, as_json: bool) -> None:
                f"stored bytes      {human_bytes(report.stored_bytes)}  (compression {report.compression_ratio:.2f}x)\n"
                f"overall ratio     {report.ratio:.2f}x\n"
                f"chunks / packs    {report.chunk_count} / {report.pack_count}")
+    if report.per_snapshot:
+        table = Table("snapshot", "tag", "logical", "added")
+        for row in report.per_snapshot:
+            table.add_row(row["id"][:12], row["tag"] or "", human_bytes(row["logical_bytes"]),
+                          human_bytes(row["bytes_added"]))
+        console.print(table)
 
 
 @cli.command(name="rm")
@@ -251,6 +257,104 @@ def rm_cmd(ctx: Context, tags: tuple[str, ...]) -> None:
         for tag in tags:
             snap = repo.delete(tag)
             click.echo(f"removed snapshot {snap.short_id}" + (f" ({snap.tag})" if snap.tag else ""))
+
+
+@cli.command()
+@click.option("--keep-last", type=int, default=0, help="Keep the N newest snapshots.")
+@click.option("--keep-hourly", type=int, default=0, help="Keep the newest snapshot of each of the last N hours.")
+@click.option("--keep-daily", type=int, default=0)
+@click.option("--keep-weekly", type=int, default=0)
+@click.option("--keep-monthly", type=int, default=0)
+@click.option("--keep-yearly", type=int, default=0)
+@click.option("--keep-within", default=None, metavar="DURATION", help="Keep all within 36h, 2w, 6mo... of the newest.")
+@click.option("--keep-tag", multiple=True, metavar="PATTERN", help="Keep snapshots whose tag matches (glob).")
+@click.option("--keep-best", type=int, default=0, help="Keep the N best by --metric.")
+@click.option("--metric", default=None, help="Metric name in snapshot metadata (metrics.NAME or NAME).")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@click.option("--keep-every-steps", type=int, default=0, help="Keep snapshots whose metadata step is a multiple of K.")
+@click.option("--dry-run", is_flag=True, help="Print what would be kept and removed; change nothing.")
+@click.option("--save-policy", is_flag=True, help="Store these rules in the repository config.")
+@click.option("--prune", is_flag=True, help="Run gc afterwards.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def forget(ctx: Context, dry_run: bool, save_policy: bool, prune: bool, as_json: bool, **rules: Any) -> None:
+    """Apply retention rules (union); with no rules, the policy stored in the repository."""
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in rules.items()
+             if v not in (0, None, ()) and not (k == "mode" and v == "min")}
+    with ctx.open() as repo:
+        if save_policy:
+            if not given:
+                raise UsageError("--save-policy needs at least one --keep-* rule")
+            repo.set_retention_policy(**given)
+        report = repo.forget(dry_run=dry_run, **given)
+        gc_report = repo.gc() if prune and not dry_run else None
+    if as_json:
+        emit_json({**report.to_dict(), "gc": gc_report.to_dict() if gc_report else None})
+        return
+    for snap, reasons in report.kept:
+        click.echo(f"keep   {snap.short_id} {snap.tag or '':20} {'; '.join(reasons)}")
+    for snap in report.removed:
+        click.echo(f"remove {snap.short_id} {snap.tag or ''}")
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{len(report.kept)} kept, {verb} {len(report.removed)}")
+    if gc_report:
+        click.echo(f"gc freed {human_bytes(gc_report.bytes_freed)}")
+
+
+@cli.command()
+@click.option("--repack-below", type=float, default=0.5, show_default=True,
+              help="Repack packs whose live share is under this fraction.")
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def gc(ctx: Context, repack_below: float, dry_run: bool, as_json: bool) -> None:
+    """Delete chunks no snapshot reaches; repack sparse packs; remove crash leftovers."""
+    with ctx.open() as repo:
+        report = repo.gc(repack_below=repack_below, dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(report.bytes_freed)}: "
+               f"{report.dead_chunks} dead chunks, {report.packs_deleted} packs deleted, "
+               f"{report.packs_repacked} repacked into {report.packs_written}, "
+               f"{report.orphan_packs_deleted} orphan packs and {report.temp_files_deleted} temp files removed "
+               f"(mark {report.mark_seconds:.2f} s, sweep {report.sweep_seconds:.2f} s)")
+
+
+@cli.group()
+def index() -> None:
+    """Index maintenance."""
+
+
+@index.command(name="rebuild")
+@pass_ctx
+def index_rebuild(ctx: Context) -> None:
+    """Recreate the LMDB index from pack footers and refs."""
+    with ctx.open() as repo:
+        count = repo.rebuild_index()
+    click.echo(f"index rebuilt: {count} chunks")
+
+
+@cli.command()
+@click.option("--repair", is_flag=True, help="Salvage readable chunks of damaged packs; unindex the lost ones.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def check(ctx: Context, repair: bool, as_json: bool) -> None:
+    """Check every pack's checksum; report the snapshots and tensors that lost data. Exit 1 if any."""
+    with ctx.open() as repo:
+        report = repo.check(repair=repair)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for pack in report.damaged_packs:
+            click.echo(f"damaged pack {pack[:12]}")
+        for item in report.affected:
+            click.echo(f"affected: snapshot {item['snapshot']}, tensor {item['tensor']}")
+        click.echo(f"{report.packs_checked} packs checked, {len(report.damaged_packs)} damaged, "
+                   f"{report.salvaged_chunks} chunks salvaged, {len(report.lost_chunks)} lost"
+                   + (" (repaired)" if repair and report.damaged_packs else ""))
+    if not report.ok:
+        sys.exit(1)
 
 
 @cli.command()

@@ -23,7 +23,8 @@ Every error a user can meet is a :class:`CasError`; the CLI maps the class's
         ├── ChunkCorruptError             decoded bytes do not hash to the chunk id
         ├── MissingChunkError             a referenced chunk is not in the index or its pack
         ├── PackCorruptError              a pack's footer / trailer / checksum is wrong
-        └── ManifestCorruptError          a manifest node does not decode
+        ├── ManifestCorruptError          a manifest node does not decode
+        └── GcRefusedError                gc cannot tell what is live; it deleted nothing
 """
 
 from __future__ import annotations
@@ -112,4 +113,8 @@ class PackCorruptError(CorruptionError):
 
 
 class ManifestCorruptError(CorruptionError):
+    pass
+
+
+class GcRefusedError(CorruptionError):
     pass

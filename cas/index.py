@@ -125,6 +125,30 @@ class Index:
             for snap_id, node in snapshots:
                 txn.put(snap_id, node, db=self._snapshots)
 
+    def apply_gc(
+        self,
+        remove_chunks: Iterable[bytes],
+        new_packs: Iterable[SealedPack],
+        remove_packs: Iterable[bytes],
+        remove_snapshots: Iterable[bytes] = (),
+    ) -> None:
+        """One transaction: drop dead chunks, point moved chunks at their new packs, drop old packs."""
+        with self._env.begin(write=True) as txn:
+            for cid in remove_chunks:
+                txn.delete(cid, db=self._chunks)
+            for pack in new_packs:
+                txn.put(pack.pack_id, PACK_INFO.pack(pack.size, len(pack.entries)), db=self._packs)
+                for entry in pack.entries:
+                    txn.put(entry.chunk_id, ChunkLocation.of(pack.pack_id, entry).encode(), db=self._chunks)
+            for pid in remove_packs:
+                txn.delete(pid, db=self._packs)
+            for sid in remove_snapshots:
+                txn.delete(sid, db=self._snapshots)
+
+    def snapshot_ids(self) -> list[bytes]:
+        with self._env.begin(db=self._snapshots) as txn:
+            return [bytes(k) for k, _ in txn.cursor()]
+
     def packs(self) -> dict[PackId, tuple[int, int]]:
         with self._env.begin(db=self._packs) as txn:
             return {PackId(bytes(k)): PACK_INFO.unpack(v) for k, v in txn.cursor()}

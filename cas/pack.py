@@ -213,3 +213,33 @@ def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:
         for path in sorted(sub.glob("*.pack")):
             if HEX64.fullmatch(path.stem):  # a stray file is not a pack
                 yield PackId(bytes.fromhex(path.stem)), path
+
+
+def scan_records(path: Path) -> list[PackEntry]:
+    """Salvage: walk the record headers from the front (for a pack whose footer is damaged).
+
+    Stops at the first record header that does not parse or does not fit the file.
+    """
+    entries: list[PackEntry] = []
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEADER.size)
+            if len(head) < HEADER.size or HEADER.unpack(head)[0] != HEADER_MAGIC:
+                return entries
+            pos = HEADER.size
+            while pos + RECORD_HEADER.size <= size:
+                f.seek(pos)
+                raw = f.read(RECORD_HEADER.size)
+                magic, codec, kind, flags, raw_length, stored, cid, base = RECORD_HEADER.unpack(raw)
+                offset = pos + RECORD_HEADER.size
+                if magic != RECORD_MAGIC or offset + stored > size:
+                    break
+                entries.append(PackEntry(
+                    ChunkId(cid), offset, stored, raw_length, codec, kind,
+                    ChunkId(base) if flags & FLAG_HAS_BASE else None,
+                ))
+                pos = offset + stored
+    except OSError:
+        pass
+    return entries

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cas.check import CheckReport, check_repository
 from cas.codec import check_compression
 from cas.errors import (
     AmbiguousSnapshotError,
@@ -24,12 +25,14 @@ from cas.errors import (
     UsageError,
 )
 from cas.faults import crash_point
+from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, SnapshotId
 from cas.index import Index, SealedPack
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
 from cas.pack import iter_pack_files, read_footer
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
+from cas.retention import ForgetReport, RetentionPolicy, apply_policy
 from cas.saver import ChunkStorer, PackSink
 from cas.statedict import (
     Blob,
@@ -399,6 +402,55 @@ class Repository:
 
     def verify(self, read_data: bool = False, progress: Progress | None = None) -> VerifyReport:
         return verify_repository(self, read_data=read_data, progress=progress)
+
+    # retention and gc ---------------------------------------------------------
+    def retention_policy(self) -> RetentionPolicy | None:
+        """The policy stored in the repository config (applied by ``forget()`` with no rules)."""
+        stored = self.config.get("retention")
+        return RetentionPolicy.from_dict(stored) if stored else None
+
+    def set_retention_policy(self, policy: RetentionPolicy | None = None, **rules: Any) -> RetentionPolicy | None:
+        """Store a retention policy in the config (``None`` and no rules clears it)."""
+        if policy is None and rules:
+            policy = RetentionPolicy(**rules)
+        with self._store.lock(exclusive=False):
+            _, config = LocalStore.open(self.path)
+            if policy is None or policy.empty:
+                config.pop("retention", None)
+            else:
+                config["retention"] = policy.to_dict()
+            self._store.write_config(config)
+            self.config = config
+        return policy
+
+    def forget(self, *, dry_run: bool = False, **rules: Any) -> ForgetReport:
+        """Apply retention rules (union; see ``RetentionPolicy``) and drop the refs of the rest.
+
+        Keyword arguments are named after the CLI flags: keep_last, keep_hourly, keep_daily,
+        keep_weekly, keep_monthly, keep_yearly, keep_within ("36h", "2w"), keep_tag (patterns),
+        keep_best with metric and mode ("min"/"max"), keep_every_steps. With no rules, the
+        policy stored in the config applies. Space returns with ``gc()``.
+        """
+        policy = RetentionPolicy(**rules) if rules else self.retention_policy()
+        if policy is None:
+            raise UsageError("no retention rule given and none stored in the repository config")
+        snaps = self.snapshots()
+        reasons, removed = apply_policy(snaps, policy)
+        report = ForgetReport(dry_run=dry_run)
+        report.kept = [(s, reasons[s.id]) for s in snaps if s.id in reasons]
+        report.removed = removed
+        if not dry_run:
+            for snap in removed:
+                self._store.delete_ref(snap.ref)
+        return report
+
+    def gc(self, *, repack_below: float = 0.5, dry_run: bool = False) -> GcReport:
+        """Delete what no snapshot reaches; repack packs whose live share is under ``repack_below``."""
+        return collect_garbage(self, repack_below=repack_below, dry_run=dry_run)
+
+    def check(self, *, repair: bool = False) -> CheckReport:
+        """Find damaged packs; with ``repair``, keep what is readable and unindex what is lost."""
+        return check_repository(self, repair=repair)
 
     # index recovery -----------------------------------------------------------
     def rebuild_index(self) -> int:

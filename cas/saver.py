@@ -30,11 +30,19 @@ class PackSink:
         self.sealed: list[SealedPack] = []
         self.stored_bytes = 0
 
-    def add(self, chunk_id: ChunkId, kind: ChunkKind, codec: int, payload: bytes | memoryview, raw_length: int) -> None:
+    def add(
+        self,
+        chunk_id: ChunkId,
+        kind: ChunkKind,
+        codec: int,
+        payload: bytes | memoryview,
+        raw_length: int,
+        base_id: ChunkId | None = None,
+    ) -> None:
         if self._writer is None:
             self._writer = PackWriter(self._new_temp_path())
         before = self._writer.size
-        self._writer.add(chunk_id, kind, codec, payload, raw_length)
+        self._writer.add(chunk_id, kind, codec, payload, raw_length, base_id)
         self.stored_bytes += self._writer.size - before
         if self._writer.size >= self._target_size:
             self._seal()

@@ -9,12 +9,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
-from cas.ids import ChunkId, PackId, SnapshotId
+from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation
-from cas.manifest import SnapshotNode, split_chunk_ids, unpack_node
 from cas.pack import hash_pack_file, pack_path, read_footer
+from cas.reach import reached_chunks, snapshot_label
 from cas.reports import Problem, VerifyReport
-from cas.statedict import blob_leaves, format_path, tensor_leaves
 
 if TYPE_CHECKING:
     from cas.repository import Repository
@@ -71,10 +70,11 @@ def verify_repository(
         except CorruptionError as exc:
             report.problems.append(Problem("damaged-ref", str(exc), snapshot=name))
             continue
-        label = f"{name} ({sid.short()})" if name != sid.hex() else sid.short()
+        label = snapshot_label(name, sid)
         report.snapshots_checked += 1
         try:
-            _collect_snapshot(repo, sid, label, users)
+            for cid, tensor in reached_chunks(repo.reader, sid, label):
+                users.setdefault(cid, []).append((label, tensor))
         except (CorruptionError, FormatVersionError) as exc:
             report.problems.append(Problem("corrupt-manifest", str(exc), snapshot=label))
 
@@ -129,27 +129,3 @@ def verify_repository(
                     "corrupt-chunk", error, snapshot=snap, tensor=tensor, pack=loc.pack_id.hex(), chunk=cid.hex(),
                 ))
     return report
-
-
-def _collect_snapshot(repo: Repository, sid: SnapshotId, label: str, users: Users) -> None:
-    """Read (and so verify) the snapshot and tree nodes; note which tensor reaches which chunk."""
-    node = SnapshotNode.decode(repo.reader.read(sid, f"snapshot {label}"), f"snapshot {label}")
-    name = f"tree of snapshot {label}"
-    tree = unpack_node(repo.reader.read(node.tree, name), "tree", name)
-    root, storages = tree.get("root"), tree.get("storages")
-    if root is None or not isinstance(storages, list):
-        raise CorruptionError(f"{name} is malformed")
-    storage_users: dict[int, str] = {}
-    for path, enc in _view_leaves(root):
-        storage_users.setdefault(int(enc[5]), format_path(path))
-    for i, (_nbytes, raw) in enumerate(storages):
-        for cid in split_chunk_ids(raw, name):
-            users.setdefault(cid, []).append((label, storage_users.get(i, f"<storage {i}>")))
-    for path, raw in blob_leaves(root):
-        tensor = format_path(path)
-        for cid in split_chunk_ids(raw, name):
-            users.setdefault(cid, []).append((label, tensor))
-
-
-def _view_leaves(root: object) -> list[tuple[tuple[object, ...], list[object]]]:
-    return [(p, e) for p, e in tensor_leaves(root) if e[0] == "V"]
