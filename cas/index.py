@@ -6,7 +6,9 @@ anew from pack footers and snapshot nodes. lmdb is imported here and nowhere els
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,23 +59,57 @@ class SealedPack:
     entries: list[PackEntry]
 
 
-class Index:
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+# LMDB allows one environment per file per process: Repository objects that open the
+# same repository in one process share it (reference-counted).
+_open_envs: dict[str, tuple[lmdb.Environment, int]] = {}
+_open_envs_lock = threading.Lock()
+
+
+def _acquire_env(path: Path) -> lmdb.Environment:
+    key = os.path.realpath(path)
+    with _open_envs_lock:
+        if key in _open_envs:
+            env, count = _open_envs[key]
+            _open_envs[key] = (env, count + 1)
+            return env
         try:
-            self._env = lmdb.open(
-                str(path), map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
-                create=not readonly, max_readers=512, metasync=True, sync=True,
+            env = lmdb.open(
+                key, map_size=MAP_SIZE, max_dbs=8, subdir=True, max_readers=512, metasync=True, sync=True,
             )
         except lmdb.LockError as exc:
             raise LockedError(f"index at {path} is locked: {exc}") from None
         except lmdb.Error as exc:
-            raise RepositoryError(f"cannot open the index at {path}: {exc}; `cas index rebuild` recreates it") from None
-        self._chunks = self._env.open_db(b"chunks", create=not readonly)
-        self._packs = self._env.open_db(b"packs", create=not readonly)
-        self._snapshots = self._env.open_db(b"snapshots", create=not readonly)
+            raise RepositoryError(
+                f"cannot open the index at {path}: {exc}; `cas index rebuild` recreates it"
+            ) from None
+        _open_envs[key] = (env, 1)
+        return env
+
+
+def _release_env(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _open_envs_lock:
+        env, count = _open_envs[key]
+        if count > 1:
+            _open_envs[key] = (env, count - 1)
+        else:
+            del _open_envs[key]
+            env.close()
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._env = _acquire_env(path)
+        self._closed = False
+        self._chunks = self._env.open_db(b"chunks")
+        self._packs = self._env.open_db(b"packs")
+        self._snapshots = self._env.open_db(b"snapshots")
 
     def close(self) -> None:
-        self._env.close()
+        if not self._closed:
+            self._closed = True
+            _release_env(self._path)
 
     # chunks -------------------------------------------------------------
     def get(self, chunk_id: bytes) -> ChunkLocation | None:

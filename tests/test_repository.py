@@ -190,3 +190,16 @@ def test_save_moves_cuda_free_tensor_types(repo: cas.Repository) -> None:
     meta = torch.empty(3, device="meta")
     with pytest.raises(cas.UnsupportedObjectError, match="meta device"):
         repo.save({"m": meta})
+
+
+def test_two_handles_on_one_repository_in_one_process(tmp_path: Path) -> None:
+    first = cas.Repository.init(tmp_path / "r")
+    second = cas.Repository.open(tmp_path / "r")
+    first.save(make_state(1), tag="a")
+    assert_same(second.load("a"), make_state(1))
+    first.close()
+    second.save(make_state(2), tag="b")
+    assert [s.tag for s in second.snapshots()] == ["a", "b"]
+    second.close()
+    with cas.Repository.open(tmp_path / "r") as third:
+        assert_same(third.load("b"), make_state(2))
