@@ -25,19 +25,25 @@ from cas.errors import (
     UsageError,
 )
 from cas.gc import GcReport
+from cas.manager import CheckpointManager, RestoreResult
+from cas.policy import EveryNSteps, EverySeconds, StagePolicy, YoungDaly
 from cas.reports import DiffReport, Problem, Snapshot, StatsReport, VerifyReport
 from cas.repository import Repository
 from cas.retention import ForgetReport, RetentionPolicy
+from cas.validate import ValidationReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousSnapshotError",
     "CasError",
+    "CheckpointManager",
     "CheckReport",
     "ChunkCorruptError",
     "CorruptionError",
     "DiffReport",
+    "EveryNSteps",
+    "EverySeconds",
     "ForgetReport",
     "FormatVersionError",
     "GcRefusedError",
@@ -54,14 +60,19 @@ __all__ = [
     "Repository",
     "RepositoryError",
     "RepositoryExistsError",
+    "RestoreResult",
     "RetentionPolicy",
     "ShapeMismatchError",
     "Snapshot",
+    "StagePolicy",
     "SnapshotNotFoundError",
     "StatsReport",
     "TagExistsError",
     "UnsupportedObjectError",
     "UsageError",
+    "ValidationReport",
     "VerifyReport",
+    "YoungDaly",
     "__version__",
+    "validate",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from cas.demo import run_demo
 from cas.errors import CasError, UsageError
 from cas.importers import export_file, import_paths
 from cas.repository import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Repository
+from cas.validate import CheckResult, validate
 
 console = Console()
 err_console = Console(stderr=True)
@@ -353,6 +355,33 @@ def check(ctx: Context, repair: bool, as_json: bool) -> None:
         click.echo(f"{report.packs_checked} packs checked, {len(report.damaged_packs)} damaged, "
                    f"{report.salvaged_chunks} chunks salvaged, {len(report.lost_chunks)} lost"
                    + (" (repaired)" if repair and report.damaged_packs else ""))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command(name="validate")
+@click.argument("snapshot", default="latest")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def validate_cmd(ctx: Context, snapshot: str, as_json: bool) -> None:
+    """Checks that need no model: manifest structure, every chunk re-hashed, saved metrics finite."""
+    with ctx.open() as repo:
+        report = validate(repo, snapshot)
+        snap = repo.resolve(snapshot)
+        data = repo.verify(read_data=True, snapshots=[snap.id])
+        report.checks.append(CheckResult("data", data.ok, f"{data.chunks_checked} chunks re-hashed" if data.ok
+                                         else str(data.problems[0])))
+        metrics = snap.metadata.get("metrics")
+        if isinstance(metrics, dict) and metrics:
+            bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+            report.checks.append(CheckResult("metrics", not bad, f"not finite: {', '.join(bad)}" if bad
+                                             else f"{len(metrics)} saved metrics are finite"))
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for c in report.checks:
+            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        click.echo(report.summary())
     if not report.ok:
         sys.exit(1)
 

@@ -139,9 +139,14 @@ class Repository:
         allow_pickle: bool = False,
         compression: str | None = None,
         parent: str | None = "latest",
+        keyframe: bool = False,
         progress: Progress | None = None,
     ) -> Snapshot:
-        """Store ``state_dict`` as a new snapshot; only chunks not already stored are written."""
+        """Store ``state_dict`` as a new snapshot; only chunks not already stored are written.
+
+        ``parent`` (default: the latest snapshot) is recorded in the manifest and is where
+        delta bases come from; ``keyframe=True`` stores no chunk as a delta (chains restart).
+        """
         if tag is not None:
             check_tag(tag)
             if self._store.has_ref(tag):
@@ -400,8 +405,15 @@ class Repository:
             stored_bytes=stored, chunk_count=chunks, pack_count=len(packs), per_snapshot=per,
         )
 
-    def verify(self, read_data: bool = False, progress: Progress | None = None) -> VerifyReport:
-        return verify_repository(self, read_data=read_data, progress=progress)
+    def verify(
+        self, read_data: bool = False, progress: Progress | None = None, snapshots: list[str] | None = None
+    ) -> VerifyReport:
+        """Check refs, manifests and chunks (re-hashing every chunk with ``read_data``).
+
+        ``snapshots`` limits the check to those snapshots (tags or ids) and the packs they use.
+        """
+        only = {self.resolve(s).id for s in snapshots} if snapshots is not None else None
+        return verify_repository(self, read_data=read_data, progress=progress, only=only)
 
     # retention and gc ---------------------------------------------------------
     def retention_policy(self) -> RetentionPolicy | None:

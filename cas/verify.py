@@ -29,7 +29,10 @@ def _problem_kind(exc: CorruptionError) -> str:
 
 
 def verify_repository(
-    repo: Repository, read_data: bool = False, progress: Callable[[int, int], None] | None = None
+    repo: Repository,
+    read_data: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    only: set[str] | None = None,
 ) -> VerifyReport:
     report = VerifyReport(read_data=read_data)
     packs_dir = repo.path / "packs"
@@ -37,7 +40,7 @@ def verify_repository(
     pack_sizes: dict[PackId, int | None] = {}
     bad_packs: dict[PackId, str] = {}
 
-    for pack_id, (size, _count) in index.packs().items():
+    for pack_id, (size, _count) in (index.packs().items() if only is None else ()):
         path = pack_path(packs_dir, pack_id)
         try:
             actual = path.stat().st_size
@@ -69,6 +72,8 @@ def verify_repository(
             sid = repo._store.read_ref(name)
         except CorruptionError as exc:
             report.problems.append(Problem("damaged-ref", str(exc), snapshot=name))
+            continue
+        if only is not None and sid.hex() not in only:
             continue
         label = snapshot_label(name, sid)
         report.snapshots_checked += 1

@@ -1,0 +1,305 @@
+"""CheckpointManager: what a training loop calls to save, keep and resume checkpoints.
+
+``save`` stages the tensors to host memory (the only part the loop waits for) and
+commits in a background thread; at most one save is in flight. Errors of the
+background save are raised by the next call. Snapshots are tagged ``step-<step>``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cas.errors import CorruptionError, FormatVersionError, NotARepositoryError, UsageError
+from cas.policy import IntervalPolicy, SaveState
+from cas.reports import Snapshot
+from cas.repository import Repository
+from cas.retention import RetentionPolicy, apply_policy
+from cas.staging import HostStager
+
+TAG_PREFIX = "step-"
+
+
+@dataclass
+class RestoreResult:
+    step: int
+    state_dict: Any
+    metadata: dict[str, Any]
+    snapshot: Snapshot
+    fell_back: bool = False
+    #: (tag, error) of newer snapshots that did not restore
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SaveRecord:
+    step: int
+    blocked_s: float  # time the caller waited in save()
+    total_s: float  # until the commit (and its verify, for a full save)
+    full: bool
+    snapshot_id: str
+
+
+def step_of_tag(tag: str | None) -> int | None:
+    if tag and tag.startswith(TAG_PREFIX) and tag[len(TAG_PREFIX):].isdigit():
+        return int(tag[len(TAG_PREFIX):])
+    return None
+
+
+class CheckpointManager:
+    """Save every so often without stalling the loop; keep the right snapshots; resume.
+
+    ``busy`` says what ``save`` does while the previous save is still committing:
+    ``"wait"`` (default) blocks until it is done, ``"skip"`` returns False at once.
+    Retention after each commit: ``max_to_keep`` (newest N), ``keep_every_steps``,
+    ``keep_best=(metric, mode, n)``; other snapshots in the repository are never touched.
+    """
+
+    def __init__(
+        self,
+        repo_or_path: Repository | str | os.PathLike[str],
+        *,
+        policy: IntervalPolicy | None = None,
+        max_to_keep: int | None = None,
+        keep_every_steps: int | None = None,
+        keep_best: tuple[str, str, int] | None = None,
+        async_save: bool = True,
+        busy: str = "wait",
+        gc_every: int = 10,
+        allow_pickle: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if busy not in ("wait", "skip"):
+            raise UsageError(f"busy must be 'wait' or 'skip', got {busy!r}")
+        if isinstance(repo_or_path, Repository):
+            self.repo, self._owns_repo = repo_or_path, False
+        else:
+            path = Path(repo_or_path)
+            try:
+                self.repo = Repository.open(path)
+            except NotARepositoryError:
+                if path.exists() and any(path.iterdir()):
+                    raise
+                self.repo = Repository.init(path)
+            self._owns_repo = True
+        self.policy = policy
+        rules: dict[str, Any] = {}
+        if max_to_keep:
+            rules["keep_last"] = max_to_keep
+        if keep_every_steps:
+            rules["keep_every_steps"] = keep_every_steps
+        if keep_best:
+            metric, mode, n = keep_best
+            rules.update(keep_best=n, metric=metric, mode=mode)
+        self.retention = RetentionPolicy(**rules) if rules else None
+        self.async_save = async_save
+        self.busy = busy
+        self.gc_every = gc_every
+        self.allow_pickle = allow_pickle
+        self.clock = clock
+        self.history: list[SaveRecord] = []
+        self._stager = HostStager()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cas-save") if async_save else None
+        self._inflight: Future[SaveRecord] | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._last_step: int | None = None
+        self._last_time: float | None = None
+        self._last_full_time: float | None = None
+        self._model_bytes = 0
+        self._commits = 0
+        self._closed = False
+
+    # errors from the background ------------------------------------------------
+    def _raise_pending(self) -> None:
+        if self._inflight is not None and self._inflight.done():
+            self._collect()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _collect(self) -> None:
+        fut, self._inflight = self._inflight, None
+        if fut is None:
+            return
+        try:
+            self.history.append(fut.result())
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised by the next call
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; raise its error if it failed."""
+        if self._inflight is not None:
+            futures_wait([self._inflight])
+            self._collect()
+        self._raise_pending()
+
+    # policy -----------------------------------------------------------------------
+    def _state(self, step: int) -> SaveState:
+        cost = None
+        if self.history:
+            recent = self.history[-5:]
+            cost = sum(r.blocked_s for r in recent) / len(recent)
+        return SaveState(step, self.clock(), self._last_step, self._last_time, self._last_full_time, cost,
+                         self._model_bytes)
+
+    def should_save(self, step: int) -> bool:
+        """Whether the interval policy says a save is due at ``step`` (True without a policy)."""
+        self._raise_pending()
+        if self._last_step is not None and step <= self._last_step:
+            return False
+        return True if self.policy is None else self.policy.due(self._state(step))
+
+    # save -------------------------------------------------------------------------
+    def save(self, step: int, state_dict: Any, metrics: dict[str, Any] | None = None, force: bool = False,
+             metadata: dict[str, Any] | None = None) -> bool:
+        """Save ``state_dict`` as ``step-<step>`` if due (or ``force``); returns whether a save started.
+
+        Returns once the tensors are copied to host memory; the commit runs in the
+        background. Mutating the model after this call does not affect the snapshot.
+        """
+        if self._closed:
+            raise UsageError("this CheckpointManager is closed")
+        if not isinstance(step, int) or step < 0:
+            raise UsageError(f"step must be a non-negative int, got {step!r}")
+        self._raise_pending()
+        if not force and not self.should_save(step):
+            return False
+        started = time.perf_counter()
+        if self._inflight is not None:
+            if self.busy == "skip" and not self._inflight.done():
+                return False
+            self.wait()
+        full = bool(self.policy and self.policy.full_due(self._state(step)))
+        meta = {**(metadata or {}), "step": step}
+        if metrics is not None:
+            meta["metrics"] = _plain_metrics(metrics)
+        if full:
+            meta["full"] = True
+        staged = self._stager.stage(state_dict) if self.async_save else state_dict
+        self._model_bytes = self._stager.staged_bytes
+        blocked = time.perf_counter() - started
+        now = self.clock()
+        self._last_step, self._last_time = step, now
+        if full:
+            self._last_full_time = now
+        if self._executor is None:
+            self.history.append(self._commit(step, staged, meta, full, started, blocked))
+        else:
+            self._inflight = self._executor.submit(self._commit, step, staged, meta, full, started, blocked)
+        return True
+
+    def _commit(self, step: int, state: Any, meta: dict[str, Any], full: bool, started: float,
+                blocked: float) -> SaveRecord:
+        tag = f"{TAG_PREFIX}{step}"
+        with self._lock:
+            if self.repo._store.has_ref(tag):
+                self.repo.delete(tag)  # a resumed run saving the same step again replaces it
+            snap = self.repo.save(state, tag=tag, metadata=meta, allow_pickle=self.allow_pickle,
+                                  keyframe=full)
+            if full:
+                report = self.repo.verify(read_data=True, snapshots=[snap.id])
+                if not report.ok:
+                    raise CorruptionError(f"full save of step {step} did not verify: {report.problems[0]}")
+            self._apply_retention()
+            self._commits += 1
+            if self.gc_every and self._commits % self.gc_every == 0:
+                self.repo.gc()
+        return SaveRecord(step, blocked, time.perf_counter() - started, full, snap.id)
+
+    def _managed(self) -> list[Snapshot]:
+        return [s for s in self.repo.snapshots() if step_of_tag(s.tag) is not None]
+
+    def _apply_retention(self) -> None:
+        rules = self.retention
+        policy_keep = self.policy.retention_seconds(self._state(self._last_step or 0)) if self.policy else None
+        if rules is None and policy_keep is None:
+            return
+        if policy_keep is not None:
+            base = rules.to_dict() if rules else {}
+            rules = RetentionPolicy(**{**base, "keep_within": f"{policy_keep:.0f}s"})
+        assert rules is not None
+        _reasons, removed = apply_policy(self._managed(), rules)
+        for snap in removed:
+            self.repo.delete(snap.ref)
+
+    # restore ------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        self._raise_pending()
+        return sorted(s for s in (step_of_tag(x.tag) for x in self._managed()) if s is not None)
+
+    def latest(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore_latest(self, into: torch.nn.Module | dict[Any, Any] | None = None) -> RestoreResult | None:
+        """The newest snapshot that restores intact (every chunk verified); None if there is none.
+
+        A damaged newer snapshot is skipped with a warning and recorded in ``skipped``.
+        With ``into`` (a module or state dict) its tensors are filled in place; for a
+        module, the snapshot's ``"model"`` entry is used when it has one.
+        """
+        self.wait()
+        snaps = sorted(self._managed(), key=lambda s: (step_of_tag(s.tag) or 0, s.time), reverse=True)
+        skipped: list[tuple[str, str]] = []
+        for snap in snaps:
+            try:
+                if into is None:
+                    state = self.repo.load(snap.id, allow_pickle=self.allow_pickle)
+                else:
+                    key = "model" if isinstance(into, torch.nn.Module) and "model" in {
+                        t["path"].split("/")[0] for t in self.repo.tensors(snap.id)} else None
+                    state = self.repo.load_into(into, snap.id, key=key, allow_pickle=self.allow_pickle)
+            except (CorruptionError, FormatVersionError) as exc:
+                skipped.append((snap.ref, str(exc)))
+                warnings.warn(f"cas: snapshot {snap.ref} does not restore ({exc}); trying the previous one",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            return RestoreResult(step_of_tag(snap.tag) or 0, state, snap.metadata, snap, bool(skipped), skipped)
+        if skipped:
+            raise CorruptionError(f"no snapshot restores: {len(skipped)} damaged ({skipped[0][1]})")
+        return None
+
+    # lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for the save in flight, then release the repository (if this manager opened it)."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            if self._owns_repo:
+                self.repo.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, value in metrics.items():
+        if not isinstance(k, str):
+            raise UsageError(f"metric names must be strings, got {k!r}")
+        if isinstance(value, torch.Tensor):
+            out[k] = value.item() if value.numel() == 1 else value.tolist()
+        elif hasattr(value, "item") and callable(value.item):
+            out[k] = value.item()
+        else:
+            out[k] = value
+    return out

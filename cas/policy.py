@@ -1,0 +1,172 @@
+"""When to save: every N steps, every T seconds, the Young/Daly optimum, or the stage table.
+
+Policies are pure: they are given the step, the clock and the measured save cost,
+and answer whether a save is due now. ``CheckpointManager.should_save`` asks them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cas.errors import UsageError
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+BIG_MODEL_BYTES = 100 * 10**9
+BIG_MODEL_STRETCH = 1.5
+
+
+@dataclass
+class SaveState:
+    """What a policy sees: the last save's step and time, and what saves cost so far."""
+
+    step: int
+    now: float
+    last_step: int | None
+    last_time: float | None
+    last_full_time: float | None
+    save_cost_s: float | None
+    model_bytes: int = 0
+
+
+class IntervalPolicy:
+    """Base class: ``due(state)`` says whether to save; ``full_due(state)`` whether that save is a full one."""
+
+    def due(self, state: SaveState) -> bool:
+        raise NotImplementedError
+
+    def full_due(self, state: SaveState) -> bool:
+        return False
+
+    def retention_seconds(self, state: SaveState) -> float | None:
+        return None
+
+
+@dataclass
+class EveryNSteps(IntervalPolicy):
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise UsageError(f"EveryNSteps needs a positive step count, got {self.steps}")
+
+    def due(self, state: SaveState) -> bool:
+        return state.step % self.steps == 0 if state.last_step is None else state.step - state.last_step >= self.steps
+
+
+@dataclass
+class EverySeconds(IntervalPolicy):
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise UsageError(f"EverySeconds needs a positive interval, got {self.seconds}")
+
+    def due(self, state: SaveState) -> bool:
+        return state.last_time is None or state.now - state.last_time >= self.seconds
+
+
+def young_interval(save_cost_s: float, mtbf_s: float) -> float:
+    """Young (1974): the interval that minimises lost work, sqrt(2 C M)."""
+    return math.sqrt(2.0 * save_cost_s * mtbf_s)
+
+
+def daly_interval(save_cost_s: float, mtbf_s: float) -> float:
+    """Daly (2006), higher order: sqrt(2CM)·[1 + ⅓·sqrt(C/2M) + C/18M] - C for C < 2M, else M."""
+    c, m = save_cost_s, mtbf_s
+    if c >= 2 * m:
+        return m
+    r = c / (2 * m)
+    return math.sqrt(2 * c * m) * (1 + math.sqrt(r) / 3 + r / 9) - c
+
+
+STAGES = ("initial", "middle", "final")
+
+
+@dataclass
+class YoungDaly(IntervalPolicy):
+    """Save at the optimal interval from the measured save cost and the cluster's MTBF.
+
+    ``save_cost_s`` overrides the measurement (the time the training loop is blocked
+    by a save). The interval is multiplied by the stage's factor and stretched 1.5x
+    for models over 100 GB, as in the stage table.
+    """
+
+    mtbf_s: float
+    formula: str = "young"
+    save_cost_s: float | None = None
+    stage: str = "initial"
+    stage_factors: dict[str, float] = field(default_factory=lambda: {"initial": 1.0, "middle": 3.0, "final": 6.0})
+    default_cost_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.mtbf_s <= 0:
+            raise UsageError(f"mtbf_s must be positive, got {self.mtbf_s}")
+        if self.formula not in ("young", "daly"):
+            raise UsageError(f"formula must be 'young' or 'daly', got {self.formula!r}")
+        if self.stage not in self.stage_factors:
+            raise UsageError(f"unknown stage {self.stage!r}; stages: {', '.join(self.stage_factors)}")
+
+    def interval_s(self, measured_cost_s: float | None, model_bytes: int = 0) -> float:
+        cost = self.save_cost_s if self.save_cost_s is not None else measured_cost_s
+        cost = self.default_cost_s if cost is None else max(cost, 1e-3)
+        base = young_interval(cost, self.mtbf_s) if self.formula == "young" else daly_interval(cost, self.mtbf_s)
+        stretch = BIG_MODEL_STRETCH if model_bytes > BIG_MODEL_BYTES else 1.0
+        return base * self.stage_factors[self.stage] * stretch
+
+    def due(self, state: SaveState) -> bool:
+        if state.last_time is None:
+            return True
+        return state.now - state.last_time >= self.interval_s(state.save_cost_s, state.model_bytes)
+
+
+@dataclass(frozen=True)
+class StageRow:
+    full_interval_s: float
+    incremental_interval_s: float
+    retention_s: float
+
+
+#: The backup plan this project grew from: per stage, full / incremental interval and retention.
+STAGE_TABLE: dict[str, StageRow] = {
+    "initial": StageRow(24 * HOUR, 4 * HOUR, 7 * DAY),
+    "middle": StageRow(48 * HOUR, 12 * HOUR, 14 * DAY),
+    "final": StageRow(72 * HOUR, 24 * HOUR, 30 * DAY),
+}
+
+
+@dataclass
+class StagePolicy(IntervalPolicy):
+    """The stage table: incremental saves at one interval, "full" saves at a longer one.
+
+    In cas every save is incremental by construction; a *full* save here is a
+    keyframe (delta chains restart) followed by a ``verify --read-data`` of that
+    snapshot. Intervals stretch 1.5x for models over 100 GB; the retention is the
+    stage's ``keep_within``.
+    """
+
+    stage: str = "initial"
+    table: dict[str, StageRow] = field(default_factory=lambda: dict(STAGE_TABLE))
+
+    def __post_init__(self) -> None:
+        if self.stage not in self.table:
+            raise UsageError(f"unknown stage {self.stage!r}; stages: {', '.join(self.table)}")
+
+    def _stretch(self, state: SaveState) -> float:
+        return BIG_MODEL_STRETCH if state.model_bytes > BIG_MODEL_BYTES else 1.0
+
+    def due(self, state: SaveState) -> bool:
+        row = self.table[self.stage]
+        if state.last_time is None:
+            return True
+        return state.now - state.last_time >= row.incremental_interval_s * self._stretch(state) or self.full_due(state)
+
+    def full_due(self, state: SaveState) -> bool:
+        row = self.table[self.stage]
+        return state.last_full_time is None or state.now - state.last_full_time >= row.full_interval_s * self._stretch(
+            state
+        )
+
+    def retention_seconds(self, state: SaveState) -> float | None:
+        return self.table[self.stage].retention_s
