@@ -82,6 +82,7 @@ def _acquire_env(path: Path) -> lmdb.Environment:
             raise RepositoryError(
                 f"cannot open the index at {path}: {exc}; `cas index rebuild` recreates it"
             ) from None
+        env.reader_check()  # free the reader slots of processes that died (SIGKILL) holding them
         _open_envs[key] = (env, 1)
         return env
 
@@ -127,7 +128,12 @@ class Index:
         return found
 
     def reader(self) -> ChunkLookup:
-        return ChunkLookup(self._env.begin(db=self._chunks))
+        """A read transaction for one save; stale reader slots of dead processes are freed first."""
+        self._env.reader_check()
+        try:
+            return ChunkLookup(self._env.begin(db=self._chunks))
+        except lmdb.ReadersFullError as exc:
+            raise LockedError(f"the index has no free reader slots ({exc}); close other cas processes") from None
 
     def iter_chunks(self) -> Iterator[tuple[ChunkId, ChunkLocation]]:
         with self._env.begin(db=self._chunks) as txn:

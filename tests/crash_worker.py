@@ -6,7 +6,8 @@ A job is a JSON object::
 
 The worker opens ``repo`` with ``cas.Repository.open``, saves each ``(tag, variant)`` in order and then,
 when ``loop_from`` is set, saves ``loop-N``, ``loop-N+1``, ... until it is killed. It reports on stdout,
-one JSON object a line, each written with a single ``os.write`` (so lines never interleave)::
+one JSON object a line, each written with a single ``os.write`` (so lines never interleave) and
+stamped with ``"t"``, the writer's ``time.monotonic()`` (one clock for every process of the machine)::
 
     {"event": "ready", "pid": P}                       repository open, first save about to start
     {"event": "saved", "tag": T, "id": ID}             save returned: the snapshot is committed
@@ -20,9 +21,10 @@ Two ways to run it:
 ``python crash_worker.py serve``
     a fork server: imports cas (and torch) once, then for each job line read on stdin forks a child that
     sets ``CAS_CRASH_AT`` from the job's ``crash_at`` and runs the job. The server writes
-    ``{"event": "started", "pid": P}`` before the child runs and ``{"event": "exit", "pid": P,
-    "returncode": RC}`` after it ends (RC as ``subprocess`` reports it: ``-9`` for SIGKILL). Forking
-    saves the ~4 s torch import per crash; each child is a separate process killed by a real SIGKILL.
+    ``{"event": "started", "pid": P}`` before the child runs (the child waits on a pipe for it) and
+    ``{"event": "exit", "pid": P, "returncode": RC}`` after it ends (RC as ``subprocess`` reports it:
+    ``-9`` for SIGKILL). Forking saves the ~4 s torch import per crash; each child is a separate
+    process killed by a real SIGKILL.
 
 The state dicts are deterministic functions of the variant name (see ``make_state``), so the test
 process can rebuild what any committed snapshot must hold.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -93,6 +96,7 @@ def make_state(variant: str) -> dict[str, torch.Tensor]:
 
 
 def emit(**event: Any) -> None:
+    event["t"] = time.monotonic()  # system-wide clock: comparable across processes
     os.write(1, (json.dumps(event) + "\n").encode())
 
 
@@ -118,17 +122,23 @@ def serve() -> None:
         if not line.strip():
             continue
         job = json.loads(line)
+        go_r, go_w = os.pipe()  # the child waits until "started" is written, so it comes first
         pid = os.fork()
         if pid == 0:  # child: run one job, never return into the server loop
             code = 1
             try:
+                os.close(go_w)
+                os.read(go_r, 1)
+                os.close(go_r)
                 os.environ.pop("CAS_CRASH_AT", None)
                 if job.get("crash_at"):
                     os.environ["CAS_CRASH_AT"] = job["crash_at"]
                 code = run_job(job)
             finally:
                 os._exit(code)
+        os.close(go_r)
         emit(event="started", pid=pid)
+        os.close(go_w)
         _, status = os.waitpid(pid, 0)
         emit(event="exit", pid=pid, returncode=os.waitstatus_to_exitcode(status))
 
