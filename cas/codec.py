@@ -77,7 +77,7 @@ class Codec(IntEnum):
     RAW = 0
     ZSTD = 1
     BYTE_GROUPED = 2
-    XOR_DELTA = 3
+    DELTA = 3
 
 
 KNOWN_CODECS = frozenset(int(c) for c in Codec)
@@ -93,10 +93,12 @@ COMPRESSION_LEVELS: dict[str, tuple[Codec, int]] = {
 #: element sizes a byte-grouped payload may declare
 ELEMENT_SIZES = (1, 2, 4, 8)
 FLAG_EXPONENT_ALIGNED = 0x01
+FLAG_DIFFERENCE = 0x02
 
 _PLANE_STORED = 0
 _PLANE_ZSTD = 1
-_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_UINT = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_INT = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _MAX_PLANE = 0xFFFFFFFF  # stored lengths are u32
 
 # Chunks at least this large choose their codec on a sample: _SAMPLE_SLICES
@@ -158,7 +160,7 @@ def check_compression(name: str) -> tuple[Codec, int]:
 
 def needs_base(codec: int) -> bool:
     """True if chunks stored with ``codec`` decode only with their base chunk."""
-    return codec == Codec.XOR_DELTA
+    return codec == Codec.DELTA
 
 
 def _bytes_view(data: Buffer) -> memoryview:
@@ -175,21 +177,46 @@ def _bytes_view(data: Buffer) -> memoryview:
 # encoding
 
 
-def _planes(arr: np.ndarray, k: int, rotate: bool) -> np.ndarray:
-    """Split the first ``n*k`` bytes of ``arr`` (uint8) into ``k`` contiguous byte planes."""
-    n = len(arr) // k
-    body = arr[: n * k]
+def _rotate_left(body: np.ndarray, k: int) -> np.ndarray:
+    ints = body.view(_UINT[k])
+    rotated = np.left_shift(ints, ints.dtype.type(1))
+    rotated |= ints >> ints.dtype.type(8 * k - 1)
+    return rotated.view(np.uint8)
+
+
+def _zigzag_difference(body: np.ndarray, base_body: np.ndarray, k: int) -> np.ndarray:
+    """``zigzag(body - base_body)`` per little-endian k-byte integer, wrapping."""
+    diff = np.subtract(body.view(_UINT[k]), base_body.view(_UINT[k]))
+    sign = diff.view(_INT[k]) >> (8 * k - 1)  # 0 or -1
+    diff <<= diff.dtype.type(1)
+    diff ^= sign.view(_UINT[k])
+    return diff.view(np.uint8)
+
+
+def _transform(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int) -> np.ndarray:
+    """The bytes a codec 2/3 payload groups: body transformed, tail (XORed with the base) kept."""
+    n = len(arr) // k * k
+    if flags & FLAG_DIFFERENCE:
+        assert base_arr is not None
+        body = _zigzag_difference(arr[:n], base_arr[:n], k)
+        tail = np.bitwise_xor(arr[n:], base_arr[n:])
+        return np.concatenate([body, tail]) if len(tail) else body
+    if base_arr is not None:
+        arr = np.bitwise_xor(arr, base_arr)
+    if flags & FLAG_EXPONENT_ALIGNED:
+        body = _rotate_left(arr[:n], k)
+        return np.concatenate([body, arr[n:]]) if n < len(arr) else body
+    return arr
+
+
+def _planes(body: np.ndarray, k: int) -> np.ndarray:
+    """Split ``body`` (uint8, a multiple of k bytes) into ``k`` contiguous byte planes."""
+    n = len(body) // k
     if k == 1:
         return body.reshape(1, n)
-    if rotate:
-        ints = body.view(_UINT[k])
-        bits = ints.dtype.type(8 * k - 1)
-        rotated = np.left_shift(ints, ints.dtype.type(1))
-        rotated |= ints >> bits
-        body = rotated.view(np.uint8)
     cols = body.reshape(n, k)
     planes = np.empty((k, n), np.uint8)
-    for i in range(k):  # one strided copy per plane: numpy's long inner loops
+    for i in range(k):  # one strided copy per plane: long inner loops, ~2.5 GB/s
         planes[i] = cols[:, i]
     return planes
 
@@ -209,59 +236,15 @@ def _code_plane(plane: np.ndarray, strong: bool) -> tuple[int, Buffer]:
     return best
 
 
-def _encode_grouped(arr: np.ndarray, k: int, rotate: bool, strong: bool = False) -> bytes:
-    """Codec 2/3 payload for ``arr`` (uint8; for codec 3 already XORed with the base)."""
+def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool) -> bytes:
+    """Codec 2 (``base_arr`` None) or 3 payload for ``arr`` (uint8)."""
     n = len(arr) // k
     if n > _MAX_PLANE:
-        raise UsageError("byte-grouped codecs hold chunks of at most 4 GiB per plane")
-    coded = [_code_plane(plane, strong) for plane in _planes(arr, k, rotate)]
-    header = struct.pack(
-        "<BB" + "BI" * k,
-        k,
-        FLAG_EXPONENT_ALIGNED if rotate else 0,
-        *(x for mode, body in coded for x in (mode, len(body))),
-    )
-    return b"".join([header, *(body for _, body in coded), arr[n * k :].data])
-
-
-def _xor(arr: np.ndarray, base: np.ndarray) -> np.ndarray:
-    return np.bitwise_xor(arr, base)
-
-
-def encode_as(
-    data: Buffer,
-    codec: int,
-    *,
-    element_size: int = 1,
-    exponent_aligned: bool = False,
-    base: Buffer | None = None,
-    level: int | None = None,
-) -> Buffer:
-    """Encode ``data`` with one given codec and variant; returns the payload, even if larger than raw.
-
-    For benchmarks, tests and callers that want a fixed codec. ``level`` is the
-    zstd level of codec 1 (default 3); for codecs 2 and 3 any level >= 19
-    additionally tries zstd 19 on every plane.
-    """
-    view = _bytes_view(data)
-    if codec == Codec.RAW:
-        return data
-    if codec == Codec.ZSTD:
-        return _compressor(3 if level is None else level).compress(view)
-    if codec not in (Codec.BYTE_GROUPED, Codec.XOR_DELTA):
-        raise UsageError(f"unknown codec {codec}")
-    k = _element_size(element_size)
-    if exponent_aligned and k == 1:
-        raise UsageError("the exponent-aligned variant needs an element size of 2, 4 or 8")
-    arr = np.frombuffer(view, np.uint8)
-    if codec == Codec.XOR_DELTA:
-        if base is None:
-            raise UsageError("the XOR-delta codec needs a base chunk")
-        base_arr = np.frombuffer(_bytes_view(base), np.uint8)
-        if len(base_arr) != len(arr):
-            raise UsageError(f"base chunk holds {len(base_arr)} bytes, the chunk {len(arr)}")
-        arr = _xor(arr, base_arr)
-    return _encode_grouped(arr, k, exponent_aligned, strong=level is not None and level >= _STRONG_LEVEL)
+        raise UsageError("byte-grouped codecs hold at most 2**32 - 1 elements per chunk")
+    data = _transform(arr, base_arr, k, flags)
+    coded = [_code_plane(plane, strong) for plane in _planes(data[: n * k], k)]
+    header = struct.pack("<BB" + "BI" * k, k, flags, *(x for mode, body in coded for x in (mode, len(body))))
+    return b"".join([header, *(body for _, body in coded), data[n * k :].data])
 
 
 def _element_size(element_size: int) -> int:
@@ -272,39 +255,81 @@ def _element_size(element_size: int) -> int:
     return element_size
 
 
+def encode_as(
+    data: Buffer,
+    codec: int,
+    *,
+    element_size: int = 1,
+    exponent_aligned: bool = False,
+    difference: bool = False,
+    base: Buffer | None = None,
+    level: int | None = None,
+) -> Buffer:
+    """Encode ``data`` with one given codec and variant; returns the payload, even if larger than raw.
+
+    For benchmarks, tests and callers that want a fixed codec. ``level``: the
+    zstd level of codec 1 (default 3); for codecs 2 and 3, a level of 19 or more
+    also tries zstd 19 on every plane.
+    """
+    view = _bytes_view(data)
+    if codec == Codec.RAW:
+        return data
+    if codec == Codec.ZSTD:
+        return _compressor(3 if level is None else level).compress(view)
+    if codec not in (Codec.BYTE_GROUPED, Codec.DELTA):
+        raise UsageError(f"unknown codec {codec}")
+    k = _element_size(element_size)
+    flags = (FLAG_EXPONENT_ALIGNED if exponent_aligned else 0) | (FLAG_DIFFERENCE if difference else 0)
+    _check_flags(codec, k, flags, UsageError)
+    arr = np.frombuffer(view, np.uint8)
+    base_arr = None
+    if codec == Codec.DELTA:
+        if base is None:
+            raise UsageError("the delta codec needs a base chunk")
+        base_arr = np.frombuffer(_bytes_view(base), np.uint8)
+        if len(base_arr) != len(arr):
+            raise UsageError(f"base chunk holds {len(base_arr)} bytes, the chunk {len(arr)}")
+    return _encode_grouped(arr, base_arr, k, flags, strong=level is not None and level >= _STRONG_LEVEL)
+
+
 def _sample(arr: np.ndarray) -> np.ndarray:
-    """Element-aligned slices spread over ``arr``, concatenated (any k divides the offsets)."""
+    """Element-aligned slices spread over ``arr``, concatenated (8 divides every offset)."""
     step = (len(arr) - _SAMPLE_SLICE) // (_SAMPLE_SLICES - 1) // 8 * 8
     return np.concatenate([arr[i * step : i * step + _SAMPLE_SLICE] for i in range(_SAMPLE_SLICES)])
 
 
-# A candidate: (codec, element size, exponent-aligned)
-_Candidate = tuple[Codec, int, bool]
+# A candidate: (codec, element size, flags)
+_Candidate = tuple[Codec, int, int]
 
 
 def _candidates(compression: str, k: int, is_float: bool, delta: bool) -> list[_Candidate]:
-    rotate = is_float and k > 1
+    rot = FLAG_EXPONENT_ALIGNED
     if compression == "fast":
-        key: list[_Candidate] = [(Codec.BYTE_GROUPED, k, rotate)] if k > 1 else [(Codec.ZSTD, 1, False)]
-        return key + ([(Codec.XOR_DELTA, k, rotate)] if delta else [])
-    found: list[_Candidate] = [(Codec.ZSTD, 1, False)]
-    variants = [False, True] if rotate else [False]
+        found: list[_Candidate] = [
+            (Codec.BYTE_GROUPED, k, rot if is_float else 0) if k > 1 else (Codec.ZSTD, 1, 0)
+        ]
+        return found + ([(Codec.DELTA, k, FLAG_DIFFERENCE)] if delta else [])
+    found = []
+    if k == 1 or compression == "max":
+        found.append((Codec.ZSTD, 1, 0))
     if k > 1:
-        found += [(Codec.BYTE_GROUPED, k, r) for r in variants]
+        found.append((Codec.BYTE_GROUPED, k, 0))
+        if is_float:
+            found.append((Codec.BYTE_GROUPED, k, rot))
     if delta:
-        found += [(Codec.XOR_DELTA, k, r) for r in variants]
+        found += [(Codec.DELTA, k, 0), (Codec.DELTA, k, FLAG_DIFFERENCE)]
+        if is_float and k > 1:
+            found.append((Codec.DELTA, k, rot))
     return found
 
 
 def _encode_candidate(
-    cand: _Candidate, arr: np.ndarray, xored: np.ndarray | None, level: int, strong: bool
+    cand: _Candidate, arr: np.ndarray, base_arr: np.ndarray | None, level: int, strong: bool
 ) -> Buffer:
-    codec, k, rotate = cand
+    codec, k, flags = cand
     if codec == Codec.ZSTD:
         return _compressor(level).compress(arr)
-    src = xored if codec == Codec.XOR_DELTA else arr
-    assert src is not None
-    return _encode_grouped(src, k, rotate, strong)
+    return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong)
 
 
 def encode(
@@ -340,19 +365,18 @@ def encode(
         if len(base_arr) != n:
             base_arr = None
     cands = _candidates(compression, k, is_float, base_arr is not None)
-    xored = None if base_arr is None else _xor(arr, base_arr)
     strong = compression == "max"
 
     if len(cands) > 1 and not strong and n >= SAMPLE_THRESHOLD:
         sample = _sample(arr)
-        xsample = None if xored is None else _sample(xored)
-        sizes = [len(_encode_candidate(c, sample, xsample, level, False)) for c in cands]
+        base_sample = None if base_arr is None else _sample(base_arr)
+        sizes = [len(_encode_candidate(c, sample, base_sample, level, False)) for c in cands]
         cands = [cands[sizes.index(min(sizes))]]
 
     best: tuple[Codec, Buffer] = (Codec.RAW, data)
     best_size = n
     for cand in cands:
-        payload = _encode_candidate(cand, arr, xored, level, strong)
+        payload = _encode_candidate(cand, arr, base_arr, level, strong)
         if len(payload) < best_size:
             best, best_size = (cand[0], payload), len(payload)
     return best
@@ -360,6 +384,17 @@ def encode(
 
 # ---------------------------------------------------------------------------
 # decoding
+
+
+def _check_flags(codec: int, k: int, flags: int, error: type[Exception]) -> None:
+    if flags & ~(FLAG_EXPONENT_ALIGNED | FLAG_DIFFERENCE):
+        raise error(f"unknown flags {flags:#04x}")
+    if flags & FLAG_EXPONENT_ALIGNED and k == 1:
+        raise error("the exponent-aligned variant needs an element size of 2, 4 or 8")
+    if flags & FLAG_DIFFERENCE and codec != Codec.DELTA:
+        raise error("the difference variant exists only for the delta codec")
+    if flags & FLAG_DIFFERENCE and flags & FLAG_EXPONENT_ALIGNED:
+        raise error("the difference and exponent-aligned variants do not combine")
 
 
 def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
@@ -380,24 +415,22 @@ def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
 
 
 def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buffer | None) -> memoryview:
-    name = "byte-grouped" if codec == Codec.BYTE_GROUPED else "XOR-delta"
+    name = "byte-grouped" if codec == Codec.BYTE_GROUPED else "delta"
     base_arr = None
-    if codec == Codec.XOR_DELTA:
+    if codec == Codec.DELTA:
         if base is None:
-            raise ChunkCorruptError("XOR-delta chunk cannot be decoded without its base chunk (none was given)")
+            raise ChunkCorruptError("delta-encoded chunk cannot be decoded without its base chunk (none was given)")
         base_arr = np.frombuffer(_bytes_view(base), np.uint8)
         if len(base_arr) != raw_length:
             raise ChunkCorruptError(
-                f"XOR-delta chunk of {raw_length} bytes was given a base chunk of {len(base_arr)} bytes"
+                f"delta-encoded chunk of {raw_length} bytes was given a base chunk of {len(base_arr)} bytes"
             )
     if len(payload) < 2:
         raise ChunkCorruptError(f"{name} payload of {len(payload)} bytes is too short for its header")
     k, flags = payload[0], payload[1]
     if k not in ELEMENT_SIZES:
         raise ChunkCorruptError(f"{name} payload declares element size {k}")
-    rotate = bool(flags & FLAG_EXPONENT_ALIGNED)
-    if flags & ~FLAG_EXPONENT_ALIGNED or (rotate and k == 1):
-        raise ChunkCorruptError(f"{name} payload has invalid flags {flags:#04x}")
+    _check_flags(codec, k, flags, ChunkCorruptError)
     head = 2 + 5 * k
     if len(payload) < head:
         raise ChunkCorruptError(f"{name} payload of {len(payload)} bytes is too short for its header")
@@ -423,14 +456,21 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
         else:
             raise ChunkCorruptError(f"{name} plane {i} has unknown mode {mode}")
         cols[:, i] = plane
-    if tail:
-        out[n * k :] = np.frombuffer(payload[pos:], np.uint8)
-    if rotate:
+    out[n * k :] = np.frombuffer(payload[pos:], np.uint8)
+    if n and flags & FLAG_EXPONENT_ALIGNED:  # rotate right by one bit
         ints = out[: n * k].view(_UINT[k])
         low = ints >> ints.dtype.type(1)
         ints <<= ints.dtype.type(8 * k - 1)
         ints |= low
-    if base_arr is not None:
+    if base_arr is not None and flags & FLAG_DIFFERENCE:
+        ints = out[: n * k].view(_UINT[k])
+        sign = (ints & ints.dtype.type(1)).view(_INT[k])
+        np.negative(sign, out=sign)  # 0 or -1
+        ints >>= ints.dtype.type(1)
+        ints ^= sign.view(_UINT[k])
+        ints += base_arr[: n * k].view(_UINT[k])
+        np.bitwise_xor(out[n * k :], base_arr[n * k :], out=out[n * k :])
+    elif base_arr is not None:
         np.bitwise_xor(out, base_arr, out=out)
     return memoryview(out)
 
@@ -438,16 +478,16 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
 def decode(codec: int, payload: Buffer, raw_length: int, base: Buffer | None = None) -> Buffer:
     """Decode a payload; any damage raises :class:`ChunkCorruptError`, never wrong-length bytes.
 
-    ``base``: the decoded bytes of the chunk's base (only for codecs where
-    :func:`needs_base` is true). An unknown codec raises :class:`FormatVersionError`.
+    ``base``: the decoded bytes of the chunk's base chunk, for codecs where
+    :func:`needs_base` is true. An unknown codec raises :class:`FormatVersionError`.
     """
     if codec == Codec.RAW:
         if len(_bytes_view(payload)) != raw_length:
-            raise ChunkCorruptError(f"raw chunk holds {len(payload)} bytes, expected {raw_length}")
+            raise ChunkCorruptError(f"raw chunk holds {len(_bytes_view(payload))} bytes, expected {raw_length}")
         return payload
     if codec == Codec.ZSTD:
         return _zstd_frame(payload, raw_length, "zstd chunk")
-    if codec in (Codec.BYTE_GROUPED, Codec.XOR_DELTA):
+    if codec in (Codec.BYTE_GROUPED, Codec.DELTA):
         return _decode_grouped(codec, _bytes_view(payload), raw_length, base)
     raise FormatVersionError(
         f"chunk uses codec {codec}, which this version of cas does not know; upgrade cas to read it"

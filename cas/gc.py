@@ -59,6 +59,13 @@ def mark(repo: Repository) -> tuple[set[bytes], int]:
     for name in repo._store.ref_names():
         try:
             sid = repo._store.read_ref(name)
+        except FileNotFoundError:
+            continue  # removed by a concurrent forget / rm: nothing to keep for it
+        except CorruptionError as exc:
+            raise GcRefusedError(
+                f"gc stopped before deleting anything: {exc}. Run `cas check --repair` (or `cas rm` the snapshot)"
+            ) from None
+        try:
             live.update(cid for cid, _ in reached_chunks(repo.reader, sid, snapshot_label(name, sid)))
         except CorruptionError as exc:
             raise GcRefusedError(
@@ -158,10 +165,13 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         crash_point("gc_repacked")
         # 2. one index transaction
         removed_packs = [p for p in (*delete, *repack) if p not in keep_old]
-        stale_snapshots = set(repo.index.snapshot_ids()) - {bytes(repo._store.read_ref(n)) for n in store.ref_names()}
+        stale_snapshots = set(repo.index.snapshot_ids()) - {bytes(sid) for _name, sid in repo._refs()}
         repo.index.apply_gc(dead, new_packs, removed_packs, stale_snapshots)
         crash_point("gc_index_committed")
-        # 3. unlink what nothing refers to any more
+        # 3. unlink what nothing refers to any more. A repack may rewrite byte-identical packs a killed
+        # GC left as orphans (same content, same name): those are live again and must stay.
+        rewritten = {p.pack_id for p in new_packs}
+        orphans = [p for p in orphans if p not in rewritten]
         repo.reader.close()
         for pid in (*removed_packs, *orphans):
             pack_path(store.packs_dir, pid).unlink(missing_ok=True)

@@ -155,8 +155,6 @@ class Repository:
         check_metadata(metadata)
         compression = compression or str(self.config.get("compression", "default"))
         check_compression(compression)
-        parent_id = self._resolve_id(parent) if parent is not None and self._store.ref_names() else None
-
         encoded = encode_state(state_dict, allow_pickle=allow_pickle)
         blobs = encoded.storages + encoded.blobs
         total = sum(b.nbytes for b in blobs)
@@ -169,6 +167,8 @@ class Repository:
                 progress(done, total)
 
         with self._store.lock(exclusive=False):
+            # under the lock: no gc can remove the parent's manifest while we read it
+            parent_id = self._resolve_id(parent) if parent is not None and self._store.ref_names() else None
             sink = PackSink(
                 lambda: self._store.new_temp_path("pack"), self._store.packs_dir, int(self.config["pack_size"])
             )
@@ -222,11 +222,25 @@ class Repository:
         )
 
     def _refs(self) -> list[tuple[str, SnapshotId]]:
-        return [(name, self._store.read_ref(name)) for name in self._store.ref_names()]
+        """(name, snapshot id) of every ref; a ref removed while we list them is skipped."""
+        refs = []
+        for name in self._store.ref_names():
+            try:
+                refs.append((name, self._store.read_ref(name)))
+            except FileNotFoundError:
+                continue
+        return refs
 
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot a ref points to, oldest first."""
-        snaps = [self._snapshot(name, sid, self._snapshot_node(sid)) for name, sid in self._refs()]
+        snaps = []
+        for name, sid in self._refs():
+            try:
+                snaps.append(self._snapshot(name, sid, self._snapshot_node(sid)))
+            except CorruptionError:
+                if self._store.has_ref(name):
+                    raise
+                # forgotten (and collected) by another process while we listed: not a snapshot any more
         return sorted(snaps, key=lambda s: (s.time, s.id))
 
     def _resolve_id(self, spec: str) -> SnapshotId:
@@ -295,13 +309,15 @@ class Repository:
 
     def load(self, snapshot: str = "latest", *, allow_pickle: bool = False, progress: Progress | None = None) -> Any:
         """The state dict of a snapshot, every chunk verified against its id."""
-        snap = self.resolve(snapshot)
-        root, storages, _ = self._tree(snap)
-        decoded = decode_state(
-            root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap), name=f"snapshot {snap.short_id}"
-        )
-        self._fill(snap, decoded, progress)
-        return decoded.value
+        with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
+            snap = self.resolve(snapshot)
+            root, storages, _ = self._tree(snap)
+            decoded = decode_state(
+                root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
+                name=f"snapshot {snap.short_id}",
+            )
+            self._fill(snap, decoded, progress)
+            return decoded.value
 
     def load_into(
         self,
@@ -319,6 +335,12 @@ class Repository:
         all match (checked before any byte is written). Non-tensor values of a dict
         target are replaced by the snapshot's.
         """
+        with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
+            return self._load_into(target, snapshot, key, allow_pickle, progress)
+
+    def _load_into(
+        self, target: Any, snapshot: str, key: str | None, allow_pickle: bool, progress: Progress | None
+    ) -> Any:
         snap = self.resolve(snapshot)
         root, storages, _ = self._tree(snap)
         if key:

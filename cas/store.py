@@ -160,10 +160,31 @@ class LocalStore:
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
-        """Savers hold the repository lock shared; gc holds it exclusive (waits for savers)."""
-        with open(self.locks_dir / "repo.lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """Savers and loads hold the repository lock shared; gc holds it exclusive.
+
+        A turnstile (``gate.lock``) keeps a stream of savers from starving gc: gc takes
+        the gate exclusively before waiting for the repository lock, and a saver passes
+        the gate (shared, released at once) before taking its shared lock, so once gc
+        waits, new saves queue behind it while the saves in flight finish.
+        """
+        with open(self.locks_dir / "gate.lock", "a+b") as gate, open(self.locks_dir / "repo.lock", "a+b") as f:
+            if exclusive:
+                fcntl.flock(gate.fileno(), fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                finally:
+                    fcntl.flock(gate.fileno(), fcntl.LOCK_UN)
+            else:
+                fcntl.flock(gate.fileno(), fcntl.LOCK_SH)
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                finally:
+                    fcntl.flock(gate.fileno(), fcntl.LOCK_UN)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)

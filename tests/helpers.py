@@ -15,7 +15,7 @@ def repo_files(root: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in ("index/lock.mdb", "locks/repo.lock"):
+        if p.is_file() and rel != "index/lock.mdb" and not rel.startswith("locks/"):
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
