@@ -240,6 +240,8 @@ def remove(path: Path) -> None:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time of ``fn()``, after flushing other dirty data (so no run pays for the one before)."""
+    os.sync()
     gc.collect()
     start = time.perf_counter()
     value = fn()
@@ -268,6 +270,28 @@ class Results:
     def median(self, size: int, bench: str, impl: str) -> float | None:
         ts = self.times.get((size, bench, impl))
         return statistics.median(ts) if ts else None
+
+
+def cas_revision() -> str:
+    """The git revision of the checkout being measured (``-dirty`` if cas/ has local changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "cas"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def log(msg: str) -> None:
@@ -461,7 +485,10 @@ def report(res: Results, sizes: list[int], actual: dict[int, int], rss: list[dic
         "# cas throughput",
         "",
         f"{platform.node()} · {os.cpu_count()} CPUs · Python {platform.python_version()} · torch {torch.__version__}"
-        f" · {args.rounds} interleaved rounds, median · data in {args.dir or tempfile.gettempdir()}",
+        f" · cas {res.notes.get('revision')} · {args.rounds} interleaved rounds, median"
+        f" · data in {args.dir or tempfile.gettempdir()}",
+        f"Load average at start / end: {res.notes.get('loadavg_start')} / {res.notes.get('loadavg_end')} "
+        "(other processes on the machine add noise, mostly to the disk-bound saves).",
         "",
         "GB/s = 1e9 bytes of state dict per second. `vs torch` / `vs st` = speed of the row relative to torch "
         "(torch.save or torch.load) / safetensors (save_file; for loads load_file with the pread backend) in the "
@@ -470,8 +497,8 @@ def report(res: Results, sizes: list[int], actual: dict[int, int], rss: list[dic
         "Incremental: the dict is changed in place, then saved again into the repo that holds the previous "
         "snapshot; torch.save writes it whole.",
         "",
-        "| size | benchmark | impl | median s | GB/s | vs torch | vs st | cas stored MiB | target | ok |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| size | benchmark | impl | median s | min-max s | GB/s | vs torch | vs st | cas stored MiB | target | ok |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     benches = ["first save", *(f"incremental {lv:.0%} changed" for lv in CHANGE_LEVELS), "load"]
     for size in sizes:
@@ -495,8 +522,10 @@ def report(res: Results, sizes: list[int], actual: dict[int, int], rss: list[dic
                     t_peer = res.median(size, bench, peer)
                     target = f"≥{minimum:g}x {peer}"
                     ok = "yes" if t_peer and t_peer / t >= minimum else "**no**"
+                ts = res.times[(size, bench, impl)]
                 lines.append(
-                    f"| {format_size(size)} ({n / MIB:.0f} MiB) | {bench} | {impl} | {t:.3f} | {n / t / 1e9:.2f} "
+                    f"| {format_size(size)} ({n / MIB:.0f} MiB) | {bench} | {impl} | {t:.3f} "
+                    f"| {min(ts):.2f}-{max(ts):.2f} | {n / t / 1e9:.2f} "
                     f"| {vs_torch} | {vs_st} | {stored} | {target} | {ok} |"
                 )
     changed = res.notes.get("changed", {})
@@ -538,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per size (median reported)")
     parser.add_argument("--dir", default=None, help="directory for files and repos (default: a temp dir)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument(
+        "--rss-peers", action="store_true", help="also measure the peak RSS of torch.save and safetensors"
+    )
     parser.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -556,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     actual: dict[int, int] = {}
     rss: list[dict[str, Any]] = []
     started = time.perf_counter()
+    res.notes["loadavg_start"] = loadavg()
+    res.notes["revision"] = cas_revision()
     try:
         for size in sizes:
             log(f"size {format_size(size)}: building the state dict")
@@ -572,10 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_rss:
             largest = max(sizes)
             log(f"peak RSS at {format_size(largest)}")
-            rss = measure_rss(largest, base, ["torch.save", "safetensors", "cas none", "cas default"])
+            peers = ["torch.save", "safetensors"] if args.rss_peers else []
+            rss = measure_rss(largest, base, [*peers, "cas none", "cas default"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+    res.notes["loadavg_end"] = loadavg()
     text = report(res, sizes, actual, rss, args)
     shapes = res.notes.get("shapes", {})
     text += "\nState dicts: " + "; ".join(f"{k}: {v}" for k, v in shapes.items()) + "\n"

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cas.errors import CorruptionError, FormatVersionError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation
-from cas.pack import PackEntry, hash_pack_file, iter_pack_files, pack_path, read_footer, scan_records
+from cas.pack import PackEntry, iter_pack_files, pack_path, read_footer, scan_records
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
 from cas.store import fsync_dir
@@ -45,12 +46,15 @@ class CheckReport:
         return out
 
 
-def _pack_is_intact(path: os.PathLike[str], pack_id: PackId) -> bool:
+def _pack_is_intact(repo: Repository, path: Path, pack_id: PackId) -> bool:
+    """The footer hashes to the pack's name and every record decodes to its chunk id."""
     try:
-        read_footer(path)  # type: ignore[arg-type]
-        return hash_pack_file(path) == pack_id  # type: ignore[arg-type]
+        entries = read_footer(path, pack_id)
+        for entry in entries:
+            repo.reader.read(entry.chunk_id, f"check of pack {pack_id.short()}", ChunkLocation.of(pack_id, entry))
     except (CorruptionError, FormatVersionError, OSError):
         return False
+    return True
 
 
 def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
@@ -66,7 +70,7 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
         for pack_id in sorted(set(indexed) | set(on_disk)):
             report.packs_checked += 1
             path = on_disk.get(pack_id) or pack_path(store.packs_dir, pack_id)
-            if not path.exists() or not _pack_is_intact(path, pack_id):
+            if not path.exists() or not _pack_is_intact(repo, path, pack_id):
                 damaged.append(pack_id)
         report.damaged_packs = [p.hex() for p in damaged]
 
@@ -89,7 +93,7 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
                 loc = ChunkLocation.of(pack_id, entry)
                 try:
                     repo.reader.read(cid, f"check of pack {pack_id.short()}", loc)
-                    payload = os.pread(repo.reader._fd(pack_id), entry.stored_length, entry.offset)
+                    payload = repo.reader.payload(loc)
                 except CorruptionError:
                     lost.add(cid)
                     continue

@@ -11,51 +11,60 @@ Codecs
 | --- | --- | --- | --- |
 | 0 | raw | no | the chunk's bytes |
 | 1 | zstd | no | one zstd frame with the content size set |
-| 2 | byte-grouped | no | plane header + planes + tail (below) |
-| 3 | XOR-delta | yes | as 2, over ``chunk XOR base`` (base: a chunk of the same raw length) |
+| 2 | byte-grouped | no | grouped payload (below) of the chunk |
+| 3 | delta | yes | grouped payload (below) of the chunk against its base chunk: XOR or integer difference |
 
-Payload of codecs 2 and 3 (integers little-endian)::
+The base of a codec-3 chunk is another chunk with the same raw length (in
+practice the same tensor's chunk in the parent snapshot); the pack record's
+``base id`` names it (flags bit 0).
+
+Grouped payload (codecs 2 and 3; integers little-endian)::
 
     offset  size  field
     0       1     k: element size, 1, 2, 4 or 8
-    1       1     flags: bit 0 = exponent-aligned (only with k > 1); bits 1-7 zero
+    1       1     flags: bit 0 = exponent-aligned (k > 1 only)
+                         bit 1 = difference (codec 3 only; not with bit 0)
+                         bits 2-7 zero
     2       5*k   k plane descriptors: u8 mode (0 = stored, 1 = zstd frame) | u32 stored length
     2+5k    ...   the k plane payloads, in plane order, each exactly its stored length
-    end-t   t     the tail: the last t = raw_length mod k bytes of the chunk (codec 3: XORed
-                  with the base's last t bytes), stored as they are
+    end-t   t     the tail, t = raw_length mod k bytes: the chunk's last t bytes
+                  (codec 3: XORed with the base's last t bytes)
 
-With ``n = raw_length // k`` elements, the first ``n*k`` bytes are read as ``n``
-little-endian unsigned integers of ``k`` bytes (codec 3 first XORs them with the
-base's first ``n*k`` bytes). If the exponent-aligned flag is set, each integer is
-rotated left by one bit (the sign bit moves to bit 0, so for IEEE floats and
-bfloat16 the top byte holds the exponent bits alone). Plane ``i`` is then byte
-``i`` of every integer (plane ``k-1``: the most significant byte), ``n`` bytes.
-A plane is stored as those ``n`` bytes (mode 0, stored length ``n``) or as one
-zstd frame with the content size set to ``n`` (mode 1). The payload length is
-exactly ``2 + 5k + sum(stored lengths) + t``. Decoding reverses the steps:
-planes -> integers -> rotate right by one bit (if flagged) -> XOR with the base
-(codec 3) -> tail.
+Encoding, with ``n = raw_length // k``: the first ``n*k`` bytes of the chunk are
+``n`` little-endian unsigned ``k``-byte integers ``x`` (base: ``b``). Codec 3
+replaces each by ``x XOR b`` or, with the difference flag, by
+``zigzag(x - b mod 2^(8k))`` (``zigzag(d) = (d << 1) XOR (d >> (8k-1))`` on
+``d`` read as signed: small changes of either sign become small numbers). With
+the exponent-aligned flag each integer is rotated left by one bit: the sign
+moves to bit 0, so for float32/float64/bfloat16 the top byte holds only exponent
+bits. Plane ``i`` is byte ``i`` of every integer (plane ``k-1``: the most
+significant bytes), ``n`` bytes, stored as is (mode 0, stored length ``n``) or
+as one zstd frame whose content size is ``n`` (mode 1). The payload length is
+exactly ``2 + 5k + sum(stored lengths) + t``. Decoding reverses each step.
 
 Anything else (an unknown k, flag bit or mode, a length that does not add up, a
-zstd frame whose content size is not ``n`` or that does not decode) is damage:
-:class:`ChunkCorruptError`. An unknown codec id is :class:`FormatVersionError`.
+zstd frame whose content size is not ``n`` or that does not decode, codec 3
+without a base of the chunk's length) is damage: :class:`ChunkCorruptError`. An
+unknown codec id is :class:`FormatVersionError`.
 
 Choosing a codec (``encode``)
 =============================
 
-``compression``: ``"none"`` stores raw. Otherwise the candidates are plain zstd,
-byte-grouped (k > 1) and, for floats, byte-grouped exponent-aligned; with a base
-of the same length also the XOR-delta variants (so a key frame wins where it is
-smaller). ``"fast"`` tries one non-delta and one delta candidate, ``"default"``
-all of them; both pick on a sample of the chunk (4 slices, 64 KiB in all) when
-the chunk is 256 KiB or more, else by encoding every candidate; the winner is
-then encoded in full. ``"max"`` encodes every candidate in full and re-codes each
-plane of the winner with zstd level 19, keeping whichever is smaller. The planes
-are entropy-coded with zstd parameters that make it a fast Huffman coder of the
-literals (strategy fast, tiny hash table, min match 7): on float planes this is
-within 0.5 % of the order-0 entropy, and 2-5x faster than zstd level 1. A plane
-that zstd does not shrink is stored; a payload not smaller than the chunk is
-replaced by raw.
+``"none"`` stores raw. Otherwise (see ``_candidates``), for chunks of tensors
+with ``element_size`` k > 1: byte-grouped, exponent-aligned when ``is_float``;
+with a base of the same length also codec 3 (difference variant, and for
+``"default"`` the XOR variant), so a key frame wins where it is smaller. k = 1
+(bytes, int8, fp8, non-tensor data) uses plain zstd as before (level 1 / 3 / 19)
+plus codec 3 with a base. ``"fast"`` and ``"default"`` pick among their
+candidates on a sample (4 slices of 16 KiB, 64 KiB in all) when the chunk is at
+least 256 KiB, else by encoding each, and then encode the winner. ``"max"``
+encodes every variant (and plain zstd 19) in full, then re-codes each plane of
+the winner with zstd 19 where that is smaller. Planes are entropy-coded by zstd
+with parameters that make it a fast Huffman coder of literals (strategy fast,
+256-entry hash table, min match 7): within 0.5 % of the planes' order-0 entropy
+on float data and several times faster than zstd level 1, while still finding
+long runs (sparse deltas, repeated rows). A plane that this does not shrink is
+stored; a payload not smaller than the chunk is replaced by raw.
 """
 
 from __future__ import annotations
@@ -63,7 +72,7 @@ from __future__ import annotations
 import struct
 import threading
 from enum import IntEnum
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import zstandard
@@ -97,8 +106,8 @@ FLAG_DIFFERENCE = 0x02
 
 _PLANE_STORED = 0
 _PLANE_ZSTD = 1
-_UINT = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
-_INT = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
+_UINT: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_INT: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _MAX_PLANE = 0xFFFFFFFF  # stored lengths are u32
 
 # Chunks at least this large choose their codec on a sample: _SAMPLE_SLICES
@@ -181,7 +190,8 @@ def _rotate_left(body: np.ndarray, k: int) -> np.ndarray:
     ints = body.view(_UINT[k])
     rotated = np.left_shift(ints, ints.dtype.type(1))
     rotated |= ints >> ints.dtype.type(8 * k - 1)
-    return rotated.view(np.uint8)
+    out: np.ndarray = rotated.view(np.uint8)
+    return out
 
 
 def _zigzag_difference(body: np.ndarray, base_body: np.ndarray, k: int) -> np.ndarray:
@@ -190,7 +200,8 @@ def _zigzag_difference(body: np.ndarray, base_body: np.ndarray, k: int) -> np.nd
     sign = diff.view(_INT[k]) >> (8 * k - 1)  # 0 or -1
     diff <<= diff.dtype.type(1)
     diff ^= sign.view(_UINT[k])
-    return diff.view(np.uint8)
+    out: np.ndarray = diff.view(np.uint8)
+    return out
 
 
 def _transform(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int) -> np.ndarray:
@@ -226,17 +237,17 @@ def _code_plane(plane: np.ndarray, strong: bool) -> tuple[int, Buffer]:
     best: tuple[int, Buffer] = (_PLANE_STORED, plane.data)
     if n < 32:  # a zstd frame costs more than it can save
         return best
-    frame = _plane_compressor().compress(plane)
+    frame = _plane_compressor().compress(plane.data)
     if len(frame) < n:
         best = (_PLANE_ZSTD, frame)
-    if strong and len(best[1]) > 64:
-        frame = _compressor(_STRONG_LEVEL).compress(plane)
+    if strong and best[0] == _PLANE_ZSTD and len(best[1]) > 64:  # stored planes are noise
+        frame = _compressor(_STRONG_LEVEL).compress(plane.data)
         if len(frame) < len(best[1]):
             best = (_PLANE_ZSTD, frame)
     return best
 
 
-def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool) -> bytes:
+def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool) -> memoryview:
     """Codec 2 (``base_arr`` None) or 3 payload for ``arr`` (uint8)."""
     n = len(arr) // k
     if n > _MAX_PLANE:
@@ -244,7 +255,14 @@ def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags:
     data = _transform(arr, base_arr, k, flags)
     coded = [_code_plane(plane, strong) for plane in _planes(data[: n * k], k)]
     header = struct.pack("<BB" + "BI" * k, k, flags, *(x for mode, body in coded for x in (mode, len(body))))
-    return b"".join([header, *(body for _, body in coded), data[n * k :].data])
+    pieces = [header, *(body for _, body in coded), data[n * k :].data]
+    # assembled with numpy copies, which release the GIL (bytes.join holds it)
+    out = np.empty(sum(len(piece) for piece in pieces), np.uint8)
+    pos = 0
+    for piece in pieces:
+        out[pos : pos + len(piece)] = np.frombuffer(piece, np.uint8)
+        pos += len(piece)
+    return out.data
 
 
 def _element_size(element_size: int) -> int:
@@ -303,24 +321,32 @@ _Candidate = tuple[Codec, int, int]
 
 
 def _candidates(compression: str, k: int, is_float: bool, delta: bool) -> list[_Candidate]:
-    rot = FLAG_EXPONENT_ALIGNED
+    """What ``encode`` tries, by setting; measured in bench/codecs.py.
+
+    On float data the exponent-aligned variant was never larger than plain
+    grouping, and the difference variant of the delta codec was always the
+    smallest delta, so "fast" tries only those; "default" adds plain grouping and
+    the XOR delta (for other kinds of data); "max" tries everything.
+    """
+    rot, diff = FLAG_EXPONENT_ALIGNED, FLAG_DIFFERENCE
+    key: list[_Candidate]
+    if k == 1:
+        key = [(Codec.ZSTD, 1, 0)]
+    elif compression == "fast":
+        key = [(Codec.BYTE_GROUPED, k, rot if is_float else 0)]
+    else:
+        key = [(Codec.BYTE_GROUPED, k, rot)] if is_float else []
+        key.append((Codec.BYTE_GROUPED, k, 0))
+        if compression == "max":
+            key.append((Codec.ZSTD, 1, 0))
+    if not delta:
+        return key
     if compression == "fast":
-        found: list[_Candidate] = [
-            (Codec.BYTE_GROUPED, k, rot if is_float else 0) if k > 1 else (Codec.ZSTD, 1, 0)
-        ]
-        return found + ([(Codec.DELTA, k, FLAG_DIFFERENCE)] if delta else [])
-    found = []
-    if k == 1 or compression == "max":
-        found.append((Codec.ZSTD, 1, 0))
-    if k > 1:
-        found.append((Codec.BYTE_GROUPED, k, 0))
-        if is_float:
-            found.append((Codec.BYTE_GROUPED, k, rot))
-    if delta:
-        found += [(Codec.DELTA, k, 0), (Codec.DELTA, k, FLAG_DIFFERENCE)]
-        if is_float and k > 1:
-            found.append((Codec.DELTA, k, rot))
-    return found
+        return [*key, (Codec.DELTA, k, diff)]
+    deltas = [(Codec.DELTA, k, diff), (Codec.DELTA, k, 0)]
+    if compression == "max" and is_float and k > 1:
+        deltas.append((Codec.DELTA, k, rot))
+    return key + deltas
 
 
 def _encode_candidate(
@@ -328,7 +354,7 @@ def _encode_candidate(
 ) -> Buffer:
     codec, k, flags = cand
     if codec == Codec.ZSTD:
-        return _compressor(level).compress(arr)
+        return _compressor(level).compress(arr.data)
     return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong)
 
 
@@ -374,11 +400,15 @@ def encode(
         cands = [cands[sizes.index(min(sizes))]]
 
     best: tuple[Codec, Buffer] = (Codec.RAW, data)
-    best_size = n
+    best_size, best_cand = n, None
     for cand in cands:
-        payload = _encode_candidate(cand, arr, base_arr, level, strong)
+        payload = _encode_candidate(cand, arr, base_arr, level, False)
         if len(payload) < best_size:
-            best, best_size = (cand[0], payload), len(payload)
+            best, best_size, best_cand = (cand[0], payload), len(payload), cand
+    if strong and best_cand is not None and best_cand[0] != Codec.ZSTD:
+        payload = _encode_candidate(best_cand, arr, base_arr, level, True)
+        if len(payload) < best_size:
+            best = (best_cand[0], payload)
     return best
 
 
@@ -397,14 +427,18 @@ def _check_flags(codec: int, k: int, flags: int, error: type[Exception]) -> None
         raise error("the difference and exponent-aligned variants do not combine")
 
 
-def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
-    """Decode one zstd frame that must hold exactly ``size`` bytes."""
+def _zstd_content_size(frame: Buffer, size: int, what: str) -> None:
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
         raise ChunkCorruptError(f"{what}: not a zstd frame ({exc})") from None
     if declared != size:
         raise ChunkCorruptError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
+
+
+def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
+    """Decode one zstd frame that must hold exactly ``size`` bytes."""
+    _zstd_content_size(frame, size, what)
     try:
         out = _decompressor().decompress(frame)
     except zstandard.ZstdError as exc:
@@ -425,6 +459,8 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
             raise ChunkCorruptError(
                 f"delta-encoded chunk of {raw_length} bytes was given a base chunk of {len(base_arr)} bytes"
             )
+    if raw_length < 0:
+        raise ChunkCorruptError(f"{name} chunk has a negative length {raw_length}")
     if len(payload) < 2:
         raise ChunkCorruptError(f"{name} payload of {len(payload)} bytes is too short for its header")
     k, flags = payload[0], payload[1]
@@ -441,21 +477,26 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
         raise ChunkCorruptError(
             f"{name} payload holds {len(payload)} bytes, its header accounts for {head + sum(lengths) + tail}"
         )
-    out = np.empty(raw_length, np.uint8)
-    cols = out[: n * k].reshape(n, k)
+    # check every plane's size before allocating the output: a damaged raw length
+    # or frame header must not make us allocate what the payload cannot fill
+    pieces = []
     pos = head
     for i, (mode, length) in enumerate(zip(modes, lengths, strict=True)):
-        chunk = payload[pos : pos + length]
+        piece = payload[pos : pos + length]
         pos += length
         if mode == _PLANE_STORED:
             if length != n:
                 raise ChunkCorruptError(f"{name} plane {i} stores {length} bytes, expected {n}")
-            plane = np.frombuffer(chunk, np.uint8)
         elif mode == _PLANE_ZSTD:
-            plane = np.frombuffer(_zstd_frame(chunk, n, f"{name} plane {i}"), np.uint8)
+            _zstd_content_size(piece, n, f"{name} plane {i}")
         else:
             raise ChunkCorruptError(f"{name} plane {i} has unknown mode {mode}")
-        cols[:, i] = plane
+        pieces.append((mode, piece))
+    out = np.empty(raw_length, np.uint8)
+    cols = out[: n * k].reshape(n, k)
+    for i, (mode, piece) in enumerate(pieces):
+        plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
+        cols[:, i] = np.frombuffer(plane, np.uint8)
     out[n * k :] = np.frombuffer(payload[pos:], np.uint8)
     if n and flags & FLAG_EXPONENT_ALIGNED:  # rotate right by one bit
         ints = out[: n * k].view(_UINT[k])
@@ -472,7 +513,7 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
         np.bitwise_xor(out[n * k :], base_arr[n * k :], out=out[n * k :])
     elif base_arr is not None:
         np.bitwise_xor(out, base_arr, out=out)
-    return memoryview(out)
+    return out.data
 
 
 def decode(codec: int, payload: Buffer, raw_length: int, base: Buffer | None = None) -> Buffer:

@@ -12,7 +12,6 @@ two steps leaves only unreferenced packs or files, which the next run removes.
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from collections import defaultdict
@@ -153,7 +152,7 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
                         except CorruptionError:
                             keep_old.add(pack_id)  # never move (or drop) what we cannot read: check handles it
                             continue
-                        payload = os.pread(repo.reader._fd(loc.pack_id), loc.stored_length, loc.offset)
+                        payload = repo.reader.payload(loc)
                         sink.add(cid, loc.kind, loc.codec, payload, loc.raw_length, loc.base_id)  # type: ignore[arg-type]
                 new_packs = sink.finish()
             except BaseException:

@@ -8,7 +8,9 @@ Layout (all integers little-endian; see FORMAT.md for the normative text)::
     trailer  64 B   u64 footer offset | u64 entry count | 32 B BLAKE3(footer)
                     | u16 version | 6 reserved | b"CASPEND\\x00"
 
-A pack is named by the BLAKE3 of all its bytes, so its name is its checksum.
+A pack is named by the BLAKE3 of its footer, which lists every record's chunk id
+(the BLAKE3 of its decoded bytes), offset, lengths, codec and base: the name checks
+the footer, and each chunk id checks its payload.
 """
 
 from __future__ import annotations
@@ -82,7 +84,6 @@ class PackWriter:
     def __init__(self, temp_path: Path) -> None:
         self.temp_path = temp_path
         self._file = open(temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in seal/abort
-        self._hasher = blake3.blake3()
         self._entries: list[PackEntry] = []
         self._size = 0
         self._write(HEADER.pack(HEADER_MAGIC, PACK_VERSION))
@@ -93,7 +94,6 @@ class PackWriter:
             written = self._file.write(view)
             assert written is not None
             view = view[written:]
-        self._hasher.update(data)
         self._size += len(data)
 
     @property
@@ -125,29 +125,42 @@ class PackWriter:
         crash_point("chunk_written")
         return entry
 
-    def seal(self, packs_dir: Path) -> tuple[PackId, Path]:
-        """Write footer and trailer, fsync, re-read the footer, rename into place, fsync dirs."""
+    def finish(self) -> PackId:
+        """Write footer and trailer and close the file (not yet durable: see ``publish``)."""
         footer_offset = self._size
         footer = b"".join(e.footer_bytes() for e in self._entries)
+        digest = blake3.blake3(footer).digest()
         self._write(footer)
-        self._write(TRAILER.pack(
-            footer_offset, len(self._entries), blake3.blake3(footer).digest(), PACK_VERSION, TRAILER_MAGIC,
-        ))
-        os.fsync(self._file.fileno())
+        self._write(TRAILER.pack(footer_offset, len(self._entries), digest, PACK_VERSION, TRAILER_MAGIC))
         self._file.close()
-        pack_id = PackId(self._hasher.digest())
+        return PackId(digest)
+
+    def publish(self, pack_id: PackId, packs_dir: Path) -> Path:
+        """fsync, re-read the footer, rename into place, fsync the directories: the pack is durable."""
+        fd = os.open(self.temp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         # Re-read what reached the disk before calling it done (catches a torn write now).
-        written = read_footer(self.temp_path)
-        if written != self._entries:
+        if read_footer(self.temp_path, pack_id) != self._entries:
             raise PackCorruptError(f"pack {pack_id.short()} does not read back as written")
         final = pack_path(packs_dir, pack_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        new_dir = not final.parent.is_dir()
+        if new_dir:
+            final.parent.mkdir(parents=True, exist_ok=True)
         crash_point("pack_before_rename")
         os.replace(self.temp_path, final)
         _fsync_dir(final.parent)
-        _fsync_dir(packs_dir)
+        if new_dir:
+            _fsync_dir(packs_dir)
         crash_point("pack_sealed")
-        return pack_id, final
+        return final
+
+    def seal(self, packs_dir: Path) -> tuple[PackId, Path]:
+        """``finish`` then ``publish``."""
+        pack_id = self.finish()
+        return pack_id, self.publish(pack_id, packs_dir)
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -160,8 +173,9 @@ def pack_path(packs_dir: Path, pack_id: PackId) -> Path:
     return packs_dir / name[:2] / f"{name}.pack"
 
 
-def read_footer(path: Path) -> list[PackEntry]:
-    """Parse and check a pack's header, trailer and footer (not the payloads)."""
+def read_footer(path: Path, expect_id: PackId | None = None) -> list[PackEntry]:
+    """Parse and check a pack's header, trailer and footer (not the payloads); with ``expect_id``
+    the footer must also hash to that name."""
     name = path.name
     try:
         with open(path, "rb") as f:
@@ -183,8 +197,11 @@ def read_footer(path: Path) -> list[PackEntry]:
             footer = f.read(count * FOOTER_ENTRY.size)
     except FileNotFoundError:
         raise PackCorruptError(f"pack {name} is missing") from None
-    if blake3.blake3(footer).digest() != footer_hash:
+    digest = blake3.blake3(footer).digest()
+    if digest != footer_hash:
         raise PackCorruptError(f"pack {name} footer checksum mismatch")
+    if expect_id is not None and digest != expect_id:
+        raise PackCorruptError(f"pack {name} is not the pack its name says (footer hash {digest.hex()[:12]})")
     entries = []
     for i in range(count):
         cid, base, offset, stored, raw, codec, kind, flags = FOOTER_ENTRY.unpack_from(footer, i * FOOTER_ENTRY.size)
@@ -194,13 +211,6 @@ def read_footer(path: Path) -> list[PackEntry]:
             ChunkId(cid), offset, stored, raw, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None,
         ))
     return entries
-
-
-def hash_pack_file(path: Path) -> PackId:
-    """BLAKE3 of every byte of the pack: equals its name when intact."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    hasher.update_mmap(path)
-    return PackId(hasher.digest())
 
 
 def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class ChunkReader:
         self.packs_dir = packs_dir
         self.index = index
         self._fds: dict[PackId, int] = {}
+        self._in_use: dict[PackId, int] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -38,20 +40,29 @@ class ChunkReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._in_use.clear()
 
-    def _fd(self, pack_id: PackId) -> int:
+    @contextmanager
+    def _open(self, pack_id: PackId) -> Iterator[int]:
+        """A file descriptor of the pack, kept open for later reads; never closed while in use."""
         with self._lock:
             fd = self._fds.get(pack_id)
             if fd is None:
                 if len(self._fds) >= MAX_OPEN_PACKS:
-                    for old in list(self._fds)[: MAX_OPEN_PACKS // 2]:
+                    idle = [p for p in self._fds if not self._in_use.get(p)]
+                    for old in idle[: MAX_OPEN_PACKS // 2]:
                         os.close(self._fds.pop(old))
                 try:
                     fd = os.open(pack_path(self.packs_dir, pack_id), os.O_RDONLY)
                 except FileNotFoundError:
                     raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
                 self._fds[pack_id] = fd
-            return fd
+            self._in_use[pack_id] = self._in_use.get(pack_id, 0) + 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._in_use[pack_id] -= 1
 
     def locate(self, chunk_id: ChunkId, where: str) -> ChunkLocation:
         loc = self.index.get(chunk_id)
@@ -59,8 +70,10 @@ class ChunkReader:
             raise MissingChunkError(f"{where}: chunk {chunk_id.short()} is not in the index")
         return loc
 
-    def _payload(self, loc: ChunkLocation) -> bytes:
-        data = os.pread(self._fd(loc.pack_id), loc.stored_length, loc.offset)
+    def payload(self, loc: ChunkLocation) -> bytes:
+        """The stored (encoded) bytes of a chunk, unverified."""
+        with self._open(loc.pack_id) as fd:
+            data = os.pread(fd, loc.stored_length, loc.offset)
         if len(data) != loc.stored_length:
             raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
         return data
@@ -69,7 +82,7 @@ class ChunkReader:
         """The verified raw bytes of one chunk."""
         loc = loc or self.locate(chunk_id, where)
         try:
-            out = decode(loc.codec, self._payload(loc), loc.raw_length)
+            out = decode(loc.codec, self.payload(loc), loc.raw_length)
             if hash_bytes(out) != chunk_id:
                 raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
         except CorruptionError as exc:
@@ -84,13 +97,14 @@ class ChunkReader:
                     f"chunk {job.chunk_id.short()} has {loc.raw_length} bytes, expected {len(job.dest)}"
                 )
             if loc.codec == Codec.RAW:
-                got = os.preadv(self._fd(loc.pack_id), [job.dest], loc.offset)
+                with self._open(loc.pack_id) as fd:
+                    got = os.preadv(fd, [job.dest], loc.offset)
                 if got != loc.stored_length:
                     raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
                 if hash_bytes(job.dest) != job.chunk_id:
                     raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
                 return
-            out = decode(loc.codec, self._payload(loc), loc.raw_length)
+            out = decode(loc.codec, self.payload(loc), loc.raw_length)
             if hash_bytes(out) != job.chunk_id:
                 raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
             job.dest[:] = out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cas.codec import encode
@@ -20,14 +20,19 @@ from cas.statedict import Blob
 
 
 class PackSink:
-    """Appends chunks to the open pack and seals it at the target size."""
+    """Appends chunks to the open pack and seals it at the target size.
+
+    Sealing (fsync, read-back, rename, directory fsync) runs on a background thread so
+    hashing and encoding go on meanwhile; ``finish`` returns once every pack is durable.
+    """
 
     def __init__(self, new_temp_path: Callable[[], Path], packs_dir: Path, target_size: int) -> None:
         self._new_temp_path = new_temp_path
         self._packs_dir = packs_dir
         self._target_size = target_size
         self._writer: PackWriter | None = None
-        self.sealed: list[SealedPack] = []
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="cas-seal")
+        self._publishing: list[Future[SealedPack]] = []
         self.stored_bytes = 0
 
     def add(
@@ -51,18 +56,28 @@ class PackSink:
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        entries = writer.entries
-        pack_id, path = writer.seal(self._packs_dir)
-        self.sealed.append(SealedPack(pack_id, path.stat().st_size, entries))
+        pack_id = writer.finish()
+        size = writer.size
+
+        def publish() -> SealedPack:
+            writer.publish(pack_id, self._packs_dir)
+            return SealedPack(pack_id, size, writer.entries)
+
+        self._publishing.append(self._publisher.submit(publish))
 
     def finish(self) -> list[SealedPack]:
+        """Seal the open pack; wait until every pack of this sink is durable."""
         self._seal()
-        return self.sealed
+        try:
+            return [f.result() for f in self._publishing]
+        finally:
+            self._publisher.shutdown(wait=True)
 
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        self._publisher.shutdown(wait=True)  # packs already published stay: unreferenced, gc removes them
 
 
 class ChunkStorer:

@@ -3,10 +3,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import blake3
 import pytest
 
 from cas.errors import FormatVersionError, PackCorruptError
-from cas.ids import chunk_id_of
+from cas.ids import PackId, chunk_id_of
 from cas.pack import (
     FOOTER_ENTRY,
     HEADER,
@@ -14,7 +15,6 @@ from cas.pack import (
     TRAILER,
     ChunkKind,
     PackWriter,
-    hash_pack_file,
     iter_pack_files,
     read_footer,
 )
@@ -45,8 +45,13 @@ def test_pack_round_trip_and_bytes_on_disk(tmp_path: Path) -> None:
     for entry, data in zip(entries, payloads, strict=True):
         assert raw[entry.offset:entry.offset + entry.stored_length] == data
         assert raw[entry.offset - RECORD_HEADER.size:entry.offset - RECORD_HEADER.size + 4] == b"CREC"
-    # the pack's name is the BLAKE3 of all its bytes
-    assert hash_pack_file(path).hex() == path.stem
+    # the pack's name is the BLAKE3 of its footer (which lists every chunk id)
+    footer_offset, count = struct.unpack_from("<QQ", raw, len(raw) - TRAILER.size)
+    footer = raw[footer_offset:footer_offset + count * FOOTER_ENTRY.size]
+    assert blake3.blake3(footer).hexdigest() == path.stem
+    read_footer(path, PackId.from_hex(path.stem))
+    with pytest.raises(PackCorruptError, match="not the pack its name says"):
+        read_footer(path, PackId(bytes(32)))
     assert [p for _, p in iter_pack_files(tmp_path / "packs")] == [path]
     assert not (tmp_path / "p.tmp").exists()
 

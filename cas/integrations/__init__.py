@@ -64,7 +64,7 @@ def replace_tag(repo: Repository, tag: str, save: Callable[[], Snapshot]) -> Sna
         if previous is not None:
             try:
                 if not repo._store.has_ref(tag):
-                    repo._store.write_ref(tag, SnapshotId.from_hex(previous.id))
+                    repo._store.write_ref(tag, SnapshotId(bytes.fromhex(previous.id)))
             except Exception as exc:  # noqa: BLE001 - best effort while the save's error propagates
                 warnings.warn(f"cas: could not point tag {tag!r} back at {previous.short_id}: {exc}",
                               RuntimeWarning, stacklevel=2)

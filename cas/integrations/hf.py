@@ -80,7 +80,7 @@ def _numpy_safe_globals() -> AbstractContextManager[Any]:
     try:
         from transformers.trainer_pt_utils import safe_globals  # noqa: PLC0415 - optional helper
 
-        return safe_globals()  # type: ignore[no-any-return]
+        return safe_globals()  # type: ignore[no-untyped-call,no-any-return]
     except ImportError:  # pragma: no cover - older/newer transformers
         core = getattr(np, "_core", None) or np.core
         allow = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
@@ -310,7 +310,7 @@ def _latest_metrics(log_history: list[dict[str, Any]] | None) -> dict[str, float
     return metrics
 
 
-class CasCallback(TrainerCallback):  # type: ignore[misc]
+class CasCallback(TrainerCallback):
     """Stores every checkpoint directory the ``Trainer`` writes as one cas snapshot.
 
     ``repo_or_path``: a :class:`cas.Repository` (left open) or a path (opened, or created when
@@ -387,7 +387,7 @@ class CasCallback(TrainerCallback):  # type: ignore[misc]
         """The directory the Trainer has just written: ``<output_dir>/checkpoint-<step>`` (or, in a
         hyper-parameter search, the newest ``<output_dir>/<run>/checkpoint-<step>``)."""
         name = f"{TAG_PREFIX}{state.global_step}"
-        output_dir = Path(args.output_dir)
+        output_dir = Path(args.output_dir or ".")
         direct = output_dir / name
         if direct.is_dir():
             return direct
