@@ -22,7 +22,7 @@ from cas.errors import CorruptionError, GcRefusedError, UsageError
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation
-from cas.pack import iter_pack_files, pack_path
+from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, iter_pack_files, pack_path
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
 from cas.store import fsync_dir
@@ -130,7 +130,7 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
 
         freed = sum(size_of(p) for p in (*delete, *repack, *orphans)) + sum(p.stat().st_size for p in temps)
         if dry_run:
-            report.bytes_freed = freed - sum(live_bytes[p] for p in repack)
+            report.bytes_freed = freed - _repacked_size(repo, repack, live, int(repo.config["pack_size"]))
             report.sweep_seconds = time.perf_counter() - t1
             report.peak_rss_bytes = _peak_rss()
             return report
@@ -189,3 +189,26 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
 
 def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _repacked_size(repo: Repository, repack: list[PackId], live: set[bytes], target: int) -> int:
+    """Bytes the repack would write: the same packing as ``PackSink`` (for dry runs)."""
+    moving: dict[PackId, list[int]] = defaultdict(list)
+    wanted = set(repack)
+    for cid, loc in repo.index.iter_chunks():
+        if loc.pack_id in wanted and cid in live:
+            moving[loc.pack_id].append(loc.offset)
+            moving[loc.pack_id].append(loc.stored_length)
+    total, size, count = 0, 0, 0
+    for pack_id in repack:
+        pairs = sorted(zip(moving[pack_id][::2], moving[pack_id][1::2], strict=True))
+        for _offset, stored in pairs:
+            size = size or HEADER.size
+            size += RECORD_HEADER.size + stored
+            count += 1
+            if size >= target:
+                total += size + count * FOOTER_ENTRY.size + TRAILER.size
+                size, count = 0, 0
+    if count:
+        total += size + count * FOOTER_ENTRY.size + TRAILER.size
+    return total

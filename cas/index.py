@@ -226,5 +226,9 @@ class ChunkLookup:
     def __contains__(self, chunk_id: bytes) -> bool:
         return self._txn.get(chunk_id) is not None
 
+    def get(self, chunk_id: bytes) -> ChunkLocation | None:
+        raw = self._txn.get(chunk_id)
+        return None if raw is None else ChunkLocation.decode(raw)
+
     def close(self) -> None:
         self._txn.abort()

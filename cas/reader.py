@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cas.codec import Codec, decode
+from cas.codec import Buffer, Codec, decode, needs_base
 from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, Index
 from cas.pack import pack_path
 
 MAX_OPEN_PACKS = 256
+BASE_CACHE_BYTES = 256 << 20  # decoded delta bases kept for reuse within and across loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,9 @@ class ChunkReader:
         self._fds: dict[PackId, int] = {}
         self._in_use: dict[PackId, int] = {}
         self._lock = threading.Lock()
+        self._bases: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bases_bytes = 0
+        self.base_cache_bytes = BASE_CACHE_BYTES
 
     def close(self) -> None:
         with self._lock:
@@ -78,13 +83,40 @@ class ChunkReader:
             raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
         return data
 
+    def _decode(self, chunk_id: ChunkId, loc: ChunkLocation, where: str) -> Buffer:
+        """Decode (following the delta chain through the base cache) and verify one chunk."""
+        base = None
+        if needs_base(loc.codec):
+            if loc.base_id is None:
+                raise ChunkCorruptError(f"chunk {chunk_id.short()} is a delta without a base")
+            base = self.base(loc.base_id, where)
+        out = decode(loc.codec, self.payload(loc), loc.raw_length, base)
+        if hash_bytes(out) != chunk_id:
+            raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
+        return out
+
+    def base(self, base_id: ChunkId, where: str) -> bytes:
+        """The raw bytes of a delta base, from the cache or decoded (and cached) now."""
+        with self._lock:
+            cached = self._bases.get(base_id)
+            if cached is not None:
+                self._bases.move_to_end(base_id)
+                return cached
+        raw = self.read(base_id, f"{where}, delta base {base_id.short()}")
+        with self._lock:
+            if base_id not in self._bases:
+                self._bases[base_id] = raw
+                self._bases_bytes += len(raw)
+                while self._bases_bytes > self.base_cache_bytes and len(self._bases) > 1:
+                    _old, dropped = self._bases.popitem(last=False)
+                    self._bases_bytes -= len(dropped)
+        return raw
+
     def read(self, chunk_id: ChunkId, where: str, loc: ChunkLocation | None = None) -> bytes:
         """The verified raw bytes of one chunk."""
         loc = loc or self.locate(chunk_id, where)
         try:
-            out = decode(loc.codec, self.payload(loc), loc.raw_length)
-            if hash_bytes(out) != chunk_id:
-                raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
+            out = self._decode(chunk_id, loc, where)
         except CorruptionError as exc:
             raise type(exc)(f"{where}: {exc} (pack {loc.pack_id.short()})") from None
         return bytes(out)
@@ -104,10 +136,7 @@ class ChunkReader:
                 if hash_bytes(job.dest) != job.chunk_id:
                     raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
                 return
-            out = decode(loc.codec, self.payload(loc), loc.raw_length)
-            if hash_bytes(out) != job.chunk_id:
-                raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
-            job.dest[:] = out
+            job.dest[:] = self._decode(job.chunk_id, loc, job.where)
         except CorruptionError as exc:
             raise type(exc)(f"{job.where}: {exc} (pack {loc.pack_id.short()})") from None
 

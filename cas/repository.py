@@ -37,6 +37,7 @@ from cas.saver import ChunkStorer, PackSink
 from cas.statedict import (
     Blob,
     KeyPath,
+    base_candidates,
     collect_targets,
     decode_state,
     encode_state,
@@ -50,6 +51,8 @@ from cas.verify import verify_repository
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
 DEFAULT_PACK_SIZE = 64 << 20
+DEFAULT_MAX_DELTA_DEPTH = 4
+MAX_DELTA_DEPTH_LIMIT = 64
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 256 << 20
 Progress = Callable[[int, int], None]
@@ -82,9 +85,12 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         pack_size: int = DEFAULT_PACK_SIZE,
         compression: str = "default",
+        max_delta_depth: int = DEFAULT_MAX_DELTA_DEPTH,
         threads: int | None = None,
     ) -> Repository:
         """Create a repository in a new or empty directory."""
+        if not isinstance(max_delta_depth, int) or not 0 <= max_delta_depth <= MAX_DELTA_DEPTH_LIMIT:
+            raise UsageError(f"max_delta_depth must be an integer from 0 to {MAX_DELTA_DEPTH_LIMIT}")
         if not isinstance(chunk_size, int) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size % 16:
             raise UsageError(
                 f"chunk size {chunk_size} must be a multiple of 16 between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
@@ -93,7 +99,8 @@ class Repository:
             raise UsageError(f"pack size {pack_size} must be at least the chunk size {chunk_size}")
         check_compression(compression)
         store = LocalStore.create(
-            Path(path), {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression}
+            Path(path), {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression,
+                         "max_delta_depth": max_delta_depth}
         )
         _, config = LocalStore.open(store.root)
         return cls(store, config, threads)
@@ -128,6 +135,11 @@ class Repository:
     @property
     def chunk_size(self) -> int:
         return int(self.config["chunk_size"])
+
+    @property
+    def max_delta_depth(self) -> int:
+        """Longest delta chain a save may build (0: no deltas); see FORMAT.md for the measurement."""
+        return int(self.config.get("max_delta_depth", DEFAULT_MAX_DELTA_DEPTH))
 
     # save ------------------------------------------------------------------
     def save(
@@ -173,7 +185,15 @@ class Repository:
                 lambda: self._store.new_temp_path("pack"), self._store.packs_dir, int(self.config["pack_size"])
             )
             lookup = self.index.reader()
-            storer = ChunkStorer(sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2)
+            bases = None
+            if parent_id is not None and not keyframe and self.max_delta_depth:
+                parent_root, parent_storages, _ = self._tree_of(parent_id)
+                bases = base_candidates(parent_root, parent_storages, f"snapshot {parent_id.short()}")
+            storer = ChunkStorer(
+                sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
+                bases=bases, max_depth=self.max_delta_depth,
+                read_base=lambda cid: self.reader.base(cid, "delta base for a save"),
+            )
             try:
                 storer.store_blobs(blobs, advance)
                 tree = pack_node(
@@ -278,8 +298,11 @@ class Repository:
 
     # load ------------------------------------------------------------------
     def _tree(self, snap: Snapshot) -> tuple[Any, list[Any], SnapshotNode]:
-        node = self._snapshot_node(SnapshotId.from_hex(snap.id))
-        name = f"tree of snapshot {snap.short_id}"
+        return self._tree_of(SnapshotId.from_hex(snap.id))
+
+    def _tree_of(self, snap_id: SnapshotId) -> tuple[Any, list[Any], SnapshotNode]:
+        node = self._snapshot_node(snap_id)
+        name = f"tree of snapshot {snap_id.short()}"
         tree = unpack_node(self.reader.read(node.tree, name), "tree", name)
         if "root" not in tree or not isinstance(tree.get("storages"), list):
             raise ManifestCorruptError(f"{name} is malformed")

@@ -10,13 +10,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from cas.codec import encode
+from cas.codec import Buffer, encode, needs_base
 from cas.faults import crash_point
 from cas.ids import ChunkId, hash_bytes
 from cas.index import ChunkLookup, SealedPack
 from cas.pack import ChunkKind, PackWriter
-from cas.statedict import Blob
+from cas.statedict import Blob, KeyPath
 
 
 class PackSink:
@@ -80,8 +81,17 @@ class PackSink:
         self._publisher.shutdown(wait=True)  # packs already published stay: unreferenced, gc removes them
 
 
+BaseMap = dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]
+
+
 class ChunkStorer:
-    """Stores blobs and nodes for one save, deduplicating against the index and itself."""
+    """Stores blobs and nodes for one save, deduplicating against the index and itself.
+
+    A new chunk whose tensor (same path, dtype and shape) has a chunk at the same
+    position in the parent snapshot may be stored as a delta against it, if that
+    base's chain is shorter than ``max_depth``; the codec keeps the delta only when
+    it is smaller than a keyframe.
+    """
 
     def __init__(
         self,
@@ -91,6 +101,10 @@ class ChunkStorer:
         compression: str,
         chunk_size: int,
         window: int,
+        *,
+        bases: BaseMap | None = None,
+        max_depth: int = 0,
+        read_base: Callable[[ChunkId], bytes] | None = None,
     ) -> None:
         self.sink = sink
         self.lookup = lookup
@@ -98,9 +112,14 @@ class ChunkStorer:
         self.compression = compression
         self.chunk_size = chunk_size
         self.window = window
+        self.bases = bases or {}
+        self.max_depth = max_depth if read_base is not None else 0
+        self.read_base = read_base
         self.known: set[bytes] = set()
+        self.depths: dict[bytes, int] = {}
         self.new_chunks = 0
         self.dedup_chunks = 0
+        self.delta_chunks = 0
 
     def _is_new(self, cid: bytes) -> bool:
         if cid in self.known:
@@ -108,24 +127,64 @@ class ChunkStorer:
         self.known.add(cid)
         return cid not in self.lookup
 
-    def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, memoryview]]:
+    def _depth(self, cid: bytes) -> int | None:
+        """Delta links below ``cid`` (0 for a keyframe); None if it is not stored."""
+        depth = self.depths.get(cid)
+        if depth is not None:
+            return depth
+        chain = []
+        cursor: bytes | None = cid
+        while cursor is not None and cursor not in self.depths:
+            loc = self.lookup.get(cursor)
+            if loc is None:
+                return None
+            chain.append(cursor)
+            cursor = loc.base_id
+        depth = -1 if cursor is None else self.depths[cursor]
+        for link in reversed(chain):
+            depth += 1
+            self.depths[link] = depth
+        return self.depths[cid]
+
+    def _base_for(self, blob: Blob, index: int, cid: ChunkId) -> ChunkId | None:
+        if not self.max_depth:
+            return None
+        entry = self.bases.get(blob.path)
+        if entry is None or entry[0] != blob.signature or index >= len(entry[1]):
+            return None
+        base = entry[1][index]
+        if base == cid:
+            return None
+        depth = self._depth(base)
+        if depth is None or depth + 1 > self.max_depth:
+            return None  # a keyframe restarts the chain
+        return base
+
+    def _encode(self, piece: memoryview, blob: Blob, base_id: ChunkId | None) -> tuple[int, Buffer, ChunkId | None]:
+        base = self.read_base(base_id) if base_id is not None and self.read_base is not None else None
+        codec, payload = encode(
+            piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base
+        )
+        return codec, payload, base_id if needs_base(codec) else None
+
+    def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, int, memoryview]]:
         size = self.chunk_size
         for blob in blobs:
             view = blob.view
-            for start in range(0, len(view), size):
-                yield blob, view[start:start + size]
+            for index, start in enumerate(range(0, len(view), size)):
+                yield blob, index, view[start:start + size]
 
     def store_blobs(self, blobs: list[Blob], progress: Callable[[int], None] | None = None) -> None:
-        compression = self.compression
-        hashing: deque[tuple[Blob, memoryview, Future[bytes]]] = deque()
-        encoding: deque[tuple[ChunkId, int, Future[tuple[int, bytes | memoryview]]]] = deque()
+        hashing: deque[tuple[Blob, int, memoryview, Future[bytes]]] = deque()
+        encoding: deque[tuple[ChunkId, int, Future[tuple[int, Buffer, ChunkId | None]]]] = deque()
 
         def drain_hash() -> None:
-            blob, piece, fut = hashing.popleft()
+            blob, index, piece, fut = hashing.popleft()
             cid = ChunkId(fut.result())
             blob.chunks.append(cid)
             if self._is_new(cid):
-                encoding.append((cid, len(piece), self.pool.submit(encode, piece, compression)))
+                base = self._base_for(blob, index, cid)
+                encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, base)))
             else:
                 self.dedup_chunks += 1
             if progress is not None:
@@ -133,14 +192,17 @@ class ChunkStorer:
 
         def drain_encode() -> None:
             cid, raw_length, fut = encoding.popleft()
-            codec, payload = fut.result()
-            self.sink.add(cid, ChunkKind.DATA, codec, payload, raw_length)
+            codec, payload, base_id = fut.result()
+            self.sink.add(cid, ChunkKind.DATA, codec, payload, raw_length, base_id)
+            base_depth = self.depths.get(base_id) if base_id is not None else None
+            self.depths[cid] = 0 if base_depth is None else base_depth + 1
+            self.delta_chunks += base_id is not None
             self.new_chunks += 1
 
         for blob in blobs:
             blob.chunks.clear()
-        for blob, piece in self._pieces(blobs):
-            hashing.append((blob, piece, self.pool.submit(hash_bytes, piece)))
+        for blob, index, piece in self._pieces(blobs):
+            hashing.append((blob, index, piece, self.pool.submit(hash_bytes, piece)))
             while len(hashing) > self.window:
                 drain_hash()
             while encoding and (len(encoding) > self.window or encoding[0][2].done()):

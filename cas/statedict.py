@@ -40,10 +40,23 @@ class Blob:
     view: memoryview
     path: KeyPath
     chunks: list[ChunkId] = field(default_factory=list)
+    #: bytes per scalar (one part of a complex) and whether scalars are floats: for the codecs
+    element_size: int = 1
+    is_float: bool = False
+    #: what must match in the parent snapshot for its chunks to serve as delta bases
+    signature: tuple[Any, ...] = ()
 
     @property
     def nbytes(self) -> int:
         return self.view.nbytes
+
+
+def scalar_info(dtype: torch.dtype) -> tuple[int, bool]:
+    """(bytes per scalar, is a float) of a dtype; complex counts one part; odd sizes count as bytes."""
+    size = dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
+    if size not in (1, 2, 4, 8):
+        return 1, False
+    return size, (dtype.is_floating_point or dtype.is_complex) and size > 1
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -154,7 +167,12 @@ class _Encoder:
             return self.fallback(arr, path)
         contiguous = np.ascontiguousarray(arr)
         view = memoryview(contiguous.reshape(-1).view(np.uint8)) if contiguous.size else memoryview(b"")
-        return ["A", arr.dtype.str, list(arr.shape), self.blob(view, path)]
+        blob = self.blob(view, path)
+        part = arr.dtype.itemsize // 2 if arr.dtype.kind == "c" else arr.dtype.itemsize
+        blob.element_size = part if part in (1, 2, 4, 8) else 1
+        blob.is_float = arr.dtype.kind in "fc"
+        blob.signature = ("A", arr.dtype.str, tuple(arr.shape))
+        return ["A", arr.dtype.str, list(arr.shape), blob]
 
     def fallback(self, obj: Any, path: KeyPath) -> list[Any]:
         what = f"{type(obj).__module__}.{type(obj).__qualname__}"
@@ -226,7 +244,9 @@ def encode_state(obj: Any, allow_pickle: bool = False) -> Encoded:
                 if st.device.type != "cpu":
                     st = st.cpu()
                 storage_index[leader] = len(storages)
-                storages.append(Blob(byte_view(_storage_bytes(st)), path))
+                blob = Blob(byte_view(_storage_bytes(st)), path, signature=("S", dtype, st.nbytes()))
+                blob.element_size, blob.is_float = scalar_info(t.dtype)
+                storages.append(blob)
             slot.extend(
                 ["V", dtype, list(t.shape), list(t.stride()), t.storage_offset(), storage_index[leader], _flags(t)]
             )
@@ -240,7 +260,10 @@ def encode_state(obj: Any, allow_pickle: bool = False) -> Encoded:
             raise UnsupportedObjectError(
                 f"tensor at {format_path(path)} has dtype {dtype}, which cas cannot store: {exc}"
             ) from None
-        slot.extend(["T", dtype, list(t.shape), enc.blob(view, path), _flags(t)])
+        blob = enc.blob(view, path)
+        blob.element_size, blob.is_float = scalar_info(t.dtype)
+        blob.signature = ("T", dtype, tuple(t.shape))
+        slot.extend(["T", dtype, list(t.shape), blob, _flags(t)])
     logical = sum(b.nbytes for b in storages) + sum(b.nbytes for b in enc.blobs)
     return Encoded(tree, storages, enc.blobs, len(enc.tensors), logical, enc.pickled)
 
@@ -490,3 +513,19 @@ def subtree(enc: Any, path: KeyPath, name: str) -> Any:
         else:
             raise KeyError(f"{name} has no key {format_path(path[: depth + 1])}")
     return enc
+
+
+def base_candidates(root: Any, storages: list[Any], name: str) -> dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]:
+    """Per blob path of a (parent) tree: its signature and chunk ids, matched against a new save's blobs."""
+    out: dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]] = {}
+    seen_storages: set[int] = set()
+    for path, enc in tensor_leaves(root):
+        tag = enc[0]
+        if tag in ("T", "A"):
+            out[path] = ((tag, enc[1], tuple(int(d) for d in enc[2])), split_chunk_ids(enc[3], name))
+        elif tag == "V" and int(enc[5]) not in seen_storages:  # a storage is keyed by its first view's path
+            index = int(enc[5])
+            seen_storages.add(index)
+            nbytes, raw = storages[index]
+            out[path] = (("S", enc[1], int(nbytes)), split_chunk_ids(raw, name))
+    return out

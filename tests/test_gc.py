@@ -104,7 +104,7 @@ def test_repack_moves_live_chunks(tmp_path: Path) -> None:
         repo.save(keep, tag="a-only")
         repo.delete("ab")
         report = repo.gc(repack_below=0.6)
-        assert report.packs_repacked >= 1 and report.packs_written >= 1 and report.bytes_freed > 700_000
+        assert report.packs_repacked >= 1 and report.packs_written >= 1 and report.bytes_freed > 600_000  # ~0.83 of 800 KB
         assert_same(repo.load("a-only"), keep)
         assert repo.verify(read_data=True).ok
         assert repo.gc(repack_below=0.6).packs_repacked == 0
