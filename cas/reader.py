@@ -47,6 +47,12 @@ class ChunkReader:
             self._fds.clear()
             self._in_use.clear()
 
+    def clear_cache(self) -> None:
+        """Forget cached delta bases (verify reads everything from disk)."""
+        with self._lock:
+            self._bases.clear()
+            self._bases_bytes = 0
+
     @contextmanager
     def _open(self, pack_id: PackId) -> Iterator[int]:
         """A file descriptor of the pack, kept open for later reads; never closed while in use."""

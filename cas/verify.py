@@ -35,6 +35,7 @@ def verify_repository(
     only: set[str] | None = None,
 ) -> VerifyReport:
     report = VerifyReport(read_data=read_data)
+    repo.reader.clear_cache()  # every chunk, delta bases included, is read from disk
     packs_dir = repo.path / "packs"
     index = repo.index
     pack_sizes: dict[PackId, int | None] = {}
