@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 import blake3
 
 from cas.errors import UsageError
@@ -15,13 +17,13 @@ class _Digest(bytes):
 
     __slots__ = ()
 
-    def __new__(cls, raw: bytes) -> _Digest:
+    def __new__(cls, raw: bytes) -> Self:
         if len(raw) != DIGEST_SIZE:
             raise ValueError(f"{cls.__name__} needs {DIGEST_SIZE} bytes, got {len(raw)}")
         return super().__new__(cls, raw)
 
     @classmethod
-    def from_hex(cls, text: str) -> _Digest:
+    def from_hex(cls, text: str) -> Self:
         try:
             raw = bytes.fromhex(text)
         except ValueError:

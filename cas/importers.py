@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -17,6 +18,11 @@ from cas.store import fsync_dir
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
+#: what a weights_only load may rebuild besides tensors: numpy arrays and dtypes (no code runs)
+NUMPY_SAFE_GLOBALS: list[Any] = [
+    np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+    *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},
+]
 
 
 def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -36,7 +42,8 @@ def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
         return state, {"file": path.name, "format": "safetensors", "safetensors_metadata": header_meta}
     if suffix in TORCH_SUFFIXES:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):  # numpy arrays (e.g. RNG states)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
         except Exception as exc:  # noqa: BLE001 - torch.load raises anything on a malformed pickle
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise NotACheckpointError(

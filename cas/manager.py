@@ -203,10 +203,9 @@ class CheckpointManager:
                 blocked: float) -> SaveRecord:
         tag = f"{TAG_PREFIX}{step}"
         with self._lock:
-            if self.repo._store.has_ref(tag):
-                self.repo.delete(tag)  # a resumed run saving the same step again replaces it
+            # replace: a resumed run saving the same step again moves the tag atomically
             snap = self.repo.save(state, tag=tag, metadata=meta, allow_pickle=self.allow_pickle,
-                                  keyframe=full)
+                                  keyframe=full, replace=True)
             if full:
                 report = self.repo.verify(read_data=True, snapshots=[snap.id])
                 if not report.ok:

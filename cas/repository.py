@@ -152,16 +152,19 @@ class Repository:
         compression: str | None = None,
         parent: str | None = "latest",
         keyframe: bool = False,
+        replace: bool = False,
         progress: Progress | None = None,
     ) -> Snapshot:
         """Store ``state_dict`` as a new snapshot; only chunks not already stored are written.
 
         ``parent`` (default: the latest snapshot) is recorded in the manifest and is where
         delta bases come from; ``keyframe=True`` stores no chunk as a delta (chains restart).
+        ``replace=True`` moves an existing tag to the new snapshot in one atomic rename (the
+        old snapshot stays tagged until the new one is committed; gc frees it later).
         """
         if tag is not None:
             check_tag(tag)
-            if self._store.has_ref(tag):
+            if not replace and self._store.has_ref(tag):
                 raise TagExistsError(f"tag {tag!r} already names a snapshot; pick another tag or `rm` it first")
         metadata = dict(metadata or {})
         check_metadata(metadata)
@@ -214,7 +217,7 @@ class Repository:
                 self.index.commit(packs, [(snap_id, node_bytes)])
                 crash_point("before_ref")
                 ref = tag or snap_id.hex()
-                if tag is not None and self._store.has_ref(tag):
+                if tag is not None and not replace and self._store.has_ref(tag):
                     raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing tagged")
                 self._store.write_ref(ref, snap_id)
                 crash_point("after_ref")

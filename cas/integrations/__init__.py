@@ -12,16 +12,12 @@ never needs them:
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-from cas.errors import NotARepositoryError, SnapshotNotFoundError
-from cas.ids import SnapshotId
-from cas.reports import Snapshot
+from cas.errors import NotARepositoryError
 from cas.repository import Repository
 
-__all__ = ["open_or_init", "replace_tag"]
+__all__ = ["open_or_init"]
 
 
 def open_or_init(repo_or_path: Repository | str | os.PathLike[str]) -> tuple[Repository, bool]:
@@ -40,32 +36,3 @@ def open_or_init(repo_or_path: Repository | str | os.PathLike[str]) -> tuple[Rep
         if path.exists() and any(path.iterdir()):
             raise
         return Repository.init(path), True
-
-
-def replace_tag(repo: Repository, tag: str, save: Callable[[], Snapshot]) -> Snapshot:
-    """Run ``save`` (which saves a snapshot tagged ``tag``) so that it replaces the snapshot the
-    tag names now, if any.
-
-    Tags are immutable, so the old ref is dropped first. If ``save`` fails, the tag is
-    pointed at the old snapshot again (its chunks are still stored unless a ``gc`` in
-    another process ran in that window), so a failed save of ``last.ckpt`` does not lose
-    the previous one. cas has no public call for that step yet: it writes
-    the ref through the store, as ``Repository.save`` does.
-    """
-    try:
-        previous: Snapshot | None = repo.resolve(tag)
-    except SnapshotNotFoundError:
-        previous = None
-    if previous is not None:
-        repo.delete(tag)
-    try:
-        return save()
-    except BaseException:
-        if previous is not None:
-            try:
-                if not repo._store.has_ref(tag):
-                    repo._store.write_ref(tag, SnapshotId(bytes.fromhex(previous.id)))
-            except Exception as exc:  # noqa: BLE001 - best effort while the save's error propagates
-                warnings.warn(f"cas: could not point tag {tag!r} back at {previous.short_id}: {exc}",
-                              RuntimeWarning, stacklevel=2)
-        raise

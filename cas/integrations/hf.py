@@ -51,7 +51,7 @@ from cas.errors import (
     UsageError,
 )
 from cas.importers import SAFETENSORS_SUFFIX, read_checkpoint
-from cas.integrations import open_or_init, replace_tag
+from cas.integrations import open_or_init
 from cas.reports import Snapshot
 from cas.repository import Repository
 from cas.statedict import encode_state
@@ -158,7 +158,7 @@ def save_checkpoint_dir(
     meta = {**(metadata or {}), "hf_checkpoint": root.name, "files": listing}
     if tag is None:
         return repo.save(state, metadata=meta)
-    return replace_tag(repo, tag, lambda: repo.save(state, tag=tag, metadata=meta))
+    return repo.save(state, tag=tag, metadata=meta, replace=True)  # the tag moves atomically on commit
 
 
 def hf_snapshots(repo: Repository) -> list[Snapshot]:

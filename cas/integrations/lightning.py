@@ -45,7 +45,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from cas.errors import PickleRequiredError, SnapshotNotFoundError, UnsupportedObjectError, UsageError
-from cas.integrations import open_or_init, replace_tag
+from cas.integrations import open_or_init
 from cas.reports import Snapshot
 from cas.repository import Repository
 from cas.store import TAG_PATTERN, fsync_dir
@@ -269,7 +269,7 @@ class CasCheckpointIO(CheckpointIO):
         state = plain_containers(checkpoint)
 
         repo = self.repo
-        snap = replace_tag(repo, tag, lambda: self._save(state, tag, metadata))
+        snap = self._save(state, tag, metadata)  # replace=True: the tag moves atomically on commit
         for old in self.snapshots_of(norm):
             if old.id != snap.id and old.ref != tag:
                 repo.delete(old.ref)  # e.g. saved under another tag by an older version
@@ -345,15 +345,15 @@ class CasCheckpointIO(CheckpointIO):
     def _save(self, state: Any, tag: str, metadata: dict[str, Any]) -> Snapshot:
         repo = self.repo
         if self.allow_pickle is not None:
-            return repo.save(state, tag=tag, metadata=metadata, allow_pickle=self.allow_pickle)
+            return repo.save(state, tag=tag, metadata=metadata, allow_pickle=self.allow_pickle, replace=True)
         try:
-            return repo.save(state, tag=tag, metadata=metadata, allow_pickle=False)
+            return repo.save(state, tag=tag, metadata=metadata, allow_pickle=False, replace=True)
         except PickleRequiredError:
             raise
         except UnsupportedObjectError as exc:
             first = exc
         # Raises again when pickle would not help (a sparse or meta tensor, say).
-        snap = repo.save(state, tag=tag, metadata=metadata, allow_pickle=True)
+        snap = repo.save(state, tag=tag, metadata=metadata, allow_pickle=True, replace=True)
         if not self._warned_pickle:
             self._warned_pickle = True
             warnings.warn(
