@@ -321,7 +321,7 @@ _Candidate = tuple[Codec, int, int]
 
 
 def _candidates(compression: str, k: int, is_float: bool, delta: bool) -> list[_Candidate]:
-    """What ``encode`` tries, by setting; measured in bench/codecs.py.
+    """What ``encode`` tries, by setting; measured in bench/codec_ratios.py.
 
     On float data the exponent-aligned variant was never larger than plain
     grouping, and the difference variant of the delta codec was always the

@@ -51,7 +51,7 @@ from cas.verify import verify_repository
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
 DEFAULT_PACK_SIZE = 64 << 20
-DEFAULT_MAX_DELTA_DEPTH = 4
+DEFAULT_MAX_DELTA_DEPTH = 2
 MAX_DELTA_DEPTH_LIMIT = 64
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 256 << 20

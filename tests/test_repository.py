@@ -203,3 +203,14 @@ def test_two_handles_on_one_repository_in_one_process(tmp_path: Path) -> None:
     second.close()
     with cas.Repository.open(tmp_path / "r") as third:
         assert_same(third.load("b"), make_state(2))
+
+
+def test_replace_moves_a_tag_atomically(repo: cas.Repository) -> None:
+    first = repo.save({"v": 1}, tag="last")
+    second = repo.save({"v": 2}, tag="last", replace=True)
+    assert repo.resolve("last").id == second.id != first.id
+    assert repo.load("last") == {"v": 2}
+    before = repo_files(repo.path)
+    with pytest.raises(cas.UnsupportedObjectError):
+        repo.save({"v": object()}, tag="last", replace=True)
+    assert repo_files(repo.path) == before and repo.load("last") == {"v": 2}  # a failed save moves nothing
