@@ -118,6 +118,7 @@ class CheckpointManager:
         self._last_full_time: float | None = None
         self._model_bytes = 0
         self._commits = 0
+        self._parent_id: str | None = None
         self._closed = False
 
     # errors from the background ------------------------------------------------
@@ -204,8 +205,15 @@ class CheckpointManager:
         tag = f"{TAG_PREFIX}{step}"
         with self._lock:
             # replace: a resumed run saving the same step again moves the tag atomically
+            # the parent (delta bases) is this run's previous snapshot, not whatever another writer saved last
+            if self._parent_id is not None and not any(s.id == self._parent_id for s in self._managed()):
+                self._parent_id = None  # removed by retention: fall back to the newest kept one
+            if self._parent_id is None:
+                managed = self._managed()
+                self._parent_id = managed[-1].id if managed else None
             snap = self.repo.save(state, tag=tag, metadata=meta, allow_pickle=self.allow_pickle,
-                                  keyframe=full, replace=True)
+                                  keyframe=full, replace=True, parent=self._parent_id)
+            self._parent_id = snap.id
             if full:
                 report = self.repo.verify(read_data=True, snapshots=[snap.id])
                 if not report.ok:

@@ -230,3 +230,20 @@ def test_stage_policy_full_save_verifies_and_retention(tmp_path: Path) -> None:
 def test_every_seconds(tmp_path: Path) -> None:
     p = cas.EverySeconds(10)
     assert p.due(state(1, 0, None)) and not p.due(state(2, 9.9, 0.0)) and p.due(state(3, 10.0, 0.0))
+
+
+def test_parent_is_the_runs_own_previous_snapshot(tmp_path: Path) -> None:
+    w = torch.randn(50_000) * 0.02
+    with cas.CheckpointManager(tmp_path / "r", max_to_keep=2) as mgr:
+        mgr.save(1, {"w": w})
+        mgr.wait()
+        mgr.repo.save({"someone-else": torch.ones(10)}, tag="other-writer")  # newest snapshot now
+        mgr.save(2, {"w": w + 1e-4})
+        mgr.wait()
+        step1, step2 = mgr.repo.resolve("step-1"), mgr.repo.resolve("step-2")
+        assert step2.parent == step1.id
+        assert any(loc.base_id is not None for _c, loc in mgr.repo.index.iter_chunks())  # deltas against step 1
+        mgr.save(3, {"w": w + 2e-4})
+        mgr.save(4, {"w": w + 3e-4})
+        mgr.wait()
+        assert mgr.all_steps() == [3, 4] and mgr.repo.resolve("step-4").parent == mgr.repo.resolve("step-3").id
