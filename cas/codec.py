@@ -90,6 +90,8 @@ class Codec(IntEnum):
 
 
 KNOWN_CODECS = frozenset(int(c) for c in Codec)
+#: codecs whose ``decode(..., out=dest)`` writes into a writable ``dest`` of the raw length
+DECODES_IN_PLACE = frozenset({Codec.BYTE_GROUPED, Codec.DELTA})
 
 #: compression setting name -> (codec, zstd level of the plain-zstd candidate)
 COMPRESSION_LEVELS: dict[str, tuple[Codec, int]] = {
@@ -448,7 +450,9 @@ def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
     return out
 
 
-def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buffer | None) -> memoryview:
+def _decode_grouped(
+    codec: int, payload: memoryview, raw_length: int, base: Buffer | None, dest: memoryview | None = None
+) -> memoryview:
     name = "byte-grouped" if codec == Codec.BYTE_GROUPED else "delta"
     base_arr = None
     if codec == Codec.DELTA:
@@ -492,7 +496,10 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
         else:
             raise ChunkCorruptError(f"{name} plane {i} has unknown mode {mode}")
         pieces.append((mode, piece))
-    out = np.empty(raw_length, np.uint8)
+    if dest is not None and len(dest) == raw_length and not dest.readonly:
+        out = np.frombuffer(dest, np.uint8)
+    else:
+        out = np.empty(raw_length, np.uint8)
     cols = out[: n * k].reshape(n, k)
     for i, (mode, piece) in enumerate(pieces):
         plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
@@ -516,11 +523,16 @@ def _decode_grouped(codec: int, payload: memoryview, raw_length: int, base: Buff
     return out.data
 
 
-def decode(codec: int, payload: Buffer, raw_length: int, base: Buffer | None = None) -> Buffer:
+def decode(
+    codec: int, payload: Buffer, raw_length: int, base: Buffer | None = None, out: memoryview | None = None
+) -> Buffer:
     """Decode a payload; any damage raises :class:`ChunkCorruptError`, never wrong-length bytes.
 
     ``base``: the decoded bytes of the chunk's base chunk, for codecs where
-    :func:`needs_base` is true. An unknown codec raises :class:`FormatVersionError`.
+    :func:`needs_base` is true. ``out``: a writable buffer of ``raw_length`` bytes
+    (not overlapping ``base``) that byte-grouped and delta codecs decode straight into,
+    saving a copy; the return value is then a view of it. An unknown codec raises
+    :class:`FormatVersionError`.
     """
     if codec == Codec.RAW:
         if len(_bytes_view(payload)) != raw_length:
@@ -529,7 +541,7 @@ def decode(codec: int, payload: Buffer, raw_length: int, base: Buffer | None = N
     if codec == Codec.ZSTD:
         return _zstd_frame(payload, raw_length, "zstd chunk")
     if codec in (Codec.BYTE_GROUPED, Codec.DELTA):
-        return _decode_grouped(codec, _bytes_view(payload), raw_length, base)
+        return _decode_grouped(codec, _bytes_view(payload), raw_length, base, out)
     raise FormatVersionError(
         f"chunk uses codec {codec}, which this version of cas does not know; upgrade cas to read it"
     )

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cas.codec import Buffer, Codec, decode, needs_base
+from cas.codec import DECODES_IN_PLACE, Buffer, Codec, decode, needs_base
 from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, Index
@@ -89,14 +89,19 @@ class ChunkReader:
             raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
         return data
 
-    def _decode(self, chunk_id: ChunkId, loc: ChunkLocation, where: str) -> Buffer:
-        """Decode (following the delta chain through the base cache) and verify one chunk."""
+    def _decode(
+        self, chunk_id: ChunkId, loc: ChunkLocation, where: str, dest: memoryview | None = None
+    ) -> Buffer:
+        """Decode (following the delta chain through the base cache) and verify one chunk.
+
+        With ``dest`` the codec may decode straight into it (the result is then a view of it).
+        """
         base = None
         if needs_base(loc.codec):
             if loc.base_id is None:
                 raise ChunkCorruptError(f"chunk {chunk_id.short()} is a delta without a base")
             base = self.base(loc.base_id, where)
-        out = decode(loc.codec, self.payload(loc), loc.raw_length, base)
+        out = decode(loc.codec, self.payload(loc), loc.raw_length, base, dest)
         if hash_bytes(out) != chunk_id:
             raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
         return out
@@ -142,7 +147,10 @@ class ChunkReader:
                 if hash_bytes(job.dest) != job.chunk_id:
                     raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
                 return
-            job.dest[:] = self._decode(job.chunk_id, loc, job.where)
+            in_place = loc.codec in DECODES_IN_PLACE and not job.dest.readonly
+            out = self._decode(job.chunk_id, loc, job.where, job.dest if in_place else None)
+            if not in_place:
+                job.dest[:] = out
         except CorruptionError as exc:
             raise type(exc)(f"{job.where}: {exc} (pack {loc.pack_id.short()})") from None
 
@@ -174,3 +182,4 @@ class ChunkReader:
                 progress(len(r.dest))
         if first is not None:
             raise first
+

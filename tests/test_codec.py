@@ -402,3 +402,19 @@ def test_golden_payload_with_zstd_planes() -> None:
     assert encoded[:2] == payload[:2]
     assert [encoded[2 + 5 * i] for i in range(4)] == [1, 1, 0, 1]
     assert bytes(decode(Codec.BYTE_GROUPED, encoded, len(raw))) == raw
+
+
+def test_decode_in_place_writes_into_the_given_buffer() -> None:
+    import numpy as np
+
+    from cas.codec import DECODES_IN_PLACE
+
+    data = (np.random.default_rng(5).standard_normal(5000).astype(np.float32) * 0.02).tobytes()
+    moved = (np.frombuffer(data, np.float32) + np.float32(1e-4)).tobytes()
+    for payload_args in ((data, None), (moved, data)):
+        raw, base = payload_args
+        codec, payload = encode(raw, "default", element_size=4, is_float=True, base=base)
+        assert codec in DECODES_IN_PLACE
+        dest = bytearray(len(raw))
+        out = decode(codec, bytes(payload), len(raw), base, memoryview(dest))
+        assert bytes(dest) == raw and bytes(out) == raw
