@@ -367,6 +367,7 @@ def encode(
     element_size: int = 1,
     is_float: bool = False,
     base: Buffer | None = None,
+    delta_ceiling: float = 1.0,
 ) -> tuple[Codec, Buffer]:
     """Encode ``data``; returns the codec used and the payload.
 
@@ -376,6 +377,9 @@ def encode(
     bfloat16 (enables the exponent-aligned variant). ``base``: the chunk this
     one most likely resembles (the same tensor's chunk in the parent snapshot);
     used only if it has the same length. With the defaults this is plain zstd.
+    ``delta_ceiling``: a delta is kept only when it is smaller than this fraction of
+    the best keyframe encoding (the saver lowers it where restarting a delta chain
+    pays off over the next saves).
 
     Never stores more than raw: when compression does not shrink the chunk the
     raw bytes are kept (and returned as the same buffer, no copy).
@@ -398,15 +402,19 @@ def encode(
     if len(cands) > 1 and not strong and n >= SAMPLE_THRESHOLD:
         sample = _sample(arr)
         base_sample = None if base_arr is None else _sample(base_arr)
-        sizes = [len(_encode_candidate(c, sample, base_sample, level, False)) for c in cands]
+        sizes = [
+            len(_encode_candidate(c, sample, base_sample, level, False)) / (delta_ceiling if c[0] == Codec.DELTA else 1)
+            for c in cands
+        ]
         cands = [cands[sizes.index(min(sizes))]]
 
     best: tuple[Codec, Buffer] = (Codec.RAW, data)
-    best_size, best_cand = n, None
+    best_size, best_score, best_cand = n, float(n), None
     for cand in cands:
         payload = _encode_candidate(cand, arr, base_arr, level, False)
-        if len(payload) < best_size:
-            best, best_size, best_cand = (cand[0], payload), len(payload), cand
+        score = len(payload) / (delta_ceiling if cand[0] == Codec.DELTA else 1)
+        if score < best_score and len(payload) < n:
+            best, best_size, best_score, best_cand = (cand[0], payload), len(payload), score, cand
     if strong and best_cand is not None and best_cand[0] != Codec.ZSTD:
         payload = _encode_candidate(best_cand, arr, base_arr, level, True)
         if len(payload) < best_size:

@@ -88,9 +88,9 @@ class ChunkStorer:
     """Stores blobs and nodes for one save, deduplicating against the index and itself.
 
     A new chunk whose tensor (same path, dtype and shape) has a chunk at the same
-    position in the parent snapshot may be stored as a delta against it, if that
-    base's chain is shorter than ``max_depth``; the codec keeps the delta only when
-    it is smaller than a keyframe.
+    position in the parent snapshot may be stored as a delta against it; when that
+    chunk's chain is already at ``max_depth``, against its nearest ancestor that
+    leaves room. The codec keeps the delta only when it is smaller than a keyframe.
     """
 
     def __init__(
@@ -146,24 +146,45 @@ class ChunkStorer:
             self.depths[link] = depth
         return self.depths[cid]
 
-    def _base_for(self, blob: Blob, index: int, cid: ChunkId) -> ChunkId | None:
+    def _base_for(self, blob: Blob, index: int, cid: ChunkId) -> tuple[ChunkId | None, float]:
+        """The delta base for a new chunk, and the delta ceiling to encode it with."""
         if not self.max_depth:
-            return None
+            return None, 1.0
         entry = self.bases.get(blob.path)
         if entry is None or entry[0] != blob.signature or index >= len(entry[1]):
-            return None
-        base = entry[1][index]
-        if base == cid:
-            return None
-        depth = self._depth(base)
-        if depth is None or depth + 1 > self.max_depth:
-            return None  # a keyframe restarts the chain
-        return base
+            return None, 1.0
+        parent = entry[1][index]
+        if parent == cid:
+            return None, 1.0
+        depth = self._depth(parent)
+        if depth is None:
+            return None, 1.0
+        if depth + 1 <= self.max_depth:
+            return parent, 1.0
+        # The parent chunk's chain is full. Either restart it (a keyframe now, cheap deltas
+        # after) or delta against an ancestor that leaves room (dearer as the weights drift).
+        # Keep the delta only while it beats a restart cycle's average, estimated from this
+        # chain: (keyframe + depth x fresh delta) / (depth + 1).
+        chain = [parent]
+        loc = self.lookup.get(parent)
+        fresh = loc.stored_length if loc is not None else 0
+        while loc is not None and loc.base_id is not None:
+            chain.append(loc.base_id)
+            loc = self.lookup.get(loc.base_id)
+        keyframe = loc.stored_length if loc is not None else 0
+        if not keyframe or not fresh:
+            return None, 1.0
+        ancestor = chain[depth + 1 - self.max_depth]  # the deepest one a new delta may hang from
+        ratio = min(1.0, fresh / keyframe)
+        return ancestor, (1 + self.max_depth * ratio) / (self.max_depth + 1)
 
-    def _encode(self, piece: memoryview, blob: Blob, base_id: ChunkId | None) -> tuple[int, Buffer, ChunkId | None]:
+    def _encode(
+        self, piece: memoryview, blob: Blob, base_id: ChunkId | None, ceiling: float
+    ) -> tuple[int, Buffer, ChunkId | None]:
         base = self.read_base(base_id) if base_id is not None and self.read_base is not None else None
         codec, payload = encode(
-            piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base
+            piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
+            delta_ceiling=ceiling,
         )
         return codec, payload, base_id if needs_base(codec) else None
 
@@ -183,8 +204,8 @@ class ChunkStorer:
             cid = ChunkId(fut.result())
             blob.chunks.append(cid)
             if self._is_new(cid):
-                base = self._base_for(blob, index, cid)
-                encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, base)))
+                base, ceiling = self._base_for(blob, index, cid)
+                encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, base, ceiling)))
             else:
                 self.dedup_chunks += 1
             if progress is not None:
