@@ -58,14 +58,9 @@ def mark(repo: Repository) -> tuple[set[bytes], int]:
     for name in repo._store.ref_names():
         try:
             sid = repo._store.read_ref(name)
+            live.update(cid for cid, _ in reached_chunks(repo.reader, sid, snapshot_label(name, sid)))
         except FileNotFoundError:
             continue  # removed by a concurrent forget / rm: nothing to keep for it
-        except CorruptionError as exc:
-            raise GcRefusedError(
-                f"gc stopped before deleting anything: {exc}. Run `cas check --repair` (or `cas rm` the snapshot)"
-            ) from None
-        try:
-            live.update(cid for cid, _ in reached_chunks(repo.reader, sid, snapshot_label(name, sid)))
         except CorruptionError as exc:
             raise GcRefusedError(
                 f"gc stopped before deleting anything: {exc}. Run `cas check --repair` (or `cas rm` the snapshot)"
