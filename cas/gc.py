@@ -94,24 +94,27 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         t1 = time.perf_counter()
 
         indexed_packs = repo.index.packs()
-        live_bytes: dict[PackId, int] = defaultdict(int)
+        live_bytes: dict[PackId, int] = defaultdict(int)  # what the live records take in the file
+        live_count: dict[PackId, int] = defaultdict(int)
         referenced: set[PackId] = set()
         dead: list[bytes] = []
+        per_record = RECORD_HEADER.size + FOOTER_ENTRY.size
         for cid, loc in repo.index.iter_chunks():
             referenced.add(loc.pack_id)
             if cid in live:
-                live_bytes[loc.pack_id] += loc.stored_length
+                live_bytes[loc.pack_id] += loc.stored_length + per_record
+                live_count[loc.pack_id] += 1
             else:
                 dead.append(cid)
         report.dead_chunks = len(dead)
         on_disk = dict(iter_pack_files(store.packs_dir))
         delete: list[PackId] = []
         repack: list[PackId] = []
-        for pack_id, (size, _count) in indexed_packs.items():
-            if live_bytes.get(pack_id, 0) == 0:
+        for pack_id, (size, count) in indexed_packs.items():
+            if live_count.get(pack_id, 0) == 0:
                 delete.append(pack_id)
-            elif live_bytes[pack_id] < repack_below * size:
-                repack.append(pack_id)
+            elif live_count[pack_id] < count and live_bytes[pack_id] < repack_below * size:
+                repack.append(pack_id)  # a fully live pack is never rewritten, whatever its overhead
         orphans = [pid for pid in on_disk if pid not in indexed_packs and pid not in referenced]
         temps = [p for p in store.tmp_dir.iterdir() if p.is_file()]
         report.packs_deleted = len(delete)
@@ -158,13 +161,15 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         report.packs_written = len(new_packs)
         crash_point("gc_repacked")
         # 2. one index transaction
-        removed_packs = [p for p in (*delete, *repack) if p not in keep_old]
+        # A repack can write a pack byte-identical to one it read (same footer, same name): that
+        # pack is live again and must neither leave the index nor be unlinked.
+        rewritten = {p.pack_id for p in new_packs}
+        removed_packs = [p for p in (*delete, *repack) if p not in keep_old and p not in rewritten]
         stale_snapshots = set(repo.index.snapshot_ids()) - {bytes(sid) for _name, sid in repo._refs()}
         repo.index.apply_gc(dead, new_packs, removed_packs, stale_snapshots)
         crash_point("gc_index_committed")
         # 3. unlink what nothing refers to any more. A repack may rewrite byte-identical packs a killed
         # GC left as orphans (same content, same name): those are live again and must stay.
-        rewritten = {p.pack_id for p in new_packs}
         orphans = [p for p in orphans if p not in rewritten]
         repo.reader.close()
         for pid in (*removed_packs, *orphans):
