@@ -166,12 +166,17 @@ class ChunkStorer:
         # Keep the delta only while it beats a restart cycle's average, estimated from this
         # chain: (keyframe + depth x fresh delta) / (depth + 1).
         chain = [parent]
+        sizes = []
         loc = self.lookup.get(parent)
-        fresh = loc.stored_length if loc is not None else 0
-        while loc is not None and loc.base_id is not None:
+        while loc is not None:
+            sizes.append(loc.stored_length)
+            if loc.base_id is None:
+                break
             chain.append(loc.base_id)
             loc = self.lookup.get(loc.base_id)
-        keyframe = loc.stored_length if loc is not None else 0
+        # keyframe: the chain's root; fresh delta: its depth-1 chunk, written one save after it
+        keyframe = sizes[-1] if loc is not None and sizes else 0
+        fresh = sizes[-2] if len(sizes) >= 2 else 0
         if not keyframe or not fresh:
             return None, 1.0
         ancestor = chain[depth + 1 - self.max_depth]  # the deepest one a new delta may hang from
