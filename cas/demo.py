@@ -71,7 +71,8 @@ def run_demo(directory: Path | None, steps: int = 40, every: int = 10) -> int:
     with Repository.init(root) as repo:
         last_state: dict[str, Any] | None = None
         for step in range(1, steps + 1):
-            tokens = torch.randint(0, 4096, (8, 32))
+            # a learnable toy task: each sequence counts up from a random start (next token = token + 1)
+            tokens = (torch.randint(0, 4096, (8, 1)) + torch.arange(33)) % 4096
             loss = nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
             opt.zero_grad()
             loss.backward()
