@@ -87,6 +87,7 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
     report = GcReport(dry_run=dry_run)
     store = repo._store
     with store.lock(exclusive=True):
+        _reset_peak_rss()
         t0 = time.perf_counter()
         live, report.snapshots = mark(repo)
         report.live_chunks = len(live)
@@ -187,7 +188,23 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
     return report
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: /proc/self/clear_refs), so the report is GC's own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -87,7 +87,7 @@ class DiffReport:
 class StatsReport:
     snapshot_count: int
     logical_bytes: int  # sum over snapshots of the bytes each holds
-    unique_bytes: int  # raw bytes of distinct chunks
+    unique_bytes: int  # raw bytes of distinct data chunks (manifest nodes excluded)
     stored_bytes: int  # bytes of pack files on disk
     chunk_count: int
     pack_count: int

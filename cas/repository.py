@@ -29,7 +29,7 @@ from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, SnapshotId
 from cas.index import Index, SealedPack
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
-from cas.pack import iter_pack_files, read_footer
+from cas.pack import ChunkKind, iter_pack_files, read_footer
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
@@ -440,7 +440,8 @@ class Repository:
         unique = 0
         chunks = 0
         for _cid, loc in self.index.iter_chunks():
-            unique += loc.raw_length
+            if loc.kind == ChunkKind.DATA:  # logical bytes count tensor data only, so must this
+                unique += loc.raw_length
             chunks += 1
         packs = self.index.packs()
         stored = sum(size for size, _count in packs.values())

@@ -16,7 +16,7 @@ from cas.codec import Buffer, encode, needs_base
 from cas.faults import crash_point
 from cas.ids import ChunkId, hash_bytes
 from cas.index import ChunkLookup, SealedPack
-from cas.pack import ChunkKind, PackWriter
+from cas.pack import FOOTER_ENTRY, HEADER, TRAILER, ChunkKind, PackWriter
 from cas.statedict import Blob, KeyPath
 
 
@@ -47,9 +47,10 @@ class PackSink:
     ) -> None:
         if self._writer is None:
             self._writer = PackWriter(self._new_temp_path())
+            self.stored_bytes += HEADER.size + TRAILER.size  # what the pack adds besides its records
         before = self._writer.size
         self._writer.add(chunk_id, kind, codec, payload, raw_length, base_id)
-        self.stored_bytes += self._writer.size - before
+        self.stored_bytes += self._writer.size - before + FOOTER_ENTRY.size
         if self._writer.size >= self._target_size:
             self._seal()
 

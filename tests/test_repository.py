@@ -214,3 +214,14 @@ def test_replace_moves_a_tag_atomically(repo: cas.Repository) -> None:
     with pytest.raises(cas.UnsupportedObjectError):
         repo.save({"v": object()}, tag="last", replace=True)
     assert repo_files(repo.path) == before and repo.load("last") == {"v": 2}  # a failed save moves nothing
+
+
+def test_bytes_added_accounts_for_the_pack_files(repo: cas.Repository) -> None:
+    for i in range(4):
+        repo.save(make_state(i % 2, n=3))
+    snaps = repo.snapshots()
+    stored = repo.stats().stored_bytes
+    added = sum(s.bytes_added for s in snaps)
+    # everything but the records of the snapshot nodes themselves (written after bytes_added is known)
+    assert added <= stored <= added + len(snaps) * (1024 + 88 + 96)
+    assert repo.stats().dedup_ratio == pytest.approx(2.0, rel=0.01)
