@@ -67,9 +67,9 @@ def mark(repo: Repository) -> tuple[set[bytes], int]:
             ) from None
         refs += 1
     bases: dict[bytes, bytes] = {}
-    for cid, loc in repo.index.iter_chunks():
-        if loc.base_id is not None:
-            bases[cid] = loc.base_id
+    for cid, _pack, _stored, base in repo.index.iter_compact():
+        if base is not None:
+            bases[cid] = base
     if bases:
         stack = [cid for cid in live if cid in bases]
         while stack:
@@ -95,16 +95,16 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         t1 = time.perf_counter()
 
         indexed_packs = repo.index.packs()
-        live_bytes: dict[PackId, int] = defaultdict(int)  # what the live records take in the file
-        live_count: dict[PackId, int] = defaultdict(int)
-        referenced: set[PackId] = set()
+        live_bytes: dict[bytes, int] = defaultdict(int)  # what the live records take in the file
+        live_count: dict[bytes, int] = defaultdict(int)
+        referenced: set[bytes] = set()
         dead: list[bytes] = []
         per_record = RECORD_HEADER.size + FOOTER_ENTRY.size
-        for cid, loc in repo.index.iter_chunks():
-            referenced.add(loc.pack_id)
+        for cid, pack, stored, _base in repo.index.iter_compact():
+            referenced.add(pack)
             if cid in live:
-                live_bytes[loc.pack_id] += loc.stored_length + per_record
-                live_count[loc.pack_id] += 1
+                live_bytes[pack] += stored + per_record
+                live_count[pack] += 1
             else:
                 dead.append(cid)
         report.dead_chunks = len(dead)

@@ -140,6 +140,18 @@ class Index:
             for key, value in txn.cursor():
                 yield ChunkId(bytes(key)), ChunkLocation.decode(value)
 
+    def iter_compact(self) -> Iterator[tuple[bytes, bytes, int, bytes | None]]:
+        """(chunk id, pack id, stored length, base id or None) of every chunk, as plain bytes.
+
+        For full scans (gc): fields are sliced out of the stored value, no objects per field.
+        """
+        has_base = FLAG_HAS_BASE
+        with self._env.begin(db=self._chunks) as txn:
+            for key, value in txn.cursor():
+                stored = int.from_bytes(value[40:48], "little")
+                base = bytes(value[64:96]) if value[58] & has_base else None
+                yield bytes(key), bytes(value[:32]), stored, base
+
     def chunk_count(self) -> int:
         with self._env.begin() as txn:
             return int(txn.stat(self._chunks)["entries"])
