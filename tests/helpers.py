@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import math
+import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -20,29 +22,59 @@ def repo_files(root: Path) -> dict[str, str]:
     return out
 
 
-def raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of ``t``'s elements in row-major order (0-dim and empty tensors included)."""
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.numel() == 0:
+        return b""
+    # a fresh row-major copy: .contiguous() keeps odd strides of size-1 dims, which .view(uint8) rejects
+    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
-def assert_same(a: Any, b: Any, path: str = "") -> None:
-    """Bit-identical comparison of nested state dicts (types, keys in order, tensor bytes)."""
-    assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
+def float_bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def assert_same(a: Any, b: Any, where: str = "<root>") -> None:
+    """``b`` is a bit-identical copy of ``a``: same types all the way down, same bytes in every leaf."""
+    assert type(a) is type(b), f"{where}: type {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
-        assert raw_bytes(a) == raw_bytes(b), f"{path}: bytes differ"
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{path}: keys differ"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}/{i}")
+        assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert a.requires_grad == b.requires_grad, f"{where}: requires_grad differs"
+        assert tensor_bytes(a) == tensor_bytes(b), f"{where}: tensor bytes differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype.str == b.dtype.str, f"{where}: dtype {a.dtype.str} != {b.dtype.str}"
+        assert a.shape == b.shape, f"{where}: shape {a.shape} != {b.shape}"
+        assert a.tobytes() == b.tobytes(), f"{where}: array bytes differ"
+    elif isinstance(a, np.generic):
+        assert a.dtype.str == b.dtype.str, f"{where}: dtype {a.dtype.str} != {b.dtype.str}"
+        assert a.tobytes() == b.tobytes(), f"{where}: scalar bytes differ"
     elif isinstance(a, float):
-        assert a == b or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+        assert float_bits(a) == float_bits(b), f"{where}: float {a!r} != {b!r} (bit pattern)"
+    elif isinstance(a, complex):
+        assert float_bits(a.real) + float_bits(a.imag) == float_bits(b.real) + float_bits(b.imag), (
+            f"{where}: complex {a!r} != {b!r} (bit pattern)"
+        )
+    elif isinstance(a, dict):
+        ka, kb = list(a), list(b)
+        assert len(ka) == len(kb), f"{where}: keys {ka!r} != {kb!r}"
+        for x, y in zip(ka, kb, strict=True):
+            assert_same(x, y, f"{where}/key {x!r}")
+            assert_same(a[x], b[y], f"{where}/{x}")
+        if isinstance(a, OrderedDict):
+            assert_same(getattr(a, "_metadata", None), getattr(b, "_metadata", None), f"{where}/_metadata")
+    elif isinstance(a, (list, tuple)):  # torch.Size too
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}/{i}")
+    else:  # None, bool, int, str, bytes, bytearray, torch.dtype, torch.device
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return tensor_bytes(t)
 
 
 def make_state(seed: int = 0, n: int = 4, numel: int = 50_000) -> dict[str, Any]:

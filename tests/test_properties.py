@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cas import Repository
+from tests.helpers import assert_same
 
 CHUNK = 4096
 SETTINGS = settings(
@@ -26,48 +27,6 @@ SETTINGS = settings(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().resolve_conj().resolve_neg()
-    if t.numel() == 0:
-        return b""
-    # a fresh row-major copy: .contiguous() keeps odd strides of size-1 dims, which .view(uint8) rejects
-    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def float_bits(x: float) -> bytes:
-    return struct.pack("<d", x)
-
-
-def assert_same(a: Any, b: Any, where: str = "<root>") -> None:
-    """``b`` is a bit-identical copy of ``a``: same types all the way down, same bytes in every leaf."""
-    assert type(a) is type(b), f"{where}: type {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} != {b.dtype}"
-        assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-        assert tensor_bytes(a) == tensor_bytes(b), f"{where}: tensor bytes differ"
-    elif isinstance(a, float):
-        assert float_bits(a) == float_bits(b), f"{where}: float {a!r} != {b!r} (bit pattern)"
-    elif isinstance(a, complex):
-        assert float_bits(a.real) + float_bits(a.imag) == float_bits(b.real) + float_bits(b.imag), (
-            f"{where}: complex {a!r} != {b!r} (bit pattern)"
-        )
-    elif isinstance(a, dict):
-        ka, kb = list(a), list(b)
-        assert len(ka) == len(kb), f"{where}: keys {ka!r} != {kb!r}"
-        for x, y in zip(ka, kb, strict=True):
-            assert_same(x, y, f"{where}/key {x!r}")
-            assert_same(a[x], b[y], f"{where}/{x}")
-        if isinstance(a, OrderedDict):
-            assert_same(getattr(a, "_metadata", None), getattr(b, "_metadata", None), f"{where}/_metadata")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def _maybe(name: str) -> list[torch.dtype]:
