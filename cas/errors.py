@@ -13,7 +13,8 @@ Every error a user can meet is a :class:`CasError`; the CLI maps the class's
     │   ├── NotARepositoryError
     │   ├── RepositoryExistsError         init on a non-empty directory
     │   ├── FormatVersionError            repository written by an unknown format version
-    │   └── LockedError
+    │   ├── LockedError
+    │   └── StorageError                  the disk refused a write (full, quota, read-only): nothing committed
     ├── SnapshotNotFoundError             exit 4  unknown tag / id / prefix
     │   └── AmbiguousSnapshotError
     ├── UnsupportedObjectError            exit 5  value the typed encoding cannot hold
@@ -73,6 +74,10 @@ class FormatVersionError(RepositoryError):
 
 
 class LockedError(RepositoryError):
+    pass
+
+
+class StorageError(RepositoryError):
     pass
 
 

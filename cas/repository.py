@@ -21,6 +21,7 @@ from cas.errors import (
     ManifestCorruptError,
     ShapeMismatchError,
     SnapshotNotFoundError,
+    StorageError,
     TagExistsError,
     UsageError,
 )
@@ -221,6 +222,12 @@ class Repository:
                     raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing tagged")
                 self._store.write_ref(ref, snap_id)
                 crash_point("after_ref")
+            except OSError as exc:
+                sink.abort()
+                raise StorageError(
+                    f"saving stopped: {exc.strerror or exc} ({exc.filename or self.path}); nothing was committed "
+                    "and every earlier snapshot is intact. Free space (cas forget + cas gc) and save again"
+                ) from exc
             except BaseException:
                 sink.abort()
                 raise
