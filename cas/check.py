@@ -59,7 +59,7 @@ def _pack_is_intact(repo: Repository, path: Path, pack_id: PackId) -> bool:
 
 def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
     report = CheckReport(repaired=repair)
-    store = repo._store
+    store = repo.store
     with store.lock(exclusive=True):
         indexed = repo.index.packs()
         on_disk = dict(iter_pack_files(store.packs_dir))

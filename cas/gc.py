@@ -55,9 +55,9 @@ def mark(repo: Repository) -> tuple[set[bytes], int]:
     """Every chunk a ref reaches (nodes, tensor chunks, and delta bases, transitively)."""
     live: set[bytes] = set()
     refs = 0
-    for name in repo._store.ref_names():
+    for name in repo.store.ref_names():
         try:
-            sid = repo._store.read_ref(name)
+            sid = repo.store.read_ref(name)
             live.update(cid for cid, _ in reached_chunks(repo.reader, sid, snapshot_label(name, sid)))
         except FileNotFoundError:
             continue  # removed by a concurrent forget / rm: nothing to keep for it
@@ -85,7 +85,7 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
     if not 0.0 <= repack_below <= 1.0:
         raise UsageError(f"repack_below must be between 0 and 1, got {repack_below}")
     report = GcReport(dry_run=dry_run)
-    store = repo._store
+    store = repo.store
     with store.lock(exclusive=True):
         _reset_peak_rss()
         t0 = time.perf_counter()

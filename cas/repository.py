@@ -134,6 +134,11 @@ class Repository:
         return self._pool
 
     @property
+    def store(self) -> LocalStore:
+        """Where packs, refs and temp files live (for the repository's own modules: gc, check, verify)."""
+        return self._store
+
+    @property
     def chunk_size(self) -> int:
         return int(self.config["chunk_size"])
 

@@ -65,9 +65,9 @@ def verify_repository(
             report.problems.append(Problem("corrupt-pack", problem, pack=pack_id.hex()))
 
     users: Users = {}
-    for name in repo._store.ref_names():
+    for name in repo.store.ref_names():
         try:
-            sid = repo._store.read_ref(name)
+            sid = repo.store.read_ref(name)
         except CorruptionError as exc:
             report.problems.append(Problem("damaged-ref", str(exc), snapshot=name))
             continue
