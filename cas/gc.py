@@ -166,7 +166,7 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         # pack is live again and must neither leave the index nor be unlinked.
         rewritten = {p.pack_id for p in new_packs}
         removed_packs = [p for p in (*delete, *repack) if p not in keep_old and p not in rewritten]
-        stale_snapshots = set(repo.index.snapshot_ids()) - {bytes(sid) for _name, sid in repo._refs()}
+        stale_snapshots = set(repo.index.snapshot_ids()) - {bytes(sid) for _name, sid in repo.refs()}
         repo.index.apply_gc(dead, new_packs, removed_packs, stale_snapshots)
         crash_point("gc_index_committed")
         # 3. unlink what nothing refers to any more. A repack may rewrite byte-identical packs a killed

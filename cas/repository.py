@@ -256,7 +256,7 @@ class Repository:
             logical_bytes=node.logical_bytes, bytes_added=node.bytes_added, tensor_count=node.tensor_count, ref=ref,
         )
 
-    def _refs(self) -> list[tuple[str, SnapshotId]]:
+    def refs(self) -> list[tuple[str, SnapshotId]]:
         """(name, snapshot id) of every ref; a ref removed while we list them is skipped."""
         refs = []
         for name in self._store.ref_names():
@@ -269,7 +269,7 @@ class Repository:
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot a ref points to, oldest first."""
         snaps = []
-        for name, sid in self._refs():
+        for name, sid in self.refs():
             try:
                 snaps.append(self._snapshot(name, sid, self._snapshot_node(sid)))
             except CorruptionError:
@@ -295,7 +295,7 @@ class Repository:
             return self._snapshot(spec, sid, self._snapshot_node(sid))
         lowered = spec.lower()
         if len(lowered) >= 4 and all(c in "0123456789abcdef" for c in lowered):
-            matches = {sid: name for name, sid in self._refs() if sid.hex().startswith(lowered)}
+            matches = {sid: name for name, sid in self.refs() if sid.hex().startswith(lowered)}
             if len(matches) == 1:
                 sid, name = next(iter(matches.items()))
                 return self._snapshot(name, sid, self._snapshot_node(sid))
@@ -539,7 +539,7 @@ class Repository:
                 packs.append(SealedPack(pack_id, path.stat().st_size, entries))
             self.index.commit(packs)
             snapshots = []
-            for name, sid in self._refs():
+            for name, sid in self.refs():
                 try:
                     snapshots.append((sid, self.reader.read(sid, f"ref {name}")))
                 except CorruptionError:

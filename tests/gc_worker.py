@@ -135,7 +135,7 @@ def run_forget_gc(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_hold_lock(job: dict[str, Any]) -> dict[str, Any]:
-    with cas.Repository.open(job["repo"], threads=1) as repo, repo._store.lock(exclusive=False):
+    with cas.Repository.open(job["repo"], threads=1) as repo, repo.store.lock(exclusive=False):
         emit(event="locked", name=job["name"])
         time.sleep(float(job["seconds"]))
         emit(event="releasing", name=job["name"])

@@ -28,7 +28,7 @@ def test_async_save_returns_before_commit_and_does_not_see_later_mutation(tmp_pa
     lock_held, release = threading.Event(), threading.Event()
 
     def hold_lock() -> None:  # the commit cannot get the repository lock until we let go
-        with repo._store.lock(exclusive=True):
+        with repo.store.lock(exclusive=True):
             lock_held.set()
             release.wait(30)
 
@@ -70,7 +70,7 @@ def test_busy_policies(tmp_path: Path) -> None:
         held = threading.Event()
 
         def hold() -> None:
-            with repo._store.lock(exclusive=True):
+            with repo.store.lock(exclusive=True):
                 held.set()
                 release.wait(30)
 
