@@ -342,7 +342,7 @@ def index_rebuild(ctx: Context) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def check(ctx: Context, repair: bool, as_json: bool) -> None:
-    """Check every pack's checksum; report the snapshots and tensors that lost data. Exit 1 if any."""
+    """Read every pack and chunk; report the snapshots and tensors that lost data. Exit 1 if any."""
     with ctx.open() as repo:
         report = repo.check(repair=repair)
     if as_json:
