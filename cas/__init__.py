@@ -26,14 +26,36 @@ from cas.errors import (
     UsageError,
 )
 from cas.gc import GcReport
-from cas.manager import CheckpointManager, RestoreResult
 from cas.policy import EveryNSteps, EverySeconds, StagePolicy, YoungDaly
 from cas.reports import DiffReport, Problem, Snapshot, StatsReport, VerifyReport
 from cas.repository import Repository
 from cas.retention import ForgetReport, RetentionPolicy
-from cas.validate import ValidationReport, validate
 
 __version__ = "0.1.0"
+
+# The trainer-facing names need torch; they load on first use so that `import cas` (and the
+# CLI's read-only commands) start without importing torch.
+_LAZY = {
+    "CheckpointManager": "cas.manager",
+    "RestoreResult": "cas.manager",
+    "validate": "cas.validate",
+    "ValidationReport": "cas.validate",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cas' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 __all__ = [
     "AmbiguousSnapshotError",

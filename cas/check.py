@@ -9,7 +9,7 @@ and heals them).
 
 from __future__ import annotations
 
-import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +102,15 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
         report.salvaged_chunks = len(salvage)
 
         if repair and damaged:
+            # Keep a copy of each damaged file first: a salvaged pack can come out byte-identical
+            # to the undamaged original (same footer, same name) and then replaces it in place.
+            quarantine = store.root / "quarantine"
+            quarantine.mkdir(exist_ok=True)
+            for pack_id in damaged:
+                path = pack_path(store.packs_dir, pack_id)
+                if path.exists():
+                    shutil.copy2(path, quarantine / path.name)
+            fsync_dir(quarantine)
             sink = PackSink(lambda: store.new_temp_path("repair"), store.packs_dir, int(repo.config["pack_size"]))
             try:
                 for cid, entry, payload in salvage:
@@ -110,15 +119,12 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
             except BaseException:
                 sink.abort()
                 raise
-            repo.index.apply_gc(lost, new_packs, damaged)
+            rewritten = {p.pack_id for p in new_packs}
+            gone = [p for p in damaged if p not in rewritten]
+            repo.index.apply_gc(lost, new_packs, gone)
             repo.reader.close()
-            quarantine = store.root / "quarantine"
-            quarantine.mkdir(exist_ok=True)
-            for pack_id in damaged:
-                path = pack_path(store.packs_dir, pack_id)
-                if path.exists():
-                    os.replace(path, quarantine / path.name)
-            fsync_dir(quarantine)
+            for pack_id in gone:
+                pack_path(store.packs_dir, pack_id).unlink(missing_ok=True)
             fsync_dir(store.packs_dir)
 
         # Which snapshots and tensors reach what is gone (lost now, or missing from the index)?

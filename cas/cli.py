@@ -15,11 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from cas.demo import run_demo
 from cas.errors import CasError, UsageError
-from cas.importers import export_file, import_paths
 from cas.repository import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Repository
-from cas.validate import CheckResult, validate
 
 console = Console()
 err_console = Console(stderr=True)
@@ -112,6 +109,8 @@ def save(
     ctx: Context, paths: tuple[Path, ...], tag: str | None, compression: str | None, meta: tuple[str, ...]
 ) -> None:
     """Import .pt/.pth/.safetensors files (or directories of them) as one snapshot."""
+    from cas.importers import import_paths  # noqa: PLC0415 - torch only for commands that need it
+
     metadata: dict[str, Any] = {}
     for item in meta:
         key, sep, value = item.partition("=")
@@ -197,6 +196,8 @@ def diff(ctx: Context, a: str, b: str, as_json: bool) -> None:
 @pass_ctx
 def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: bool) -> None:
     """Write a snapshot to OUT as .pt or .safetensors (by extension)."""
+    from cas.importers import export_file  # noqa: PLC0415 - torch only for commands that need it
+
     with ctx.open() as repo:
         snap = repo.resolve(snapshot)
         with progress_bar("restoring") as update:
@@ -365,6 +366,8 @@ def check(ctx: Context, repair: bool, as_json: bool) -> None:
 @pass_ctx
 def validate_cmd(ctx: Context, snapshot: str, as_json: bool) -> None:
     """Checks that need no model: manifest structure, every chunk re-hashed, saved metrics finite."""
+    from cas.validate import CheckResult, validate  # noqa: PLC0415 - torch only for commands that need it
+
     with ctx.open() as repo:
         report = validate(repo, snapshot)
         snap = repo.resolve(snapshot)
@@ -393,6 +396,8 @@ def validate_cmd(ctx: Context, snapshot: str, as_json: bool) -> None:
 @click.option("--every", default=10, show_default=True, help="Checkpoint every N steps.")
 def demo(directory: Path | None, steps: int, every: int) -> None:
     """Train a small model, checkpoint into a new repository, verify and restore bit-identically."""
+    from cas.demo import run_demo  # noqa: PLC0415 - torch only for commands that need it
+
     sys.exit(run_demo(directory, steps=steps, every=every))
 
 

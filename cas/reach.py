@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from cas.errors import ManifestCorruptError
 from cas.ids import ChunkId, SnapshotId
 from cas.manifest import SnapshotNode, split_chunk_ids, unpack_node
-from cas.statedict import blob_leaves, format_path, tensor_leaves
+from cas.tree import blob_leaves, format_path, tensor_leaves
 
 if TYPE_CHECKING:
     from cas.reader import ChunkReader

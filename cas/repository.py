@@ -8,10 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cas.check import CheckReport, check_repository
 from cas.codec import check_compression
@@ -35,20 +32,15 @@ from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
 from cas.saver import ChunkStorer, PackSink
-from cas.statedict import (
-    Blob,
-    KeyPath,
-    base_candidates,
-    collect_targets,
-    decode_state,
-    encode_state,
-    format_path,
-    plain_key,
-    subtree,
-    tensor_leaves,
-)
 from cas.store import LocalStore, check_tag
+from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
 from cas.verify import verify_repository
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that need it (save, load, load_into) through cas.statedict,
+# so listing, verify, gc and the CLI's read-only commands start without it.
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
 DEFAULT_PACK_SIZE = 64 << 20
@@ -176,6 +168,8 @@ class Repository:
         check_metadata(metadata)
         compression = compression or str(self.config.get("compression", "default"))
         check_compression(compression)
+        from cas.statedict import encode_state  # noqa: PLC0415 - torch only when saving
+
         encoded = encode_state(state_dict, allow_pickle=allow_pickle)
         blobs = encoded.storages + encoded.blobs
         total = sum(b.nbytes for b in blobs)
@@ -347,6 +341,8 @@ class Repository:
 
     def load(self, snapshot: str = "latest", *, allow_pickle: bool = False, progress: Progress | None = None) -> Any:
         """The state dict of a snapshot, every chunk verified against its id."""
+        from cas.statedict import decode_state  # noqa: PLC0415 - torch only when loading
+
         with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
             snap = self.resolve(snapshot)
             root, storages, _ = self._tree(snap)
@@ -379,6 +375,9 @@ class Repository:
     def _load_into(
         self, target: Any, snapshot: str, key: str | None, allow_pickle: bool, progress: Progress | None
     ) -> Any:
+        import torch  # noqa: PLC0415 - torch only when loading
+
+        from cas.statedict import collect_targets, decode_state  # noqa: PLC0415
         snap = self.resolve(snapshot)
         root, storages, _ = self._tree(snap)
         if key:
@@ -422,7 +421,7 @@ class Repository:
         root, _storages, _ = self._tree(snap)
         return [
             {"path": format_path(path), "kind": "array" if enc[0] == "A" else "tensor", "dtype": str(enc[1]),
-             "shape": [int(d) for d in enc[2]], "nbytes": _leaf_nbytes(enc), "shared_storage": enc[0] == "V"}
+             "shape": [int(d) for d in enc[2]], "nbytes": leaf_nbytes(enc), "shared_storage": enc[0] == "V"}
             for path, enc in tensor_leaves(root)
         ]
 
@@ -565,19 +564,10 @@ def _fingerprints(root: Any, storages: list[Any]) -> tuple[dict[str, tuple[Any, 
             leaves[name] = (key, int(nbytes))
         else:
             chunks = enc[3]
-            leaves[name] = ((enc[0], enc[1], tuple(enc[2]), chunks), _leaf_nbytes(enc))
+            leaves[name] = ((enc[0], enc[1], tuple(enc[2]), chunks), leaf_nbytes(enc))
     values: dict[str, Any] = {}
     _collect_values(root, (), values)
     return leaves, values
-
-
-def _leaf_nbytes(enc: list[Any]) -> int:
-    n = 1
-    for d in enc[2]:
-        n *= int(d)
-    if enc[0] == "A":
-        return n * np.dtype(enc[1]).itemsize
-    return n * torch.empty(0, dtype=getattr(torch, enc[1])).element_size()
 
 
 def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:
@@ -595,6 +585,8 @@ def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:
 
 
 def _merge_values(target: dict[Any, Any], loaded: dict[Any, Any]) -> None:
+    import torch  # noqa: PLC0415 - only reached from load_into, which imported it already
+
     for key, value in loaded.items():
         current = target.get(key)
         if isinstance(current, torch.Tensor):

@@ -17,7 +17,7 @@ from cas.faults import crash_point
 from cas.ids import ChunkId, hash_bytes
 from cas.index import ChunkLookup, SealedPack
 from cas.pack import FOOTER_ENTRY, HEADER, TRAILER, ChunkKind, PackWriter
-from cas.statedict import Blob, KeyPath
+from cas.tree import Blob, KeyPath
 
 
 class PackSink:

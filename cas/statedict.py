@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,35 +20,13 @@ import torch
 from cas.errors import ManifestCorruptError, PickleRequiredError, UnsupportedObjectError
 from cas.ids import ChunkId
 from cas.manifest import split_chunk_ids
+from cas.tree import Blob, KeyPath, format_path
 
 INLINE_BYTES_MAX = 4096
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 FLAG_PARAMETER = 1
 FLAG_REQUIRES_GRAD = 2
 
-KeyPath = tuple[Any, ...]
-
-
-def format_path(path: KeyPath) -> str:
-    return "/".join(str(k) for k in path) if path else "<root>"
-
-
-@dataclass(eq=False)
-class Blob:
-    """A contiguous byte view to be stored as chunks (no copy of the source)."""
-
-    view: memoryview
-    path: KeyPath
-    chunks: list[ChunkId] = field(default_factory=list)
-    #: bytes per scalar (one part of a complex) and whether scalars are floats: for the codecs
-    element_size: int = 1
-    is_float: bool = False
-    #: what must match in the parent snapshot for its chunks to serve as delta bases
-    signature: tuple[Any, ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        return self.view.nbytes
 
 
 def scalar_info(dtype: torch.dtype) -> tuple[int, bool]:
@@ -426,61 +404,6 @@ def decode_state(
     return Decoded(value, dec.fills, dec.copies)
 
 
-def tensor_leaves(tree: Any, path: KeyPath = ()) -> list[tuple[KeyPath, list[Any]]]:
-    """(path, encoding) of every tensor/array leaf of an encoded tree, in order (no data read)."""
-    out: list[tuple[KeyPath, list[Any]]] = []
-    _walk(tree, path, out)
-    return out
-
-
-def _walk(enc: Any, path: KeyPath, out: list[tuple[KeyPath, list[Any]]]) -> None:
-    tag = enc[0]
-    if tag in ("T", "V", "A"):
-        out.append((path, enc))
-    elif tag in ("d", "o"):
-        for key_enc, val_enc in enc[1]:
-            _walk(val_enc, (*path, plain_key(key_enc)), out)
-    elif tag in ("l", "t"):
-        for i, v in enumerate(enc[1]):
-            _walk(v, (*path, i), out)
-
-
-def plain_key(enc: Any) -> Any:
-    tag = enc[0]
-    if tag == "s":
-        return bytes(enc[1]).decode("utf-8", "surrogatepass")
-    if tag in ("i", "f", "b"):
-        return enc[1]
-    if tag == "N":
-        return None
-    if tag == "t":
-        return tuple(plain_key(v) for v in enc[1])
-    if tag == "I":
-        return int(enc[1])
-    return bytes(enc[1]) if tag == "y" else repr(enc)
-
-
-def blob_leaves(tree: Any, path: KeyPath = ()) -> list[tuple[KeyPath, bytes]]:
-    """(path, raw chunk-id list) of every chunked leaf (tensors, arrays, big bytes, pickles)."""
-    out: list[tuple[KeyPath, bytes]] = []
-    _walk_blobs(tree, path, out)
-    return out
-
-
-def _walk_blobs(enc: Any, path: KeyPath, out: list[tuple[KeyPath, bytes]]) -> None:
-    tag = enc[0]
-    if tag in ("T", "A"):
-        out.append((path, enc[3]))
-    elif tag in ("Y", "P"):
-        out.append((path, enc[1]))
-    elif tag in ("d", "o"):
-        for key_enc, val_enc in enc[1]:
-            _walk_blobs(val_enc, (*path, plain_key(key_enc)), out)
-    elif tag in ("l", "t"):
-        for i, v in enumerate(enc[1]):
-            _walk_blobs(v, (*path, i), out)
-
-
 def collect_targets(obj: Any, path: KeyPath = ()) -> dict[KeyPath, torch.Tensor]:
     """Every tensor in a module's state dict or a nested state dict, by key path (for load_into)."""
     if isinstance(obj, torch.nn.Module):
@@ -495,37 +418,3 @@ def collect_targets(obj: Any, path: KeyPath = ()) -> dict[KeyPath, torch.Tensor]
         for i, v in enumerate(obj):
             found.update(collect_targets(v, (*path, i)))
     return found
-
-
-def subtree(enc: Any, path: KeyPath, name: str) -> Any:
-    """The encoded value at ``path`` (dict keys / list indexes) inside an encoded tree."""
-    for depth, key in enumerate(path):
-        tag = enc[0]
-        if tag in ("d", "o"):
-            for key_enc, val_enc in enc[1]:
-                if plain_key(key_enc) == key or str(plain_key(key_enc)) == str(key):
-                    enc = val_enc
-                    break
-            else:
-                raise KeyError(f"{name} has no key {format_path(path[: depth + 1])}")
-        elif tag in ("l", "t") and str(key).isdigit() and int(key) < len(enc[1]):
-            enc = enc[1][int(key)]
-        else:
-            raise KeyError(f"{name} has no key {format_path(path[: depth + 1])}")
-    return enc
-
-
-def base_candidates(root: Any, storages: list[Any], name: str) -> dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]:
-    """Per blob path of a (parent) tree: its signature and chunk ids, matched against a new save's blobs."""
-    out: dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]] = {}
-    seen_storages: set[int] = set()
-    for path, enc in tensor_leaves(root):
-        tag = enc[0]
-        if tag in ("T", "A"):
-            out[path] = ((tag, enc[1], tuple(int(d) for d in enc[2])), split_chunk_ids(enc[3], name))
-        elif tag == "V" and int(enc[5]) not in seen_storages:  # a storage is keyed by its first view's path
-            index = int(enc[5])
-            seen_storages.add(index)
-            nbytes, raw = storages[index]
-            out[path] = (("S", enc[1], int(nbytes)), split_chunk_ids(raw, name))
-    return out

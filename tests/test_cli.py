@@ -177,3 +177,8 @@ def test_restore_nested_to_safetensors_is_refused(repo_dir: Path, tmp_path: Path
     proc = run("restore", "n", tmp_path / "n.safetensors", repo=repo_dir, ok=False)
     assert_one_line_error(proc, 5, "restore to .pt")
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_read_only_commands_do_not_import_torch(repo_dir: Path) -> None:
+    code = "import sys, cas.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
