@@ -92,8 +92,7 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
                     continue
                 loc = ChunkLocation.of(pack_id, entry)
                 try:
-                    repo.reader.read(cid, f"check of pack {pack_id.short()}", loc)
-                    payload = repo.reader.payload(loc)
+                    payload = repo.reader.verified_payload(cid, f"check of pack {pack_id.short()}", loc)
                 except CorruptionError:
                     lost.add(cid)
                     continue

@@ -146,12 +146,11 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             try:
                 for pack_id in repack:
                     for cid, loc in sorted(moving[pack_id], key=lambda x: x[1].offset):
-                        try:
-                            repo.reader.read(cid, f"gc repack of pack {pack_id.short()}", loc)
+                        try:  # the bytes written are the bytes verified
+                            payload = repo.reader.verified_payload(cid, f"gc repack of pack {pack_id.short()}", loc)
                         except CorruptionError:
                             keep_old.add(pack_id)  # never move (or drop) what we cannot read: check handles it
                             continue
-                        payload = repo.reader.payload(loc)
                         sink.add(cid, loc.kind, loc.codec, payload, loc.raw_length, loc.base_id)  # type: ignore[arg-type]
                 new_packs = sink.finish()
             except BaseException:

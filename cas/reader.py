@@ -90,7 +90,12 @@ class ChunkReader:
         return data
 
     def _decode(
-        self, chunk_id: ChunkId, loc: ChunkLocation, where: str, dest: memoryview | None = None
+        self,
+        chunk_id: ChunkId,
+        loc: ChunkLocation,
+        where: str,
+        dest: memoryview | None = None,
+        payload: bytes | None = None,
     ) -> Buffer:
         """Decode (following the delta chain through the base cache) and verify one chunk.
 
@@ -101,7 +106,8 @@ class ChunkReader:
             if loc.base_id is None:
                 raise ChunkCorruptError(f"chunk {chunk_id.short()} is a delta without a base")
             base = self.base(loc.base_id, where)
-        out = decode(loc.codec, self.payload(loc), loc.raw_length, base, dest)
+        stored = self.payload(loc) if payload is None else payload
+        out = decode(loc.codec, stored, loc.raw_length, base, dest)
         if hash_bytes(out) != chunk_id:
             raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
         return out
@@ -122,6 +128,15 @@ class ChunkReader:
                     _old, dropped = self._bases.popitem(last=False)
                     self._bases_bytes -= len(dropped)
         return raw
+
+    def verified_payload(self, chunk_id: ChunkId, where: str, loc: ChunkLocation) -> bytes:
+        """The stored bytes of a chunk, read once and checked by decoding them (for repack/salvage)."""
+        try:
+            payload = self.payload(loc)
+            self._decode(chunk_id, loc, where, payload=payload)
+        except CorruptionError as exc:
+            raise type(exc)(f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+        return payload
 
     def read(self, chunk_id: ChunkId, where: str, loc: ChunkLocation | None = None) -> bytes:
         """The verified raw bytes of one chunk."""
