@@ -156,14 +156,6 @@ class Index:
         with self._env.begin() as txn:
             return int(txn.stat(self._chunks)["entries"])
 
-    def remove_chunks(self, chunk_ids: Iterable[bytes]) -> int:
-        removed = 0
-        with self._env.begin(write=True, db=self._chunks) as txn:
-            for cid in chunk_ids:
-                removed += bool(txn.delete(cid))
-        return removed
-
-    # packs --------------------------------------------------------------
     def commit(self, packs: Iterable[SealedPack], snapshots: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """One write transaction: the chunk entries of sealed packs and snapshot summaries.
 
@@ -207,21 +199,11 @@ class Index:
         with self._env.begin(db=self._packs) as txn:
             return {PackId(bytes(k)): PACK_INFO.unpack(v) for k, v in txn.cursor()}
 
-    def remove_packs(self, pack_ids: Iterable[bytes]) -> None:
-        with self._env.begin(write=True, db=self._packs) as txn:
-            for pid in pack_ids:
-                txn.delete(pid)
-
-    # snapshots ------------------------------------------------------------
     def snapshot_node(self, snap_id: bytes) -> bytes | None:
         """The cached encoding of a snapshot node (the same bytes as its chunk)."""
         with self._env.begin(db=self._snapshots) as txn:
             raw = txn.get(snap_id)
         return None if raw is None else bytes(raw)
-
-    def remove_snapshot(self, snap_id: bytes) -> None:
-        with self._env.begin(write=True, db=self._snapshots) as txn:
-            txn.delete(snap_id)
 
     def clear(self) -> None:
         with self._env.begin(write=True) as txn:

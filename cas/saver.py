@@ -118,9 +118,6 @@ class ChunkStorer:
         self.read_base = read_base
         self.known: set[bytes] = set()
         self.depths: dict[bytes, int] = {}
-        self.new_chunks = 0
-        self.dedup_chunks = 0
-        self.delta_chunks = 0
 
     def _is_new(self, cid: bytes) -> bool:
         if cid in self.known:
@@ -212,8 +209,6 @@ class ChunkStorer:
             if self._is_new(cid):
                 base, ceiling = self._base_for(blob, index, cid)
                 encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, base, ceiling)))
-            else:
-                self.dedup_chunks += 1
             if progress is not None:
                 progress(len(piece))
 
@@ -223,8 +218,6 @@ class ChunkStorer:
             self.sink.add(cid, ChunkKind.DATA, codec, payload, raw_length, base_id)
             base_depth = self.depths.get(base_id) if base_id is not None else None
             self.depths[cid] = 0 if base_depth is None else base_depth + 1
-            self.delta_chunks += base_id is not None
-            self.new_chunks += 1
 
         for blob in blobs:
             blob.chunks.clear()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
+from cas.errors import CorruptionError, FormatVersionError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation
 from cas.pack import pack_path, read_footer
@@ -20,12 +20,6 @@ if TYPE_CHECKING:
 
 #: chunk id -> the (snapshot, tensor) pairs that reach it
 Users = dict[ChunkId, list[tuple[str, str]]]
-
-
-def _problem_kind(exc: CorruptionError) -> str:
-    if isinstance(exc, MissingChunkError):
-        return "missing-chunk"
-    return "corrupt-chunk"
 
 
 def verify_repository(
