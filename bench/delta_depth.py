@@ -1,11 +1,14 @@
-"""Restore time of a chunk against its delta-chain depth: the measurement behind max_delta_depth.
+"""Restore time of a chunk against its delta-chain depth: the measurement behind the chain bounds.
 
-A pretraining-like series (every weight moves a little each save) is saved with a
-high depth limit, so snapshot k's chunks sit at depth k. Each snapshot is then
-restored with a cold base cache, interleaved over several rounds; the table gives
-the median time relative to the keyframe snapshot (depth 0).
+A series is saved with no chain bound, so snapshot k's chunks sit at depth k:
+``dense`` (pretraining-like: every weight moves a little each save, dense deltas)
+or ``sparse`` (an embedding table where ``--rows`` of its 256-wide rows change
+each save: sparse deltas). Each snapshot is then restored with a cold base cache,
+interleaved over several rounds; the table gives the median time relative to the
+keyframe snapshot (depth 0) next to the saver's estimate (``cas.saver.link_cost``
+summed over the chain), the model that bounds chains by ``max_chain_cost``.
 
-    .venv/bin/python bench/delta_depth.py [--mib 64] [--depth 12] [--rounds 3]
+    .venv/bin/python bench/delta_depth.py [--mib 64] [--depth 12] [--rounds 3] [--pattern dense|sparse]
 """
 
 from __future__ import annotations
@@ -20,6 +23,25 @@ from pathlib import Path
 import torch
 
 import cas
+from cas.codec import needs_base
+from cas.reach import reached_chunks
+from cas.saver import link_cost
+
+
+def _estimate(repo: cas.Repository, tag: str) -> float:
+    """The saver's estimated restore cost of the snapshot's chunks (mean over its data chunks)."""
+    costs = []
+    sid = repo.store.read_ref(tag)
+    for cid, _tensor in reached_chunks(repo.reader, sid, tag):
+        loc = repo.index.get(cid)
+        if loc is None or loc.kind != 0:
+            continue
+        cost = 1.0
+        while needs_base(loc.codec) and loc.base_id is not None:
+            cost += link_cost(loc.codec, loc.stored_length, loc.raw_length)
+            loc = repo.index.get(loc.base_id)
+        costs.append(cost)
+    return statistics.mean(costs) if costs else float("nan")
 
 
 def main() -> None:
@@ -27,6 +49,8 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pattern", choices=("dense", "sparse"), default="dense")
+    ap.add_argument("--rows", type=float, default=0.02, help="sparse: share of rows changed per save")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cas-depth-"))
     try:
@@ -34,10 +58,19 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(numel, generator=g) * 0.02
         sizes = []
-        with cas.Repository.init(work / "r", max_delta_depth=args.depth) as repo:
+        estimates = []
+        rows = w.view(-1, 256)
+        with cas.Repository.init(work / "r", max_delta_depth=args.depth, max_chain_cost=1e9) as repo:
             for k in range(args.depth + 1):
-                w = w + torch.randn(numel, generator=g) * 2e-4
+                if args.pattern == "dense":
+                    w = w + torch.randn(numel, generator=g) * 2e-4
+                else:
+                    w = w.clone()
+                    rows = w.view(-1, 256)
+                    touched = torch.randperm(len(rows), generator=g)[: max(1, int(args.rows * len(rows)))]
+                    rows[touched] += torch.randn(len(touched), 256, generator=g) * 1e-3
                 sizes.append(repo.save({"w": w}, tag=f"d{k}").bytes_added / (numel * 4))
+                estimates.append(_estimate(repo, f"d{k}"))
             times: dict[int, list[float]] = {k: [] for k in range(args.depth + 1)}
             for _ in range(args.rounds):
                 for k in range(args.depth + 1):
@@ -46,11 +79,13 @@ def main() -> None:
                     repo.load(f"d{k}")
                     times[k].append(time.perf_counter() - t0)
         key = statistics.median(times[0])
-        print("| depth | stored / raw | restore s (median) | vs keyframe |")
-        print("| ---: | ---: | ---: | ---: |")
+        print(f"{args.pattern}, {args.mib} MiB, {args.rounds} rounds")
+        print()
+        print("| depth | stored / raw | restore s (median) | vs keyframe | estimated (link_cost) |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
         for k in range(args.depth + 1):
             med = statistics.median(times[k])
-            print(f"| {k} | {sizes[k]:.3f} | {med:.3f} | {med / key:.2f}x |")
+            print(f"| {k} | {sizes[k]:.3f} | {med:.3f} | {med / key:.2f}x | {estimates[k]:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

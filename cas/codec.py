@@ -13,10 +13,13 @@ Codecs
 | 1 | zstd | no | one zstd frame with the content size set |
 | 2 | byte-grouped | no | grouped payload (below) of the chunk |
 | 3 | delta | yes | grouped payload (below) of the chunk against its base chunk: XOR or integer difference |
+| 4 | sparse delta | yes | runs of changed elements and their grouped values (below) |
 
-The base of a codec-3 chunk is another chunk with the same raw length (in
+The base of a codec-3/4 chunk is another chunk with the same raw length (in
 practice the same tensor's chunk in the parent snapshot); the pack record's
-``base id`` names it (flags bit 0).
+``base id`` names it (flags bit 0). Both delta codecs are injective in the base:
+for one payload, different bases decode to different chunks, so a chain whose
+last chunk matches its id has no damaged link.
 
 Grouped payload (codecs 2 and 3; integers little-endian)::
 
@@ -42,9 +45,32 @@ significant bytes), ``n`` bytes, stored as is (mode 0, stored length ``n``) or
 as one zstd frame whose content size is ``n`` (mode 1). The payload length is
 exactly ``2 + 5k + sum(stored lengths) + t``. Decoding reverses each step.
 
+Sparse delta payload (codec 4; for chunks where few elements changed): the
+element size and flags as above, then::
+
+    offset  size  field
+    0       1     k
+    1       1     flags (as codec 3)
+    2       4     r: number of runs (u32)
+    6       4     m: elements in all runs (u32)
+    10      5     run table descriptor: u8 mode | u32 stored length (table: 8r bytes)
+    15      ...   the run table: r u32 gaps, then r u32 lengths (elements); stored
+                  (mode 0) or one zstd frame (mode 1). Run i starts gap[i] elements
+                  after the end of run i-1 (the first: after element 0); length >= 1
+    ...     5*k   k plane descriptors, as codec 2/3, each of m bytes
+    ...     ...   the k planes of the m changed elements' transformed values
+                  (XOR, or zigzag difference, with the exponent-aligned rotation
+                  as codec 3), in run order
+    end-t   t     the tail XORed with the base's tail (always present)
+
+Decoding copies the base and rewrites only the elements in runs: it costs time
+in proportion to what changed, which lets sparse chains run deeper (see the
+saver's chain cost). Runs must lie inside the chunk's ``n`` elements and add up
+to ``m``. Short unchanged gaps (up to 16 bytes) are folded into the runs.
+
 Anything else (an unknown k, flag bit or mode, a length that does not add up, a
-zstd frame whose content size is not ``n`` or that does not decode, codec 3
-without a base of the chunk's length) is damage: :class:`ChunkCorruptError`. An
+zstd frame whose content size is not ``n`` or that does not decode, a delta
+without a base of the chunk's length, runs that overrun the chunk) is damage: :class:`ChunkCorruptError`. An
 unknown codec id is :class:`FormatVersionError`.
 
 Choosing a codec (``encode``)
@@ -53,7 +79,9 @@ Choosing a codec (``encode``)
 ``"none"`` stores raw. Otherwise (see ``_candidates``), for chunks of tensors
 with ``element_size`` k > 1: byte-grouped, exponent-aligned when ``is_float``;
 with a base of the same length also codec 3 (difference variant, and for
-``"default"`` the XOR variant), so a key frame wins where it is smaller. k = 1
+``"default"`` the XOR variant), and where at most half the elements changed
+codec 4 in the same variants, so a key frame wins where it is smaller (a sparse
+delta wins ties within 3 %: it decodes faster). k = 1
 (bytes, int8, fp8, non-tensor data) uses plain zstd as before (level 1 / 3 / 19)
 plus codec 3 with a base. ``"fast"`` and ``"default"`` pick among their
 candidates on a sample (4 slices of 16 KiB, 64 KiB in all) when the chunk is at
@@ -87,11 +115,14 @@ class Codec(IntEnum):
     ZSTD = 1
     BYTE_GROUPED = 2
     DELTA = 3
+    SPARSE_DELTA = 4
 
 
 KNOWN_CODECS = frozenset(int(c) for c in Codec)
+#: codecs that decode only with their base chunk; each is injective in the base (see ``patch``)
+DELTA_CODECS = frozenset({Codec.DELTA, Codec.SPARSE_DELTA})
 #: codecs whose ``decode(..., out=dest)`` writes into a writable ``dest`` of the raw length
-DECODES_IN_PLACE = frozenset({Codec.BYTE_GROUPED, Codec.DELTA})
+DECODES_IN_PLACE = frozenset({Codec.BYTE_GROUPED, Codec.DELTA, Codec.SPARSE_DELTA})
 
 #: compression setting name -> (codec, zstd level of the plain-zstd candidate)
 COMPRESSION_LEVELS: dict[str, tuple[Codec, int]] = {
@@ -171,7 +202,7 @@ def check_compression(name: str) -> tuple[Codec, int]:
 
 def needs_base(codec: int) -> bool:
     """True if chunks stored with ``codec`` decode only with their base chunk."""
-    return codec == Codec.DELTA
+    return codec in DELTA_CODECS
 
 
 def _bytes_view(data: Buffer) -> memoryview:
@@ -267,6 +298,73 @@ def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags:
     return out.data
 
 
+#: a sparse delta is tried when at most this share of the chunk's elements changed
+SPARSE_MAX_CHANGED = 0.5
+#: unchanged gaps up to this many bytes are folded into the runs around them (a run costs ~8 bytes)
+_SPARSE_MERGE_GAP = 16
+_SPARSE_HEAD = struct.Struct("<BBIIBI")  # k, flags, runs, changed elements, run table mode, its stored length
+
+
+def changed_share(arr: np.ndarray, base_arr: np.ndarray, k: int) -> float:
+    """The share of the chunk's ``k``-byte elements that differ from the base (tail ignored)."""
+    n = len(arr) // k
+    if n == 0:
+        return 0.0
+    x, b = arr[: n * k].view(_UINT[k]), base_arr[: n * k].view(_UINT[k])
+    return int(np.count_nonzero(x != b)) / n
+
+
+def _change_runs(x: np.ndarray, b: np.ndarray, merge_gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length (elements) of the runs where ``x`` and ``b`` differ; short gaps folded in."""
+    edges = np.diff((x != b).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    if merge_gap > 0 and len(starts) > 1:
+        keep = (starts[1:] - ends[:-1]) > merge_gap
+        starts = np.concatenate([starts[:1], starts[1:][keep]])
+        ends = np.concatenate([ends[:-1][keep], ends[-1:]])
+    return starts, ends - starts
+
+
+def _run_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions covered by the runs, in order: the concatenation of ``arange(s, s + l)``."""
+    total = int(lengths.sum())
+    before = np.cumsum(lengths) - lengths  # elements in the runs before each run
+    idx: np.ndarray = np.arange(total, dtype=np.int64)
+    idx += np.repeat(starts.astype(np.int64) - before, lengths)
+    return idx
+
+
+def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, strong: bool) -> memoryview:
+    """Codec 4 payload: the runs of changed elements and their transformed values, byte-grouped."""
+    n = len(arr) // k
+    if n > _MAX_PLANE:
+        raise UsageError("byte-grouped codecs hold at most 2**32 - 1 elements per chunk")
+    x, b = arr[: n * k].view(_UINT[k]), base_arr[: n * k].view(_UINT[k])
+    starts, lengths = _change_runs(x, b, max(0, _SPARSE_MERGE_GAP // k))
+    idx = _run_index(starts, lengths)
+    m = len(idx)
+    gaps = starts - np.concatenate([[0], (starts + lengths)[:-1]]) if len(starts) else starts
+    table = np.concatenate([gaps, lengths]).astype("<u4").view(np.uint8)
+    table_mode, table_body = _PLANE_STORED, table.data
+    if len(table) >= 32:
+        frame = _compressor(3).compress(table.data)
+        if len(frame) < len(table):
+            table_mode, table_body = _PLANE_ZSTD, frame
+    values = _transform(x[idx].view(np.uint8), b[idx].view(np.uint8), k, flags)
+    coded = [_code_plane(plane, strong) for plane in _planes(values, k)] if m else [(_PLANE_STORED, b"")] * k
+    tail = np.bitwise_xor(arr[n * k :], base_arr[n * k :])
+    header = _SPARSE_HEAD.pack(k, flags, len(starts), m, table_mode, len(table_body))
+    planes_header = struct.pack("<" + "BI" * k, *(v for mode, body in coded for v in (mode, len(body))))
+    pieces = [header, table_body, planes_header, *(body for _, body in coded), tail.data]
+    out = np.empty(sum(len(piece) for piece in pieces), np.uint8)
+    pos = 0
+    for piece in pieces:
+        out[pos : pos + len(piece)] = np.frombuffer(piece, np.uint8)
+        pos += len(piece)
+    return out.data
+
+
 def _element_size(element_size: int) -> int:
     if element_size == 16:  # complex128: two float64 parts
         return 8
@@ -296,20 +394,23 @@ def encode_as(
         return data
     if codec == Codec.ZSTD:
         return _compressor(3 if level is None else level).compress(view)
-    if codec not in (Codec.BYTE_GROUPED, Codec.DELTA):
+    if codec not in (Codec.BYTE_GROUPED, Codec.DELTA, Codec.SPARSE_DELTA):
         raise UsageError(f"unknown codec {codec}")
     k = _element_size(element_size)
     flags = (FLAG_EXPONENT_ALIGNED if exponent_aligned else 0) | (FLAG_DIFFERENCE if difference else 0)
     _check_flags(codec, k, flags, UsageError)
     arr = np.frombuffer(view, np.uint8)
     base_arr = None
-    if codec == Codec.DELTA:
+    strong = level is not None and level >= _STRONG_LEVEL
+    if codec in DELTA_CODECS:
         if base is None:
-            raise UsageError("the delta codec needs a base chunk")
+            raise UsageError("the delta codecs need a base chunk")
         base_arr = np.frombuffer(_bytes_view(base), np.uint8)
         if len(base_arr) != len(arr):
             raise UsageError(f"base chunk holds {len(base_arr)} bytes, the chunk {len(arr)}")
-    return _encode_grouped(arr, base_arr, k, flags, strong=level is not None and level >= _STRONG_LEVEL)
+        if codec == Codec.SPARSE_DELTA:
+            return _encode_sparse(arr, base_arr, k, flags, strong)
+    return _encode_grouped(arr, base_arr, k, flags, strong)
 
 
 def _sample(arr: np.ndarray) -> np.ndarray:
@@ -322,13 +423,14 @@ def _sample(arr: np.ndarray) -> np.ndarray:
 _Candidate = tuple[Codec, int, int]
 
 
-def _candidates(compression: str, k: int, is_float: bool, delta: bool) -> list[_Candidate]:
+def _candidates(compression: str, k: int, is_float: bool, delta: bool, sparse: bool = False) -> list[_Candidate]:
     """What ``encode`` tries, by setting; measured in bench/codec_ratios.py.
 
     On float data the exponent-aligned variant was never larger than plain
     grouping, and the difference variant of the delta codec was always the
     smallest delta, so "fast" tries only those; "default" adds plain grouping and
-    the XOR delta (for other kinds of data); "max" tries everything.
+    the XOR delta (for other kinds of data); "max" tries everything. ``sparse``
+    (few elements changed) adds the sparse delta in the same variants.
     """
     rot, diff = FLAG_EXPONENT_ALIGNED, FLAG_DIFFERENCE
     key: list[_Candidate]
@@ -343,12 +445,11 @@ def _candidates(compression: str, k: int, is_float: bool, delta: bool) -> list[_
             key.append((Codec.ZSTD, 1, 0))
     if not delta:
         return key
-    if compression == "fast":
-        return [*key, (Codec.DELTA, k, diff)]
-    deltas = [(Codec.DELTA, k, diff), (Codec.DELTA, k, 0)]
+    variants = [diff] if compression == "fast" else [diff, 0]
     if compression == "max" and is_float and k > 1:
-        deltas.append((Codec.DELTA, k, rot))
-    return key + deltas
+        variants.append(rot)
+    codecs = [Codec.SPARSE_DELTA, Codec.DELTA] if sparse else [Codec.DELTA]
+    return key + [(codec, k, flags) for codec in codecs for flags in variants]
 
 
 def _encode_candidate(
@@ -357,7 +458,23 @@ def _encode_candidate(
     codec, k, flags = cand
     if codec == Codec.ZSTD:
         return _compressor(level).compress(arr.data)
+    if codec == Codec.SPARSE_DELTA:
+        assert base_arr is not None
+        return _encode_sparse(arr, base_arr, k, flags, strong)
     return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong)
+
+
+def _score(cand: _Candidate, size: int, delta_ceiling: float) -> float:
+    """What ``encode`` minimises: the size, deltas weighed against the ceiling; a sparse
+    delta (which decodes in time proportional to what changed) wins near-ties."""
+    if cand[0] == Codec.SPARSE_DELTA:
+        return size * _SPARSE_PREFERENCE / delta_ceiling
+    if cand[0] == Codec.DELTA:
+        return size / delta_ceiling
+    return float(size)
+
+
+_SPARSE_PREFERENCE = 0.97
 
 
 def encode(
@@ -396,23 +513,21 @@ def encode(
         base_arr = np.frombuffer(_bytes_view(base), np.uint8)
         if len(base_arr) != n:
             base_arr = None
-    cands = _candidates(compression, k, is_float, base_arr is not None)
+    sparse = base_arr is not None and changed_share(arr, base_arr, k) <= SPARSE_MAX_CHANGED
+    cands = _candidates(compression, k, is_float, base_arr is not None, sparse)
     strong = compression == "max"
 
     if len(cands) > 1 and not strong and n >= SAMPLE_THRESHOLD:
         sample = _sample(arr)
         base_sample = None if base_arr is None else _sample(base_arr)
-        sizes = [
-            len(_encode_candidate(c, sample, base_sample, level, False)) / (delta_ceiling if c[0] == Codec.DELTA else 1)
-            for c in cands
-        ]
+        sizes = [_score(c, len(_encode_candidate(c, sample, base_sample, level, False)), delta_ceiling) for c in cands]
         cands = [cands[sizes.index(min(sizes))]]
 
     best: tuple[Codec, Buffer] = (Codec.RAW, data)
     best_size, best_score, best_cand = n, float(n), None
     for cand in cands:
         payload = _encode_candidate(cand, arr, base_arr, level, False)
-        score = len(payload) / (delta_ceiling if cand[0] == Codec.DELTA else 1)
+        score = _score(cand, len(payload), delta_ceiling)
         if score < best_score and len(payload) < n:
             best, best_size, best_score, best_cand = (cand[0], payload), len(payload), score, cand
     if strong and best_cand is not None and best_cand[0] != Codec.ZSTD:
@@ -431,8 +546,8 @@ def _check_flags(codec: int, k: int, flags: int, error: type[Exception]) -> None
         raise error(f"unknown flags {flags:#04x}")
     if flags & FLAG_EXPONENT_ALIGNED and k == 1:
         raise error("the exponent-aligned variant needs an element size of 2, 4 or 8")
-    if flags & FLAG_DIFFERENCE and codec != Codec.DELTA:
-        raise error("the difference variant exists only for the delta codec")
+    if flags & FLAG_DIFFERENCE and codec not in DELTA_CODECS:
+        raise error("the difference variant exists only for the delta codecs")
     if flags & FLAG_DIFFERENCE and flags & FLAG_EXPONENT_ALIGNED:
         raise error("the difference and exponent-aligned variants do not combine")
 
@@ -458,19 +573,82 @@ def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
     return out
 
 
-def _decode_grouped(
-    codec: int, payload: memoryview, raw_length: int, base: Buffer | None, dest: memoryview | None = None
-) -> memoryview:
-    name = "byte-grouped" if codec == Codec.BYTE_GROUPED else "delta"
-    base_arr = None
-    if codec == Codec.DELTA:
-        if base is None:
-            raise ChunkCorruptError("delta-encoded chunk cannot be decoded without its base chunk (none was given)")
-        base_arr = np.frombuffer(_bytes_view(base), np.uint8)
-        if len(base_arr) != raw_length:
-            raise ChunkCorruptError(
-                f"delta-encoded chunk of {raw_length} bytes was given a base chunk of {len(base_arr)} bytes"
-            )
+def _read_planes(
+    name: str, payload: memoryview, pos: int, n: int, k: int, what: str = "plane"
+) -> tuple[list[tuple[int, memoryview]], int]:
+    """Parse ``k`` plane descriptors at ``pos`` and check each plane against ``n`` elements.
+
+    Returns the planes (mode, stored bytes) and the offset after them. Sizes are
+    checked before anything is allocated: a damaged length or frame header must
+    not make us allocate what the payload cannot fill.
+    """
+    head = pos + 5 * k
+    if len(payload) < head:
+        raise ChunkCorruptError(f"{name} payload of {len(payload)} bytes is too short for its header")
+    fields = struct.unpack_from("<" + "BI" * k, payload, pos)
+    pieces = []
+    pos = head
+    for i, (mode, length) in enumerate(zip(fields[0::2], fields[1::2], strict=True)):
+        if pos + length > len(payload):
+            raise ChunkCorruptError(f"{name} {what} {i} runs past the end of the payload")
+        piece = payload[pos : pos + length]
+        pos += length
+        if mode == _PLANE_STORED:
+            if length != n:
+                raise ChunkCorruptError(f"{name} {what} {i} stores {length} bytes, expected {n}")
+        elif mode == _PLANE_ZSTD:
+            _zstd_content_size(piece, n, f"{name} {what} {i}")
+        else:
+            raise ChunkCorruptError(f"{name} {what} {i} has unknown mode {mode}")
+        pieces.append((mode, piece))
+    return pieces, pos
+
+
+def _fill_planes(name: str, pieces: list[tuple[int, memoryview]], out: np.ndarray, n: int, k: int, flags: int) -> None:
+    """Interleave the planes into ``out`` (n*k bytes) and undo the exponent rotation."""
+    cols = out[: n * k].reshape(n, k)
+    for i, (mode, piece) in enumerate(pieces):
+        plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
+        cols[:, i] = np.frombuffer(plane, np.uint8)
+    if n and flags & FLAG_EXPONENT_ALIGNED:  # rotate right by one bit
+        ints = out[: n * k].view(_UINT[k])
+        low = ints >> ints.dtype.type(1)
+        ints <<= ints.dtype.type(8 * k - 1)
+        ints |= low
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A per-thread work buffer of ``size`` bytes, reused (fresh megabytes cost page faults)."""
+    buf: np.ndarray | None = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < size:
+        buf = _local.scratch = np.empty(max(size, 1 << 20), np.uint8)
+    return buf[:size]
+
+
+def _unzigzag_add(values: np.ndarray, base_ints: np.ndarray | None, k: int) -> None:
+    """``values`` (k-byte integers, zigzag differences) becomes ``base + unzigzag(values)`` in place."""
+    ints = values.view(_UINT[k])
+    sign = (ints & ints.dtype.type(1)).view(_INT[k])
+    np.negative(sign, out=sign)  # 0 or -1
+    ints >>= ints.dtype.type(1)
+    ints ^= sign.view(_UINT[k])
+    if base_ints is not None:
+        ints += base_ints
+
+
+def _check_base(name: str, base: Buffer | None, raw_length: int) -> np.ndarray:
+    if base is None:
+        raise ChunkCorruptError(f"{name} chunk cannot be decoded without its base chunk (none was given)")
+    base_arr = np.frombuffer(_bytes_view(base), np.uint8)
+    if len(base_arr) != raw_length:
+        raise ChunkCorruptError(f"{name} chunk of {raw_length} bytes was given a base chunk of {len(base_arr)} bytes")
+    return base_arr
+
+
+def _grouped_header(codec: int, payload: memoryview, raw_length: int) -> tuple[str, int, int]:
+    name = {Codec.BYTE_GROUPED: "byte-grouped", Codec.DELTA: "delta", Codec.SPARSE_DELTA: "sparse delta"}[
+        Codec(codec)
+    ]
     if raw_length < 0:
         raise ChunkCorruptError(f"{name} chunk has a negative length {raw_length}")
     if len(payload) < 2:
@@ -479,56 +657,96 @@ def _decode_grouped(
     if k not in ELEMENT_SIZES:
         raise ChunkCorruptError(f"{name} payload declares element size {k}")
     _check_flags(codec, k, flags, ChunkCorruptError)
-    head = 2 + 5 * k
-    if len(payload) < head:
-        raise ChunkCorruptError(f"{name} payload of {len(payload)} bytes is too short for its header")
-    fields = struct.unpack_from("<" + "BI" * k, payload, 2)
-    modes, lengths = fields[0::2], fields[1::2]
+    return name, k, flags
+
+
+def _decode_grouped(
+    codec: int, payload: memoryview, raw_length: int, base: Buffer | None, dest: memoryview | None = None
+) -> memoryview:
+    """Codec 2 or 3 (dense) into ``dest`` or a new buffer."""
+    name, k, flags = _grouped_header(codec, payload, raw_length)
+    base_arr = _check_base(name, base, raw_length) if codec == Codec.DELTA else None
     n, tail = divmod(raw_length, k)
-    if head + sum(lengths) + tail != len(payload):
-        raise ChunkCorruptError(
-            f"{name} payload holds {len(payload)} bytes, its header accounts for {head + sum(lengths) + tail}"
-        )
-    # check every plane's size before allocating the output: a damaged raw length
-    # or frame header must not make us allocate what the payload cannot fill
-    pieces = []
-    pos = head
-    for i, (mode, length) in enumerate(zip(modes, lengths, strict=True)):
-        piece = payload[pos : pos + length]
-        pos += length
-        if mode == _PLANE_STORED:
-            if length != n:
-                raise ChunkCorruptError(f"{name} plane {i} stores {length} bytes, expected {n}")
-        elif mode == _PLANE_ZSTD:
-            _zstd_content_size(piece, n, f"{name} plane {i}")
-        else:
-            raise ChunkCorruptError(f"{name} plane {i} has unknown mode {mode}")
-        pieces.append((mode, piece))
+    pieces, pos = _read_planes(name, payload, 2, n, k)
+    if pos + tail != len(payload):
+        raise ChunkCorruptError(f"{name} payload holds {len(payload)} bytes, its header accounts for {pos + tail}")
     if dest is not None and len(dest) == raw_length and not dest.readonly:
         out = np.frombuffer(dest, np.uint8)
     else:
         out = np.empty(raw_length, np.uint8)
-    cols = out[: n * k].reshape(n, k)
-    for i, (mode, piece) in enumerate(pieces):
-        plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
-        cols[:, i] = np.frombuffer(plane, np.uint8)
+    _fill_planes(name, pieces, out, n, k, flags)
     out[n * k :] = np.frombuffer(payload[pos:], np.uint8)
-    if n and flags & FLAG_EXPONENT_ALIGNED:  # rotate right by one bit
-        ints = out[: n * k].view(_UINT[k])
-        low = ints >> ints.dtype.type(1)
-        ints <<= ints.dtype.type(8 * k - 1)
-        ints |= low
     if base_arr is not None and flags & FLAG_DIFFERENCE:
-        ints = out[: n * k].view(_UINT[k])
-        sign = (ints & ints.dtype.type(1)).view(_INT[k])
-        np.negative(sign, out=sign)  # 0 or -1
-        ints >>= ints.dtype.type(1)
-        ints ^= sign.view(_UINT[k])
-        ints += base_arr[: n * k].view(_UINT[k])
+        _unzigzag_add(out[: n * k], base_arr[: n * k].view(_UINT[k]), k)
         np.bitwise_xor(out[n * k :], base_arr[n * k :], out=out[n * k :])
     elif base_arr is not None:
         np.bitwise_xor(out, base_arr, out=out)
     return out.data
+
+
+def _patch_sparse(payload: memoryview, raw_length: int, buf: np.ndarray) -> None:
+    """Apply a codec 4 payload to ``buf`` (uint8, holding the base) in place."""
+    name, k, flags = _grouped_header(Codec.SPARSE_DELTA, payload, raw_length)
+    if len(payload) < _SPARSE_HEAD.size:
+        raise ChunkCorruptError(f"{name} payload of {len(payload)} bytes is too short for its header")
+    runs, m = _SPARSE_HEAD.unpack_from(payload, 0)[2:4]
+    n, tail = divmod(raw_length, k)
+    if m > n or runs > m:
+        raise ChunkCorruptError(f"{name} payload declares {runs} runs of {m} elements in a chunk of {n}")
+    table_pieces, pos = _read_planes(name, payload, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table")
+    pieces, pos = _read_planes(name, payload, pos, m, k)
+    if pos + tail != len(payload):
+        raise ChunkCorruptError(f"{name} payload holds {len(payload)} bytes, its header accounts for {pos + tail}")
+    ((mode, body),) = table_pieces
+    table_bytes = body if mode == _PLANE_STORED else _zstd_frame(body, 8 * runs, f"{name} run table")
+    table = np.frombuffer(table_bytes, "<u4").astype(np.int64)
+    gaps, lengths = table[:runs], table[runs:]
+    ends = np.cumsum(gaps + lengths)
+    if int(lengths.sum()) != m or (runs and (int(lengths.min()) < 1 or int(ends[-1]) > n)):
+        raise ChunkCorruptError(f"{name} run table does not fit a chunk of {n} elements")
+    values = np.empty(m * k, np.uint8)
+    _fill_planes(name, pieces, values, m, k, flags)
+    ints = buf[: n * k].view(_UINT[k])
+    idx = _run_index(ends - lengths, lengths)
+    if flags & FLAG_DIFFERENCE:
+        _unzigzag_add(values, ints[idx], k)
+        ints[idx] = values.view(_UINT[k])
+    else:
+        ints[idx] ^= values.view(_UINT[k])
+    np.bitwise_xor(buf[n * k :], np.frombuffer(payload[pos:], np.uint8), out=buf[n * k :])
+
+
+def patch(codec: int, payload: Buffer, raw_length: int, buf: memoryview) -> None:
+    """Turn ``buf`` (writable, ``raw_length`` bytes, holding the decoded base) into the chunk, in place.
+
+    For delta codecs only. Every delta codec is injective in its base: for a given
+    payload, two different bases give two different results, so a chain whose last
+    chunk matches its hash has no damaged link (the reader verifies chains that way).
+    A sparse delta touches only the changed elements; a dense one reads the whole buffer.
+    """
+    view = _bytes_view(payload)
+    arr = np.frombuffer(buf, np.uint8)
+    if len(arr) != raw_length:
+        raise ChunkCorruptError(f"delta chunk of {raw_length} bytes was given a base chunk of {len(arr)} bytes")
+    if codec == Codec.SPARSE_DELTA:
+        _patch_sparse(view, raw_length, arr)
+    elif codec == Codec.DELTA:
+        name, k, flags = _grouped_header(codec, view, raw_length)
+        n, tail = divmod(raw_length, k)
+        pieces, pos = _read_planes(name, view, 2, n, k)
+        if pos + tail != len(view):
+            raise ChunkCorruptError(f"{name} payload holds {len(view)} bytes, its header accounts for {pos + tail}")
+        values = _scratch(n * k)
+        _fill_planes(name, pieces, values, n, k, flags)
+        if flags & FLAG_DIFFERENCE:
+            ints = arr[: n * k].view(_UINT[k])
+            _unzigzag_add(values, None, k)
+            np.add(ints, values.view(_UINT[k]), out=ints)
+        else:
+            np.bitwise_xor(arr[: n * k], values, out=arr[: n * k])
+        np.bitwise_xor(arr[n * k :], np.frombuffer(view[pos:], np.uint8), out=arr[n * k :])
+    else:
+        raise ChunkCorruptError(f"codec {codec} is not a delta codec")
 
 
 def decode(
@@ -550,6 +768,45 @@ def decode(
         return _zstd_frame(payload, raw_length, "zstd chunk")
     if codec in (Codec.BYTE_GROUPED, Codec.DELTA):
         return _decode_grouped(codec, _bytes_view(payload), raw_length, base, out)
+    if codec == Codec.SPARSE_DELTA:
+        base_arr = _check_base("sparse delta", base, raw_length)
+        if out is not None and len(out) == raw_length and not out.readonly:
+            dest = np.frombuffer(out, np.uint8)
+            dest[:] = base_arr
+        else:
+            dest = base_arr.copy()
+        _patch_sparse(_bytes_view(payload), raw_length, dest)
+        return dest.data
     raise FormatVersionError(
         f"chunk uses codec {codec}, which this version of cas does not know; upgrade cas to read it"
     )
+
+
+def coded_planes(codec: int, payload: Buffer, raw_length: int) -> list[tuple[str, int, np.ndarray]]:
+    """What a payload's entropy stage coded, for measuring it: ``(name, stored bytes, plane bytes)``.
+
+    Planes of codecs 2-4 (and a codec-4 run table) come back as the bytes the zstd
+    frame or stored plane holds; a codec-1 payload is one plane of the raw chunk; a
+    raw payload is one stored plane. Everything else in the payload (headers, tails)
+    is stored verbatim. For benchmarks (entropy floors); damage raises ChunkCorruptError.
+    """
+    view = _bytes_view(payload)
+    if codec == Codec.RAW:
+        return [("raw", len(view), np.frombuffer(view, np.uint8))]
+    if codec == Codec.ZSTD:
+        return [("zstd", len(view), np.frombuffer(_zstd_frame(view, raw_length, "zstd chunk"), np.uint8))]
+    name, k, flags = _grouped_header(codec, view, raw_length)
+    n = raw_length // k
+    out: list[tuple[str, int, np.ndarray]] = []
+    pos = 2
+    if codec == Codec.SPARSE_DELTA:
+        runs, n = _SPARSE_HEAD.unpack_from(view, 0)[2:4]
+        table, pos = _read_planes(name, view, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table")
+        for mode, piece in table:
+            body = piece if mode == _PLANE_STORED else _zstd_frame(piece, 8 * runs, f"{name} run table")
+            out.append((f"{codec}/{flags}/{k}/runs", len(piece), np.frombuffer(body, np.uint8)))
+    pieces, pos = _read_planes(name, view, pos, n, k)
+    for i, (mode, piece) in enumerate(pieces):
+        body = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
+        out.append((f"{codec}/{flags}/{k}/{i}", len(piece), np.frombuffer(body, np.uint8)))
+    return out

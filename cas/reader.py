@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cas.codec import DECODES_IN_PLACE, Buffer, Codec, decode, needs_base
+from cas.codec import DECODES_IN_PLACE, Buffer, Codec, decode, needs_base, patch
 from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, Index
@@ -19,6 +19,7 @@ from cas.pack import pack_path
 
 MAX_OPEN_PACKS = 256
 BASE_CACHE_BYTES = 256 << 20  # decoded delta bases kept for reuse within and across loads
+MAX_CHAIN_LINKS = 1024  # a longer chain is damage (the saver never builds one): refuse, do not loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,20 +98,113 @@ class ChunkReader:
         dest: memoryview | None = None,
         payload: bytes | None = None,
     ) -> Buffer:
-        """Decode (following the delta chain through the base cache) and verify one chunk.
+        """Decode (following the delta chain) and verify one chunk.
 
         With ``dest`` the codec may decode straight into it (the result is then a view of it).
+        A delta chain is rebuilt in one buffer: the keyframe (or the nearest cached base)
+        decoded into it, then each delta patched in place, and only the result is hashed:
+        the delta codecs are injective in their base, so a chunk that matches its id
+        proves every link below it. If it does not match, the chain is decoded again link
+        by link, each verified, to name the damaged chunk.
         """
+        stored = self.payload(loc) if payload is None else payload
+        if not needs_base(loc.codec):
+            out = decode(loc.codec, stored, loc.raw_length, None, dest)
+            if hash_bytes(out) != chunk_id:
+                raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
+            return out
+        links, cached = self._chain(chunk_id, loc, where)
+        if dest is not None and len(dest) == loc.raw_length and not dest.readonly:
+            buf = dest
+        else:
+            buf = memoryview(bytearray(loc.raw_length))
+        try:
+            direct_base = self._rebuild(links, cached, buf, stored)
+            if hash_bytes(buf) == chunk_id:
+                if direct_base is not None and loc.base_id is not None:
+                    self._remember(loc.base_id, direct_base)  # proved by the chunk's match
+                return buf
+        except ChunkCorruptError:
+            pass
+        return self._decode_stepwise(chunk_id, loc, where, stored)  # raises, naming the damaged link
+
+    def _rebuild(
+        self, links: list[tuple[ChunkId, ChunkLocation]], cached: bytes | None, buf: memoryview, stored: bytes
+    ) -> bytes | None:
+        """Decode a chain into ``buf``: its root (or cached base), then each delta patched in place.
+
+        Returns a copy of the chunk's direct base when it was decoded here (for the cache).
+        """
+        top_id = links[0][0]
+        if cached is not None:
+            if len(cached) != len(buf):
+                raise ChunkCorruptError(f"chunk {top_id.short()} has a delta base of another length")
+            buf[:] = cached
+        else:
+            _root_id, root = links.pop()
+            if root.raw_length != len(buf):
+                raise ChunkCorruptError(f"chunk {top_id.short()} has a delta base of another length")
+            if root.codec in DECODES_IN_PLACE:
+                decode(root.codec, self.payload(root), root.raw_length, None, buf)
+            else:
+                buf[:] = memoryview(decode(root.codec, self.payload(root), root.raw_length)).cast("B")
+        direct_base = None
+        for i, (_cid, link) in enumerate(reversed(links)):
+            last = i == len(links) - 1
+            if last and cached is None:
+                direct_base = bytes(buf)
+            patch(link.codec, stored if last else self.payload(link), link.raw_length, buf)
+        return direct_base
+
+    def _chain(
+        self, chunk_id: ChunkId, loc: ChunkLocation, where: str
+    ) -> tuple[list[tuple[ChunkId, ChunkLocation]], bytes | None]:
+        """The chunk and the links below it, down to a keyframe (included) or a cached base (returned)."""
+        links = [(chunk_id, loc)]
+        seen = {chunk_id}
+        cursor = loc
+        while needs_base(cursor.codec):
+            base_id = cursor.base_id
+            if base_id is None:
+                raise ChunkCorruptError(f"chunk {links[-1][0].short()} is a delta without a base")
+            with self._lock:
+                cached = self._bases.get(base_id)
+                if cached is not None:
+                    self._bases.move_to_end(base_id)
+                    return links, cached
+            if base_id in seen or len(links) > MAX_CHAIN_LINKS:
+                raise ChunkCorruptError(f"chunk {chunk_id.short()} has a looping or overlong delta chain")
+            cursor = self.locate(base_id, f"{where}, delta base {base_id.short()}")
+            links.append((base_id, cursor))
+            seen.add(base_id)
+        return links, None
+
+    def _decode_stepwise(self, chunk_id: ChunkId, loc: ChunkLocation, where: str, payload: bytes) -> Buffer:
+        """Decode with every link verified on its own (slow path after a failed chain check)."""
         base = None
         if needs_base(loc.codec):
             if loc.base_id is None:
                 raise ChunkCorruptError(f"chunk {chunk_id.short()} is a delta without a base")
-            base = self.base(loc.base_id, where)
-        stored = self.payload(loc) if payload is None else payload
-        out = decode(loc.codec, stored, loc.raw_length, base, dest)
+            base_where = f"{where}, delta base {loc.base_id.short()}"
+            base_loc = self.locate(loc.base_id, base_where)
+            try:
+                base = bytes(self._decode_stepwise(loc.base_id, base_loc, base_where, self.payload(base_loc)))
+            except CorruptionError as exc:
+                raise type(exc)(f"{base_where}: {exc} (pack {base_loc.pack_id.short()})") from None
+        out = decode(loc.codec, payload, loc.raw_length, base)
         if hash_bytes(out) != chunk_id:
             raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
         return out
+
+    def _remember(self, base_id: ChunkId, raw: bytes) -> None:
+        with self._lock:
+            if base_id in self._bases:
+                return
+            self._bases[base_id] = raw
+            self._bases_bytes += len(raw)
+            while self._bases_bytes > self.base_cache_bytes and len(self._bases) > 1:
+                _old, dropped = self._bases.popitem(last=False)
+                self._bases_bytes -= len(dropped)
 
     def base(self, base_id: ChunkId, where: str) -> bytes:
         """The raw bytes of a delta base, from the cache or decoded (and cached) now."""
@@ -120,13 +214,7 @@ class ChunkReader:
                 self._bases.move_to_end(base_id)
                 return cached
         raw = self.read(base_id, f"{where}, delta base {base_id.short()}")
-        with self._lock:
-            if base_id not in self._bases:
-                self._bases[base_id] = raw
-                self._bases_bytes += len(raw)
-                while self._bases_bytes > self.base_cache_bytes and len(self._bases) > 1:
-                    _old, dropped = self._bases.popitem(last=False)
-                    self._bases_bytes -= len(dropped)
+        self._remember(base_id, raw)
         return raw
 
     def verified_payload(self, chunk_id: ChunkId, where: str, loc: ChunkLocation) -> bytes:

@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
 DEFAULT_PACK_SIZE = 64 << 20
-DEFAULT_MAX_DELTA_DEPTH = 2
+DEFAULT_MAX_DELTA_DEPTH = 8
 MAX_DELTA_DEPTH_LIMIT = 64
+DEFAULT_MAX_CHAIN_COST = 2.0  # a chunk at the end of its chain restores in at most ~2x a keyframe
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 256 << 20
 Progress = Callable[[int, int], None]
@@ -79,11 +80,19 @@ class Repository:
         pack_size: int = DEFAULT_PACK_SIZE,
         compression: str = "default",
         max_delta_depth: int = DEFAULT_MAX_DELTA_DEPTH,
+        max_chain_cost: float = DEFAULT_MAX_CHAIN_COST,
         threads: int | None = None,
     ) -> Repository:
-        """Create a repository in a new or empty directory."""
+        """Create a repository in a new or empty directory.
+
+        ``max_delta_depth``: most delta links below a chunk (0: no deltas).
+        ``max_chain_cost``: most estimated restore time of a chunk at the end of its
+        chain, in keyframe restores (dense deltas count ~0.45 each, sparse ones little).
+        """
         if not isinstance(max_delta_depth, int) or not 0 <= max_delta_depth <= MAX_DELTA_DEPTH_LIMIT:
             raise UsageError(f"max_delta_depth must be an integer from 0 to {MAX_DELTA_DEPTH_LIMIT}")
+        if not isinstance(max_chain_cost, (int, float)) or not max_chain_cost >= 1.0:
+            raise UsageError("max_chain_cost must be a number of at least 1.0 (keyframe restores)")
         if not isinstance(chunk_size, int) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size % 16:
             raise UsageError(
                 f"chunk size {chunk_size} must be a multiple of 16 between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
@@ -93,7 +102,7 @@ class Repository:
         check_compression(compression)
         store = LocalStore.create(
             Path(path), {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression,
-                         "max_delta_depth": max_delta_depth}
+                         "max_delta_depth": max_delta_depth, "max_chain_cost": float(max_chain_cost)}
         )
         _, config = LocalStore.open(store.root)
         return cls(store, config, threads)
@@ -138,6 +147,11 @@ class Repository:
     def max_delta_depth(self) -> int:
         """Longest delta chain a save may build (0: no deltas); see FORMAT.md for the measurement."""
         return int(self.config.get("max_delta_depth", DEFAULT_MAX_DELTA_DEPTH))
+
+    @property
+    def max_chain_cost(self) -> float:
+        """Most estimated restore time of a chunk at the end of its delta chain, in keyframe restores."""
+        return float(self.config.get("max_chain_cost", DEFAULT_MAX_CHAIN_COST))
 
     # save ------------------------------------------------------------------
     def save(
@@ -194,7 +208,7 @@ class Repository:
                 bases = base_candidates(parent_root, parent_storages, f"snapshot {parent_id.short()}")
             storer = ChunkStorer(
                 sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
-                bases=bases, max_depth=self.max_delta_depth,
+                bases=bases, max_depth=self.max_delta_depth, max_cost=self.max_chain_cost,
                 read_base=lambda cid: self.reader.base(cid, "delta base for a save"),
             )
             try:

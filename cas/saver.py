@@ -12,10 +12,10 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cas.codec import Buffer, encode, needs_base
+from cas.codec import Buffer, Codec, encode, needs_base
 from cas.faults import crash_point
 from cas.ids import ChunkId, hash_bytes
-from cas.index import ChunkLookup, SealedPack
+from cas.index import ChunkLocation, ChunkLookup, SealedPack
 from cas.pack import FOOTER_ENTRY, HEADER, TRAILER, ChunkKind, PackWriter
 from cas.tree import Blob, KeyPath
 
@@ -85,13 +85,32 @@ class PackSink:
 BaseMap = dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]
 
 
+#: Estimated restore time of one delta link, in keyframe restores (bench/delta_depth.py): a
+#: dense delta decodes every byte again; a sparse one costs a fixed part plus what it stores.
+DENSE_LINK_COST = 0.5
+SPARSE_LINK_FIXED = 0.1
+SPARSE_LINK_PER_STORED = 1.5
+
+
+def link_cost(codec: int, stored_length: int, raw_length: int) -> float:
+    """Estimated restore time a chunk stored with ``codec`` adds over its base (keyframes: 1)."""
+    if codec == Codec.SPARSE_DELTA:
+        return SPARSE_LINK_FIXED + SPARSE_LINK_PER_STORED * stored_length / max(1, raw_length)
+    if codec == Codec.DELTA:
+        return DENSE_LINK_COST
+    return 1.0
+
+
 class ChunkStorer:
     """Stores blobs and nodes for one save, deduplicating against the index and itself.
 
     A new chunk whose tensor (same path, dtype and shape) has a chunk at the same
-    position in the parent snapshot may be stored as a delta against it; when that
-    chunk's chain is already at ``max_depth``, against its nearest ancestor that
-    leaves room. The codec keeps the delta only when it is smaller than a keyframe.
+    position in the parent snapshot may be stored as a delta against it. Chains are
+    bounded twice: at most ``max_depth`` links, and an estimated restore time of at most
+    ``max_cost`` keyframe restores (sparse deltas are cheap links, dense ones dear).
+    When the parent chunk's chain is full, the new chunk hangs from the chain's
+    keyframe (so the next saves again get one-step deltas). The codec keeps the delta
+    only when it beats restarting the chain with a keyframe.
     """
 
     def __init__(
@@ -105,6 +124,7 @@ class ChunkStorer:
         *,
         bases: BaseMap | None = None,
         max_depth: int = 0,
+        max_cost: float = float("inf"),
         read_base: Callable[[ChunkId], bytes] | None = None,
     ) -> None:
         self.sink = sink
@@ -115,9 +135,10 @@ class ChunkStorer:
         self.window = window
         self.bases = bases or {}
         self.max_depth = max_depth if read_base is not None else 0
+        self.max_cost = max_cost
         self.read_base = read_base
         self.known: set[bytes] = set()
-        self.depths: dict[bytes, int] = {}
+        self.chains: dict[bytes, tuple[int, float]] = {}  # chunk -> (links below it, estimated restore cost)
 
     def _is_new(self, cid: bytes) -> bool:
         if cid in self.known:
@@ -125,71 +146,99 @@ class ChunkStorer:
         self.known.add(cid)
         return cid not in self.lookup
 
-    def _depth(self, cid: bytes) -> int | None:
-        """Delta links below ``cid`` (0 for a keyframe); None if it is not stored."""
-        depth = self.depths.get(cid)
-        if depth is not None:
-            return depth
+    def _chain_of(self, cid: bytes) -> tuple[int, float] | None:
+        """(delta links below ``cid``, estimated restore cost) of a stored chunk; None if not stored."""
+        known = self.chains.get(cid)
+        if known is not None:
+            return known
         chain = []
         cursor: bytes | None = cid
-        while cursor is not None and cursor not in self.depths:
+        while cursor is not None and cursor not in self.chains:
             loc = self.lookup.get(cursor)
-            if loc is None:
+            if loc is None or len(chain) > 4096:
                 return None
-            chain.append(cursor)
-            cursor = loc.base_id
-        depth = -1 if cursor is None else self.depths[cursor]
-        for link in reversed(chain):
-            depth += 1
-            self.depths[link] = depth
-        return self.depths[cid]
+            chain.append((cursor, loc))
+            cursor = loc.base_id if needs_base(loc.codec) else None
+        depth, cost = (-1, 0.0) if cursor is None else self.chains[cursor]
+        for link, loc in reversed(chain):
+            if depth < 0:
+                depth, cost = 0, 1.0
+            else:
+                depth, cost = depth + 1, cost + link_cost(loc.codec, loc.stored_length, loc.raw_length)
+            self.chains[link] = (depth, cost)
+        return self.chains[cid]
 
-    def _base_for(self, blob: Blob, index: int, cid: ChunkId) -> tuple[ChunkId | None, float]:
-        """The delta base for a new chunk, and the delta ceiling to encode it with."""
+    def _fits(self, cid: bytes, link: float) -> bool:
+        info = self._chain_of(cid)
+        return info is not None and info[0] + 1 <= self.max_depth and info[1] + link <= self.max_cost
+
+    def _bases_for(self, blob: Blob, index: int, cid: ChunkId) -> list[tuple[ChunkId, float]]:
+        """Delta bases to try for a new chunk, best first, each with the delta ceiling to encode with."""
         if not self.max_depth:
-            return None, 1.0
+            return []
         entry = self.bases.get(blob.path)
         if entry is None or entry[0] != blob.signature or index >= len(entry[1]):
-            return None, 1.0
+            return []
         parent = entry[1][index]
         if parent == cid:
-            return None, 1.0
-        depth = self._depth(parent)
-        if depth is None:
-            return None, 1.0
-        if depth + 1 <= self.max_depth:
-            return parent, 1.0
-        # The parent chunk's chain is full. Either restart it (a keyframe now, cheap deltas
-        # after) or delta against an ancestor that leaves room (dearer as the weights drift).
-        # Keep the delta only while it beats a restart cycle's average, estimated from this
-        # chain: (keyframe + depth x fresh delta) / (depth + 1).
-        chain = [parent]
-        sizes = []
-        loc = self.lookup.get(parent)
-        while loc is not None:
-            sizes.append(loc.stored_length)
-            if loc.base_id is None:
-                break
-            chain.append(loc.base_id)
-            loc = self.lookup.get(loc.base_id)
-        # keyframe: the chain's root; fresh delta: its depth-1 chunk, written one save after it
-        keyframe = sizes[-1] if loc is not None and sizes else 0
-        fresh = sizes[-2] if len(sizes) >= 2 else 0
+            return []
+        parent_loc = self.lookup.get(parent)
+        if parent_loc is None or self._chain_of(parent) is None:
+            return []
+        # the new link will likely cost what the parent's did (same tensor, same kind of update)
+        link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length)
+                if needs_base(parent_loc.codec) else DENSE_LINK_COST)
+        options = [(parent, 1.0)] if self._fits(parent, link) else []
+        branch = self._branch(parent, parent_loc, link)
+        if branch is not None and branch[0] != parent:
+            options.append(branch)
+        return options
+
+    def _branch(self, parent: ChunkId, parent_loc: ChunkLocation, link: float) -> tuple[ChunkId, float] | None:
+        """Where a full chain goes on: a delta from its keyframe spanning the saves since it (then
+        one-step deltas again until the chain is full: a two-level tree under each keyframe), and the
+        ceiling that keeps it only while that beats restarting with a keyframe."""
+        chain = [(parent, parent_loc)]
+        loc = parent_loc
+        while needs_base(loc.codec) and loc.base_id is not None:
+            base_loc = self.lookup.get(loc.base_id)
+            if base_loc is None or len(chain) > 4096:
+                return None
+            chain.append((loc.base_id, base_loc))
+            loc = base_loc
+        root = chain[-1][0]
+        if len(chain) < 2 or not self._fits(root, link):
+            return None
+        # Keep branching while a branch cycle (this delta, then L - 1 one-step deltas) costs less
+        # per save than a restart cycle (a keyframe, then L one-step deltas): with K the
+        # keyframe and f a one-step delta, this delta must stay below
+        # L (K + L f) / (L + 1) - (L - 1) f, a ceiling relative to the keyframe it would replace.
+        keyframe = chain[-1][1].stored_length
+        fresh = parent_loc.stored_length if needs_base(parent_loc.codec) else chain[-2][1].stored_length
         if not keyframe or not fresh:
-            return None, 1.0
-        ancestor = chain[depth + 1 - self.max_depth]  # the deepest one a new delta may hang from
+            return None
+        links = self.max_depth if link <= 0 else max(1, min(self.max_depth, int((self.max_cost - 1.0) / link)))
         ratio = min(1.0, fresh / keyframe)
-        return ancestor, (1 + self.max_depth * ratio) / (self.max_depth + 1)
+        ceiling = links * (1 + links * ratio) / (links + 1) - (links - 1) * ratio
+        return (ChunkId(root), min(1.0, ceiling)) if ceiling > 0 else None
 
     def _encode(
-        self, piece: memoryview, blob: Blob, base_id: ChunkId | None, ceiling: float
+        self, piece: memoryview, blob: Blob, options: list[tuple[ChunkId, float]]
     ) -> tuple[int, Buffer, ChunkId | None]:
-        base = self.read_base(base_id) if base_id is not None and self.read_base is not None else None
-        codec, payload = encode(
-            piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
-            delta_ceiling=ceiling,
-        )
-        return codec, payload, base_id if needs_base(codec) else None
+        for base_id, ceiling in options:
+            base = self.read_base(base_id) if self.read_base is not None else None
+            codec, payload = encode(
+                piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
+                delta_ceiling=ceiling,
+            )
+            if not needs_base(codec):
+                return codec, payload, None  # a keyframe beats the delta: further bases are dearer still
+            base_chain = self.chains.get(base_id)
+            if base_chain is None or base_chain[1] + link_cost(codec, len(payload), len(piece)) <= self.max_cost:
+                return codec, payload, base_id
+            # dearer to restore than estimated (a dense step after sparse ones): try the next base
+        codec, payload = encode(piece, self.compression, element_size=blob.element_size, is_float=blob.is_float)
+        return codec, payload, None
 
     def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, int, memoryview]]:
         size = self.chunk_size
@@ -207,8 +256,8 @@ class ChunkStorer:
             cid = ChunkId(fut.result())
             blob.chunks.append(cid)
             if self._is_new(cid):
-                base, ceiling = self._base_for(blob, index, cid)
-                encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, base, ceiling)))
+                options = self._bases_for(blob, index, cid)
+                encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, options)))
             if progress is not None:
                 progress(len(piece))
 
@@ -216,8 +265,12 @@ class ChunkStorer:
             cid, raw_length, fut = encoding.popleft()
             codec, payload, base_id = fut.result()
             self.sink.add(cid, ChunkKind.DATA, codec, payload, raw_length, base_id)
-            base_depth = self.depths.get(base_id) if base_id is not None else None
-            self.depths[cid] = 0 if base_depth is None else base_depth + 1
+            base_chain = self.chains.get(base_id) if base_id is not None else None
+            if base_chain is None:
+                self.chains[cid] = (0, 1.0)
+            else:
+                cost = link_cost(codec, len(payload), raw_length)
+                self.chains[cid] = (base_chain[0] + 1, base_chain[1] + cost)
 
         for blob in blobs:
             blob.chunks.clear()

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -15,23 +16,31 @@ from cas.codec import (
     FLAG_EXPONENT_ALIGNED,
     SAMPLE_THRESHOLD,
     Codec,
+    changed_share,
     decode,
     encode,
     encode_as,
     needs_base,
+    patch,
 )
 from cas.errors import ChunkCorruptError, FormatVersionError, UsageError
 
 SETTINGS = ["none", "fast", "default", "max"]
 ELEMENT_SIZES = [1, 2, 4, 8]
-# (codec, flags) of every codec 2/3 variant
+# (codec, flags) of every codec 2/3/4 variant
 VARIANTS = [
     (Codec.BYTE_GROUPED, 0),
     (Codec.BYTE_GROUPED, FLAG_EXPONENT_ALIGNED),
     (Codec.DELTA, 0),
     (Codec.DELTA, FLAG_EXPONENT_ALIGNED),
     (Codec.DELTA, FLAG_DIFFERENCE),
+    (Codec.SPARSE_DELTA, 0),
+    (Codec.SPARSE_DELTA, FLAG_EXPONENT_ALIGNED),
+    (Codec.SPARSE_DELTA, FLAG_DIFFERENCE),
 ]
+SPARSE_FLAGS = [0, FLAG_EXPONENT_ALIGNED, FLAG_DIFFERENCE]
+# codec 4 header: k, flags, r (runs), m (elements in the runs), run table mode, its stored length
+SPARSE_HEAD = struct.Struct("<BBIIBI")
 
 
 def _encode_variant(data: bytes, codec: Codec, flags: int, k: int, base: bytes | None) -> bytes:
@@ -42,9 +51,38 @@ def _encode_variant(data: bytes, codec: Codec, flags: int, k: int, base: bytes |
             element_size=k,
             exponent_aligned=bool(flags & FLAG_EXPONENT_ALIGNED),
             difference=bool(flags & FLAG_DIFFERENCE),
-            base=base if codec == Codec.DELTA else None,
+            base=base if needs_base(codec) else None,
         )
     )
+
+
+def _parse_sparse(payload: bytes) -> dict:
+    """Split a codec 4 payload into its fields, following the module docstring (no checks)."""
+    k, flags, r, m, table_mode, table_length = SPARSE_HEAD.unpack_from(payload)
+    pos = SPARSE_HEAD.size
+    table = payload[pos : pos + table_length]
+    if table_mode == 1:
+        table = zstandard.ZstdDecompressor().decompress(table)
+    pos += table_length
+    fields = struct.unpack_from("<" + "BI" * k, payload, pos)
+    pos += 5 * k
+    plane_modes, plane_lengths = list(fields[0::2]), list(fields[1::2])
+    pos += sum(plane_lengths)
+    gaps_lengths = struct.unpack(f"<{2 * r}I", table)
+    starts, end = [], 0
+    for gap, length in zip(gaps_lengths[:r], gaps_lengths[r:], strict=True):
+        starts.append(end + gap)
+        end += gap + length
+    return {
+        "k": k,
+        "flags": flags,
+        "r": r,
+        "m": m,
+        "table_mode": table_mode,
+        "runs": list(zip(starts, gaps_lengths[r:], strict=True)),
+        "plane_modes": plane_modes,
+        "tail": payload[pos:],
+    }
 
 
 def _weights(n: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -109,15 +147,20 @@ def test_unknown_codec_and_setting() -> None:
     data=st.binary(max_size=3000),
     k=st.sampled_from(ELEMENT_SIZES),
     variant=st.sampled_from(VARIANTS),
-    base_seed=st.integers(0, 3),
+    base_seed=st.integers(0, 4),
 )
 def test_every_variant_round_trips(data: bytes, k: int, variant: tuple[Codec, int], base_seed: int) -> None:
     codec, flags = variant
     assume(not (k == 1 and flags & FLAG_EXPONENT_ALIGNED))
-    base = bytes((b + base_seed * 37) % 256 for b in data) if base_seed else os.urandom(len(data))
+    if base_seed == 4:  # a similar base: every 13th byte differs (sparse runs)
+        base = bytes(b ^ (i % 13 == 0) for i, b in enumerate(data))
+    elif base_seed:
+        base = bytes((b + base_seed * 37) % 256 for b in data)
+    else:
+        base = os.urandom(len(data))
     payload = _encode_variant(data, codec, flags, k, base)
-    assert payload[:2] == bytes([k, flags])
-    out = decode(codec, payload, len(data), base if codec == Codec.DELTA else None)
+    assert payload[:2] == bytes([k, flags])  # codecs 2, 3 and 4 all start with k and flags
+    out = decode(codec, payload, len(data), base if needs_base(codec) else None)
     assert bytes(out) == data
 
 
@@ -128,9 +171,12 @@ def test_every_length_including_empty_and_odd_tails(k: int, variant: tuple[Codec
     if k == 1 and flags & FLAG_EXPONENT_ALIGNED:
         pytest.skip("no exponent-aligned variant for single bytes")
     for length in [*range(0, 3 * k + 2), 100, 257, 4099]:
-        data, base = os.urandom(length), os.urandom(length)
-        payload = _encode_variant(data, codec, flags, k, base)
-        assert bytes(decode(codec, payload, length, base if codec == Codec.DELTA else None)) == data
+        data = os.urandom(length)
+        similar = bytearray(data)
+        similar[::37] = bytes(b ^ 0x20 for b in similar[::37])
+        for base in (os.urandom(length), bytes(similar), data):
+            payload = _encode_variant(data, codec, flags, k, base)
+            assert bytes(decode(codec, payload, length, base if needs_base(codec) else None)) == data
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -156,7 +202,7 @@ def test_encode_picks_a_codec_that_round_trips_and_is_never_larger(
     if compression == "none":
         assert codec == Codec.RAW
     if with_base == "other length":
-        assert codec != Codec.DELTA  # a base of another length is not used
+        assert not needs_base(codec)  # a base of another length is not used
     assert bytes(decode(codec, payload, len(data), base if needs_base(codec) else None)) == data
 
 
@@ -204,7 +250,11 @@ def test_delta_of_a_training_step_and_of_sparse_rows() -> None:
     rows = w.reshape(-1, 256).copy()
     rows[[3, 500, 1000]] += 1e-3
     codec, payload = encode(rows.data, "fast", element_size=4, is_float=True, base=w.data)
-    assert codec == Codec.DELTA and len(payload) / w.nbytes < 0.01
+    # three changed rows of 1 KiB: the sparse delta stores little more than their changed bytes
+    assert codec == Codec.SPARSE_DELTA and len(payload) < 3 * 1024
+    assert bytes(decode(codec, payload, w.nbytes, w.data)) == rows.tobytes()
+    dense = encode_as(rows.data, Codec.DELTA, element_size=4, difference=True, base=w.data)
+    assert len(payload) < len(dense)
     assert bytes(decode(codec, payload, w.nbytes, w.data)) == rows.tobytes()
 
     # an unrelated base: the key frame is smaller and wins
@@ -236,23 +286,73 @@ def _payloads() -> list[tuple[Codec, bytes, bytes, bytes | None]]:
         for k in (1, 4):
             if k == 1 and flags & FLAG_EXPONENT_ALIGNED:
                 continue
-            b = base if codec == Codec.DELTA else None
+            b = base if needs_base(codec) else None
             found.append((codec, _encode_variant(raw, codec, flags, k, base), raw, b))
+    # sparse deltas against bases that differ in a few places, so that damage hits the run table
+    for k in ELEMENT_SIZES:
+        for changed, tail_differs in _sparse_patterns(len(raw) // k, k):
+            sparse_base = _sparse_base(raw, k, changed, tail_differs)
+            for flags in SPARSE_FLAGS:
+                if k == 1 and flags & FLAG_EXPONENT_ALIGNED:
+                    continue
+                payload = _encode_variant(raw, Codec.SPARSE_DELTA, flags, k, sparse_base)
+                found.append((Codec.SPARSE_DELTA, payload, raw, sparse_base))
     return found
+
+
+def _sparse_patterns(n: int, k: int) -> list[tuple[list[int], bool]]:
+    """(changed element positions, tail differs) for a chunk of ``n`` elements of ``k`` bytes."""
+    merged = 16 // k  # a gap of exactly 16 bytes: folded into one run
+    few = [0, 1, 2, 50, 51, 300, 301 + merged, 1000, 1000 + merged + 1, n - 2, n - 1]
+    many = [j for i in range(5, n - 2, 40) for j in (i, i + 1, i + 2)]  # regular runs: a zstd-framed run table
+    return [(few, True), (many, False), ([n // 2], False), ([], True)]
+
+
+def _sparse_base(raw: bytes, k: int, changed: list[int], tail_differs: bool) -> bytes:
+    """``raw`` with the elements at ``changed`` moved a little (byte 0, some also byte k-1) and maybe its tail."""
+    base = bytearray(raw)
+    for j, i in enumerate(changed):
+        base[i * k] ^= 1 + j % 200
+        if j % 3 == 0 and k > 1:
+            base[i * k + k - 1] ^= 0x40
+    t = len(raw) % k
+    if tail_differs and t:
+        base[-t:] = bytes(b ^ 0xA5 for b in base[-t:])
+    return bytes(base)
 
 
 PAYLOADS = _payloads()
 
 
+def test_damage_payloads_cover_every_sparse_layout() -> None:
+    sparse = [_parse_sparse(payload) for codec, payload, _, _ in PAYLOADS if codec == Codec.SPARSE_DELTA]
+    for k in ELEMENT_SIZES:
+        of_k = [p for p in sparse if p["k"] == k]
+        assert {p["table_mode"] for p in of_k} == {0, 1}  # stored and zstd-framed run tables
+        assert {mode for p in of_k for mode in p["plane_modes"]} == {0, 1}
+        assert any(p["r"] == 0 for p in of_k) and any(p["r"] == 1 and p["m"] == 1 for p in of_k)
+        assert any(p["runs"] and p["runs"][0][0] == 0 and sum(p["runs"][-1]) == 12003 // k for p in of_k)
+
+
 def _decode_or_corrupt(codec: int, payload: bytes, raw_length: int, base: bytes | None) -> None:
+    out: bytes | None = None
     try:
-        out = decode(codec, payload, raw_length, base)
+        out = bytes(decode(codec, payload, raw_length, base))
     except ChunkCorruptError:
-        return
-    assert len(memoryview(out).cast("B")) == raw_length  # wrong bytes are left to the BLAKE3 check
+        pass
+    else:
+        assert len(out) == raw_length  # wrong bytes are left to the BLAKE3 check
+    if needs_base(codec) and base is not None and len(base) == raw_length >= 0:
+        buf = bytearray(base)  # patch (the reader's path) agrees with decode on damage and on the result
+        try:
+            patch(codec, payload, raw_length, buf)
+        except ChunkCorruptError:
+            assert out is None
+        else:
+            assert out == buf
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     which=st.integers(0, len(PAYLOADS) - 1),
     position=st.floats(0, 1, exclude_max=True),
@@ -275,17 +375,35 @@ def test_fuzz_truncated_or_extended_payload_raises(which: int, cut: float, extra
     codec, payload, raw, base = PAYLOADS[which]
     with pytest.raises(ChunkCorruptError):
         decode(codec, payload[: int(cut * len(payload))], len(raw), base)
-    if extra and codec != Codec.ZSTD:  # a zstd frame ignores trailing bytes; codecs 2/3 count them
+    if extra and codec != Codec.ZSTD:  # a zstd frame ignores trailing bytes; codecs 2/3/4 count them
         with pytest.raises(ChunkCorruptError):
             decode(codec, payload + extra, len(raw), base)
-    with pytest.raises(ChunkCorruptError):
-        decode(codec, payload, len(raw) + 1 + len(extra), base if base is None else base + b"\0" * (1 + len(extra)))
+    longer = len(raw) + 1 + len(extra)
+    longer_base = base if base is None else base + b"\0" * (1 + len(extra))
+    if codec == Codec.SPARSE_DELTA and (longer - len(raw)) % payload[0] == 0:
+        # a sparse payload does not record n, only the tail length: with a base of the other length and the
+        # same tail length it decodes (to other bytes), which the BLAKE3 check catches
+        _decode_or_corrupt(codec, payload, longer, longer_base)
+    else:
+        with pytest.raises(ChunkCorruptError):
+            decode(codec, payload, longer, longer_base)
 
 
-@settings(max_examples=300, deadline=None)
-@given(payload=st.binary(max_size=200), raw_length=st.integers(0, 300), codec=st.sampled_from([1, 2, 3]))
+@pytest.mark.parametrize("k", ELEMENT_SIZES)
+def test_sparse_delta_with_a_shorter_base_and_length(k: int) -> None:
+    # a base shorter by whole elements with a length to match: the runs overrun the chunk or the tail does not fit
+    raw = _weights(3000).tobytes() + b"\x01\x02\x03"
+    base = _sparse_base(raw, k, [0, len(raw) // k - 1], True)  # a run ends at the last element
+    payload = _encode_variant(raw, Codec.SPARSE_DELTA, 0, k, base)
+    for cut in (k, 2 * k, 1):
+        with pytest.raises(ChunkCorruptError):
+            decode(Codec.SPARSE_DELTA, payload, len(raw) - cut, base[:-cut])
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=st.binary(max_size=200), raw_length=st.integers(0, 300), codec=st.sampled_from([1, 2, 3, 4]))
 def test_fuzz_arbitrary_bytes_never_raise_another_error(payload: bytes, raw_length: int, codec: int) -> None:
-    _decode_or_corrupt(codec, payload, raw_length, os.urandom(raw_length) if codec == 3 else None)
+    _decode_or_corrupt(codec, payload, raw_length, os.urandom(raw_length) if needs_base(codec) else None)
 
 
 def test_forged_headers_are_corrupt() -> None:
@@ -321,17 +439,28 @@ def test_huge_or_negative_lengths_are_corrupt_without_allocating_them() -> None:
                 decode(codec, payload, raw_length, base)
 
 
-def test_delta_needs_its_base() -> None:
-    assert needs_base(Codec.DELTA)
+@pytest.mark.parametrize("codec", [Codec.DELTA, Codec.SPARSE_DELTA])
+def test_delta_needs_its_base(codec: Codec) -> None:
+    assert needs_base(codec)
     assert not any(needs_base(c) for c in (Codec.RAW, Codec.ZSTD, Codec.BYTE_GROUPED))
     raw, base = _weights(100).tobytes(), _weights(100, seed=1).tobytes()
-    payload = _encode_variant(raw, Codec.DELTA, 0, 4, base)
+    if codec == Codec.SPARSE_DELTA:  # a few changed elements
+        base = _sparse_base(raw, 4, [3, 50, 51], False)
+    payload = _encode_variant(raw, codec, 0, 4, base)
     with pytest.raises(ChunkCorruptError, match="without its base"):
-        decode(Codec.DELTA, payload, len(raw))
+        decode(codec, payload, len(raw))
     with pytest.raises(ChunkCorruptError, match="base chunk of 399 bytes"):
-        decode(Codec.DELTA, payload, len(raw), base[:-1])
+        decode(codec, payload, len(raw), base[:-1])
+    with pytest.raises(ChunkCorruptError, match="base chunk of 401 bytes"):
+        decode(codec, payload, len(raw), base + b"\0")
+    with pytest.raises(ChunkCorruptError, match="base chunk of 399 bytes"):
+        patch(codec, payload, len(raw), memoryview(bytearray(base[:-1])))
     with pytest.raises(UsageError):
-        encode_as(raw, Codec.DELTA, element_size=4)
+        encode_as(raw, codec, element_size=4)
+    with pytest.raises(UsageError, match="base chunk holds"):
+        encode_as(raw, codec, element_size=4, base=base[:-1])
+    with pytest.raises(ChunkCorruptError, match="not a delta codec"):
+        patch(Codec.BYTE_GROUPED, payload, len(raw), memoryview(bytearray(base)))
 
 
 def test_bad_arguments_are_usage_errors() -> None:
@@ -354,10 +483,271 @@ def test_encode_and_decode_from_threads() -> None:
         for compression in ("fast", "default"):
             codec, payload = encode(data, compression, element_size=4, is_float=True, base=base)
             ok &= bytes(decode(codec, payload, len(data), base if needs_base(codec) else None)) == data
+        for codec in (Codec.DELTA, Codec.SPARSE_DELTA):  # patch's per-thread scratch buffers
+            buf = bytearray(base)
+            patch(codec, encode_as(data, codec, element_size=4, difference=True, base=base), len(data), buf)
+            ok &= buf == data
         return ok
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, chunks * 3))
+
+
+# -- sparse delta (codec 4) -------------------------------------------------------------
+
+
+_UINTS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
+def _expected_runs(mask: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """(start, length) of the runs of changed elements, per the spec: unchanged gaps of at most
+    16 bytes (16 // k elements) between two changed elements are folded into one run."""
+    runs: list[list[int]] = []
+    for i in np.flatnonzero(mask).tolist():
+        if runs and i - (runs[-1][0] + runs[-1][1]) <= 16 // k:
+            runs[-1][1] = i + 1 - runs[-1][0]
+        else:
+            runs.append([i, 1])
+    return [(start, length) for start, length in runs]
+
+
+@st.composite
+def _sparse_change(draw: st.DrawFn) -> tuple[int, int, bytes, bytes, np.ndarray]:
+    """(k, flags, base, data, mask of the changed elements): a random base and a sparse set of changes."""
+    k = draw(st.sampled_from(ELEMENT_SIZES))
+    flags = draw(st.sampled_from(SPARSE_FLAGS if k > 1 else [0, FLAG_DIFFERENCE]))
+    n = draw(st.integers(0, 300))
+    mask = np.zeros(n, bool)
+    pos = 0  # runs of changes after gaps (in elements) shorter and longer than 16 bytes; gap 0: adjacent runs
+    for gap, length in draw(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 20)), max_size=10)):
+        mask[pos + gap : pos + gap + length] = True
+        pos += gap + length
+    if draw(st.booleans()):  # a run touching the start
+        mask[: draw(st.integers(1, 3))] = True
+    if n and draw(st.booleans()):  # a run touching the end
+        mask[n - draw(st.integers(1, 3)) :] = True
+    tail = draw(st.integers(0, k - 1))
+    tail_differs = draw(st.booleans())
+    small = draw(st.booleans())  # small integer steps (the difference variant's case) or random bit flips
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    base = rng.integers(0, 256, n * k + tail, np.uint8)
+    data = base.copy()
+    ints = data[: n * k].view(_UINTS[k])
+    count = int(mask.sum())
+    if small:
+        step = rng.integers(1, 4, count).astype(_UINTS[k])
+        ints[mask] = np.where(rng.random(count) < 0.5, ints[mask] + step, ints[mask] - step)
+    else:
+        flips = rng.integers(0, 256, count * k, np.uint8).view(_UINTS[k])
+        flips[flips == 0] = 1
+        ints[mask] ^= flips
+    if tail_differs and tail:
+        data[n * k :] ^= rng.integers(1, 256, tail, np.uint8)
+    return k, flags, base.tobytes(), data.tobytes(), mask
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(change=_sparse_change())
+def test_sparse_delta_round_trips_and_patches(change: tuple[int, int, bytes, bytes, np.ndarray]) -> None:
+    k, flags, base, data, mask = change
+    n, t = divmod(len(data), k)
+    share = changed_share(np.frombuffer(data, np.uint8), np.frombuffer(base, np.uint8), k)
+    assert share == (int(mask.sum()) / n if n else 0.0)  # exact; the tail is not counted
+
+    payload = _encode_variant(data, Codec.SPARSE_DELTA, flags, k, base)
+    fields = _parse_sparse(payload)
+    assert (fields["k"], fields["flags"]) == (k, flags)
+    assert fields["runs"] == _expected_runs(mask, k)
+    assert fields["r"] == len(fields["runs"]) and fields["m"] == sum(length for _, length in fields["runs"])
+    assert fields["tail"] == bytes(a ^ b for a, b in zip(data[n * k :], base[n * k :], strict=True))
+    assert len(fields["tail"]) == t
+
+    assert bytes(decode(Codec.SPARSE_DELTA, payload, len(data), base)) == data
+    dest = bytearray(len(data))
+    out = decode(Codec.SPARSE_DELTA, payload, len(data), base, memoryview(dest))
+    assert bytes(dest) == data and bytes(out) == data
+    buf = bytearray(base)
+    patch(Codec.SPARSE_DELTA, payload, len(data), buf)
+    assert buf == data
+
+    dense = _encode_variant(data, Codec.DELTA, flags, k, base)  # the dense delta patches too
+    buf = bytearray(base)
+    patch(Codec.DELTA, dense, len(data), buf)
+    assert buf == data
+
+
+def _sparse_payload(
+    runs: list[tuple[int, int]],
+    *,
+    m: int | None = None,
+    r: int | None = None,
+    k: int = 4,
+    flags: int = 0,
+    table: bytes | None = None,
+    table_mode: int = 0,
+    tail: bytes = b"\x5a",
+) -> bytes:
+    """A codec 4 payload built by hand from the documented layout: stored run table, stored planes.
+
+    ``runs``: (gap, length) pairs; ``m``/``r``/``table`` override what they would be. Plane i holds
+    bytes i+1, i+2, ... so every value is non-zero.
+    """
+    r = len(runs) if r is None else r
+    m = sum(length for _, length in runs) if m is None else m
+    if table is None:
+        table = struct.pack(f"<{2 * len(runs)}I", *(g for g, _ in runs), *(length for _, length in runs))
+    planes = b"".join(bytes((i + j + 1) % 256 for j in range(m)) for i in range(k))
+    head = SPARSE_HEAD.pack(k, flags, r, m, table_mode, len(table))
+    return head + table + struct.pack("<BI", 0, m) * k + planes + tail
+
+
+SPARSE_BASE = bytes(range(100, 133))  # 8 elements of 4 bytes and a 1-byte tail
+
+
+def test_hand_built_sparse_payload_decodes() -> None:
+    # runs: elements 1-2 (gap 1) and 6 (gap 3 after element 3): the builder follows the spec
+    payload = _sparse_payload([(1, 2), (3, 1)])
+    expected = bytearray(SPARSE_BASE)
+    for j, element in enumerate([1, 2, 6]):
+        for i in range(4):
+            expected[4 * element + i] ^= i + j + 1
+    expected[32] ^= 0x5A
+    assert bytes(decode(Codec.SPARSE_DELTA, payload, 33, SPARSE_BASE)) == expected
+    buf = bytearray(SPARSE_BASE)
+    patch(Codec.SPARSE_DELTA, payload, 33, buf)
+    assert buf == expected
+    # no runs at all: the base with its tail changed
+    assert bytes(decode(Codec.SPARSE_DELTA, _sparse_payload([]), 33, SPARSE_BASE)) == SPARSE_BASE[:32] + bytes(
+        [SPARSE_BASE[32] ^ 0x5A]
+    )
+
+
+ZSTD_TABLE = zstandard.ZstdCompressor().compress(struct.pack("<2I", 1, 2))  # one run (1, 2) as a zstd frame
+DAMAGED_SPARSE = {
+    "a run overruns the chunk": _sparse_payload([(6, 3)]),
+    "the last run overruns the chunk": _sparse_payload([(1, 2), (5, 1)]),
+    "a run ends one past the chunk": _sparse_payload([(0, 9)], m=9),
+    "a gap of 2**32 - 1": _sparse_payload([(0xFFFFFFFF, 1)]),
+    "gaps that would wrap a u32 sum": _sparse_payload([(0xFFFFFFFF, 1), (0xFFFFFFFF, 1)]),
+    "a zero-length run": _sparse_payload([(1, 0), (2, 2)]),
+    "a zero-length run and m = 0": _sparse_payload([(1, 0)]),
+    "a zero-length run, r > m": _sparse_payload([(0, 1), (0, 1), (0, 0)]),
+    "m above the sum of the lengths": _sparse_payload([(1, 2)], m=3),
+    "m below the sum of the lengths": _sparse_payload([(1, 2), (1, 2)], m=3),
+    "r > m": _sparse_payload([(0, 1), (1, 1), (1, 1)], m=2),
+    "m > n": _sparse_payload([(0, 8)], m=9),
+    "r larger than the table": _sparse_payload([(1, 2)], r=2),
+    "r smaller than the table": _sparse_payload([(1, 1), (1, 1)], r=1),
+    "unknown run table mode": _sparse_payload([(1, 2)], table_mode=7),
+    "a stored table marked zstd": _sparse_payload([(1, 2)], table_mode=1),
+    "a zstd table of the wrong content size": _sparse_payload([(1, 2), (1, 1)], table=ZSTD_TABLE, table_mode=1),
+    "a zstd table that does not decode": _sparse_payload(
+        [(1, 2)], table=ZSTD_TABLE[:-3] + b"\xff\xff\xff", table_mode=1
+    ),
+    "a missing tail": _sparse_payload([(1, 2)], tail=b""),
+    "a tail too long": _sparse_payload([(1, 2)], tail=b"\x01\x02"),
+    "difference and exponent-aligned": _sparse_payload([(1, 2)], flags=FLAG_DIFFERENCE | FLAG_EXPONENT_ALIGNED),
+    "an unknown flag": _sparse_payload([(1, 2)], flags=0x04),
+    "exponent-aligned single bytes": _sparse_payload([(1, 2)], k=1, flags=FLAG_EXPONENT_ALIGNED, tail=b""),
+    "element size 3": _sparse_payload([(1, 2)], k=3, tail=b""),
+    "a header cut short": _sparse_payload([(1, 2)])[:14],
+    "plane descriptors cut short": _sparse_payload([(1, 2)])[:30],
+}
+
+
+@pytest.mark.parametrize("payload", DAMAGED_SPARSE.values(), ids=DAMAGED_SPARSE.keys())
+def test_damaged_sparse_run_tables_are_corrupt(payload: bytes) -> None:
+    assert bytes(decode(Codec.SPARSE_DELTA, _sparse_payload([(1, 2)]), 33, SPARSE_BASE))  # the base fits
+    with pytest.raises(ChunkCorruptError):
+        decode(Codec.SPARSE_DELTA, payload, 33, SPARSE_BASE)
+    with pytest.raises(ChunkCorruptError):
+        patch(Codec.SPARSE_DELTA, payload, 33, memoryview(bytearray(SPARSE_BASE)))
+
+
+# r = 0 with m > 0: the (empty) run table does not add up to m
+@pytest.mark.parametrize("m", [1, 2])
+def test_sparse_payload_without_runs_but_with_changed_elements_is_corrupt(m: int) -> None:
+    payload = _sparse_payload([], m=m)
+    with pytest.raises(ChunkCorruptError):
+        decode(Codec.SPARSE_DELTA, payload, 33, SPARSE_BASE)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    runs=st.lists(
+        st.tuples(st.one_of(st.integers(0, 45), st.just(0xFFFFFFFF)), st.integers(0, 45)), min_size=1, max_size=6
+    ),
+    m_delta=st.one_of(st.just(0), st.integers(-3, 3)),
+)
+def test_fuzz_sparse_run_tables(n: int, runs: list[tuple[int, int]], m_delta: int) -> None:
+    """Any run table: decodes exactly when the spec allows it (runs of length >= 1 inside the n
+    elements adding up to m), else ChunkCorruptError."""
+    m = sum(length for _, length in runs) + m_delta
+    assume(m >= 0)
+    payload = _sparse_payload(runs, m=m, tail=b"")
+    base = bytes(range(4 * n))
+    valid = all(length >= 1 for _, length in runs) and m_delta == 0 and sum(g + ln for g, ln in runs) <= n
+    if not valid:
+        with pytest.raises(ChunkCorruptError):
+            decode(Codec.SPARSE_DELTA, payload, 4 * n, base)
+        return
+    expected = bytearray(base)
+    j, end = 0, 0
+    for gap, length in runs:
+        for element in range(end + gap, end + gap + length):
+            for i in range(4):
+                expected[4 * element + i] ^= (i + j + 1) % 256
+            j += 1
+        end += gap + length
+    assert bytes(decode(Codec.SPARSE_DELTA, payload, 4 * n, base)) == expected
+
+
+def test_encode_picks_the_sparse_delta_when_a_few_rows_changed() -> None:
+    w = _weights(1 << 18)  # 1 MiB of float32 in rows of 256: chooses on a sample
+    rows = w.reshape(-1, 256).copy()
+    changed = np.arange(20) * 51 + 7  # 20 of 1024 rows (2 %), none adjacent
+    rows[changed] += np.float32(1e-3)
+    arr, base_arr = np.frombuffer(rows, np.uint8), np.frombuffer(w, np.uint8)
+    assert changed_share(arr, base_arr, 4) == 20 * 256 / (1 << 18) == np.count_nonzero(rows.ravel() != w) / (1 << 18)
+    # a tail (here 3 bytes of the last, unchanged element, or a differing extra byte) is not counted
+    assert changed_share(arr[:-1], base_arr[:-1], 4) == 20 * 256 / ((1 << 18) - 1)
+    tail_differs = changed_share(np.append(arr, np.uint8(1)), np.append(base_arr, np.uint8(2)), 4)
+    assert tail_differs == 20 * 256 / (1 << 18)
+    dense = encode_as(rows.data, Codec.DELTA, element_size=4, difference=True, base=w.data)
+    for compression in ("fast", "default", "max"):
+        codec, payload = encode(rows.data, compression, element_size=4, is_float=True, base=w.data)
+        assert codec == Codec.SPARSE_DELTA, compression
+        assert len(payload) < len(dense) and len(payload) < w.nbytes / 10
+        fields = _parse_sparse(bytes(payload))
+        assert fields["runs"] == [(256 * int(row), 256) for row in changed]
+        assert bytes(decode(codec, payload, w.nbytes, w.data)) == rows.tobytes()
+
+    # every element moved a little: more than half changed, so no sparse candidate; the dense delta wins
+    nxt = w + _weights(1 << 18, seed=1, scale=1e-4)
+    share = changed_share(np.frombuffer(nxt, np.uint8), base_arr, 4)
+    assert share == np.count_nonzero(nxt != w) / (1 << 18) and share > 0.5
+    for compression in ("fast", "default"):
+        codec, payload = encode(nxt.data, compression, element_size=4, is_float=True, base=w.data)
+        assert codec == Codec.DELTA, compression
+        assert bytes(decode(codec, payload, w.nbytes, w.data)) == nxt.tobytes()
+
+
+def _typed_view(b: bytes) -> memoryview:
+    return memoryview(np.frombuffer(bytearray(b), np.float32))
+
+
+@pytest.mark.parametrize("codec", [Codec.SPARSE_DELTA, Codec.DELTA])
+@pytest.mark.parametrize("make", [bytearray, _typed_view], ids=["bytearray", "float32-view"])
+def test_patch_into_other_writable_buffers(codec: Codec, make: type) -> None:
+    # a memoryview of float32 has len() in elements: patch must still see its bytes
+    base = _weights(64).tobytes()
+    data = _sparse_base(base, 4, [1, 2, 40], False)
+    payload = _encode_variant(data, codec, FLAG_DIFFERENCE, 4, base)
+    buf = make(base)
+    patch(codec, payload, len(data), buf)
+    assert bytes(buf) == data
 
 
 # -- golden bytes: the format must not drift --------------------------------------------
@@ -418,3 +808,39 @@ def test_decode_in_place_writes_into_the_given_buffer() -> None:
         dest = bytearray(len(raw))
         out = decode(codec, bytes(payload), len(raw), base, memoryview(dest))
         assert bytes(dest) == raw and bytes(out) == raw
+
+
+# Codec 4 of GOLDEN_RAW against GOLDEN_BASE, k = 4, flags = 0 (XOR, no rotation), derived from the
+# module docstring by hand. Elements 3 (3.25 = 0x40500000 vs 3.0 = 0x40400000) and 4 (0.0 = 0x00000000 vs
+# 0.0078125 = 0x3c000000) differ, elements 0-2 and 5 are equal: one run. Values 0x40500000 ^ 0x40400000 =
+# 0x00100000 and 0x00000000 ^ 0x3c000000 = 0x3c000000. Everything is stored (mode 0): the run table
+# (8 bytes) and the planes (2 bytes) are too short to try zstd.
+GOLDEN_SPARSE = (
+    "04"  # k = 4
+    "00"  # flags = 0
+    "01000000"  # r = 1 run (u32)
+    "02000000"  # m = 2 elements in all runs (u32)
+    "00"  # run table mode 0: stored
+    "08000000"  # run table stored length 8r = 8 (u32)
+    "03000000"  # gap[0] = 3: the run starts at element 3
+    "02000000"  # length[0] = 2: elements 3 and 4
+    "0002000000"  # plane 0 descriptor: stored, m = 2 bytes
+    "0002000000"  # plane 1 descriptor
+    "0002000000"  # plane 2 descriptor
+    "0002000000"  # plane 3 descriptor
+    "0000"  # plane 0: byte 0 (least significant) of 0x00100000 and of 0x3c000000
+    "0000"  # plane 1: byte 1
+    "1000"  # plane 2: byte 2
+    "003c"  # plane 3: byte 3 (most significant)
+    "02"  # tail, t = 25 mod 4 = 1 byte: 0x07 ^ 0x05
+)
+
+
+def test_golden_sparse_payload() -> None:
+    payload = bytes.fromhex(GOLDEN_SPARSE)
+    assert len(payload) == 15 + 8 + 5 * 4 + 4 * 2 + 1
+    assert _encode_variant(GOLDEN_RAW, Codec.SPARSE_DELTA, 0, 4, GOLDEN_BASE) == payload
+    assert bytes(decode(Codec.SPARSE_DELTA, payload, len(GOLDEN_RAW), GOLDEN_BASE)) == GOLDEN_RAW
+    buf = bytearray(GOLDEN_BASE)
+    patch(Codec.SPARSE_DELTA, payload, len(GOLDEN_RAW), buf)
+    assert buf == GOLDEN_RAW

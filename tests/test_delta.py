@@ -6,6 +6,7 @@ import torch
 
 import cas
 from cas.codec import Codec
+from cas.saver import link_cost
 from tests.helpers import assert_same
 
 
@@ -37,7 +38,7 @@ def chain_depths(repo: cas.Repository) -> dict[bytes, int]:
 
 def test_chain_depth_bound_over_50_saves(tmp_path: Path) -> None:
     states = training_run(50)
-    with cas.Repository.init(tmp_path / "r", chunk_size=16 * 1024, max_delta_depth=3) as repo:
+    with cas.Repository.init(tmp_path / "r", chunk_size=16 * 1024, max_delta_depth=3, max_chain_cost=100) as repo:
         for i, sd in enumerate(states):
             repo.save(sd, tag=f"s{i}")
         depths = chain_depths(repo)
@@ -45,6 +46,58 @@ def test_chain_depth_bound_over_50_saves(tmp_path: Path) -> None:
         codecs = {loc.codec for _cid, loc in repo.index.iter_chunks()}
         assert Codec.DELTA in codecs
         for i in (0, 3, 4, 27, 49):
+            assert_same(repo.load(f"s{i}"), states[i])
+        assert repo.verify(read_data=True).ok
+
+
+def chain_costs(repo: cas.Repository) -> dict[bytes, float]:
+    """The saver's estimated restore cost of every chunk (keyframe 1 + link_cost per delta)."""
+    entries = dict(repo.index.iter_chunks())
+    costs: dict[bytes, float] = {}
+
+    def cost(cid: bytes) -> float:
+        if cid not in costs:
+            loc = entries[cid]
+            link = link_cost(loc.codec, loc.stored_length, loc.raw_length)
+            costs[cid] = 1.0 if loc.base_id is None else cost(loc.base_id) + link
+        return costs[cid]
+
+    for cid in entries:
+        cost(cid)
+    return costs
+
+
+def sparse_run(steps: int, rows: int = 2048, dim: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """An embedding table where 1 % of the rows change per step (SparseAdam-like)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(rows, dim, generator=g) * 0.02
+    out = []
+    for _ in range(steps):
+        table = table.clone()
+        touched = torch.randperm(rows, generator=g)[: rows // 100]
+        table[touched] += torch.randn(len(touched), dim, generator=g) * 1e-3
+        out.append({"emb": table})
+    return out
+
+
+def test_default_chain_cost_bound_keeps_dense_chains_short_and_lets_sparse_ones_run_deep(tmp_path: Path) -> None:
+    with cas.Repository.init(tmp_path / "dense", chunk_size=16 * 1024) as repo:
+        states = training_run(20)
+        for i, sd in enumerate(states):
+            repo.save(sd, tag=f"s{i}")
+        assert max(chain_depths(repo).values()) == 2  # dense links cost ~0.5 keyframe restores each
+        assert max(chain_costs(repo).values()) <= repo.max_chain_cost
+        assert_same(repo.load("s19"), states[19])
+    with cas.Repository.init(tmp_path / "sparse", chunk_size=64 * 1024) as repo:
+        states = sparse_run(30)
+        sizes = [repo.save(sd, tag=f"s{i}").bytes_added for i, sd in enumerate(states)]
+        codecs = {loc.codec for _cid, loc in repo.index.iter_chunks()}
+        assert Codec.SPARSE_DELTA in codecs
+        depths = chain_depths(repo)
+        assert 2 < max(depths.values()) <= repo.max_delta_depth  # cheap links: deeper chains
+        assert max(chain_costs(repo).values()) <= repo.max_chain_cost
+        assert sum(sizes[1:]) / len(sizes[1:]) < sizes[0] / 20  # later saves store about what changed
+        for i in (0, 7, 8, 29):
             assert_same(repo.load(f"s{i}"), states[i])
         assert repo.verify(read_data=True).ok
 
