@@ -105,6 +105,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import zstandard
 
+from cas import planes
 from cas.errors import ChunkCorruptError, FormatVersionError, UsageError
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -219,50 +220,11 @@ def _bytes_view(data: Buffer) -> memoryview:
 # encoding
 
 
-def _rotate_left(body: np.ndarray, k: int) -> np.ndarray:
-    ints = body.view(_UINT[k])
-    rotated = np.left_shift(ints, ints.dtype.type(1))
-    rotated |= ints >> ints.dtype.type(8 * k - 1)
-    out: np.ndarray = rotated.view(np.uint8)
-    return out
-
-
-def _zigzag_difference(body: np.ndarray, base_body: np.ndarray, k: int) -> np.ndarray:
-    """``zigzag(body - base_body)`` per little-endian k-byte integer, wrapping."""
-    diff = np.subtract(body.view(_UINT[k]), base_body.view(_UINT[k]))
-    sign = diff.view(_INT[k]) >> (8 * k - 1)  # 0 or -1
-    diff <<= diff.dtype.type(1)
-    diff ^= sign.view(_UINT[k])
-    out: np.ndarray = diff.view(np.uint8)
-    return out
-
-
-def _transform(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int) -> np.ndarray:
-    """The bytes a codec 2/3 payload groups: body transformed, tail (XORed with the base) kept."""
-    n = len(arr) // k * k
-    if flags & FLAG_DIFFERENCE:
-        assert base_arr is not None
-        body = _zigzag_difference(arr[:n], base_arr[:n], k)
-        tail = np.bitwise_xor(arr[n:], base_arr[n:])
-        return np.concatenate([body, tail]) if len(tail) else body
-    if base_arr is not None:
-        arr = np.bitwise_xor(arr, base_arr)
-    if flags & FLAG_EXPONENT_ALIGNED:
-        body = _rotate_left(arr[:n], k)
-        return np.concatenate([body, arr[n:]]) if n < len(arr) else body
-    return arr
-
-
-def _planes(body: np.ndarray, k: int) -> np.ndarray:
-    """Split ``body`` (uint8, a multiple of k bytes) into ``k`` contiguous byte planes."""
-    n = len(body) // k
-    if k == 1:
-        return body.reshape(1, n)
-    cols = body.reshape(n, k)
-    planes = np.empty((k, n), np.uint8)
-    for i in range(k):  # one strided copy per plane: long inner loops, ~2.5 GB/s
-        planes[i] = cols[:, i]
-    return planes
+def _mode(base_arr: np.ndarray | None, flags: int) -> int:
+    """The plane transform of a grouped payload: plain, XOR with the base, or zigzag difference."""
+    if base_arr is None:
+        return planes.PLAIN
+    return planes.DIFFERENCE if flags & FLAG_DIFFERENCE else planes.XOR
 
 
 def _code_plane(plane: np.ndarray, strong: bool) -> tuple[int, Buffer]:
@@ -285,10 +247,11 @@ def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags:
     n = len(arr) // k
     if n > _MAX_PLANE:
         raise UsageError("byte-grouped codecs hold at most 2**32 - 1 elements per chunk")
-    data = _transform(arr, base_arr, k, flags)
-    coded = [_code_plane(plane, strong) for plane in _planes(data[: n * k], k)]
+    split = planes.split(arr, base_arr, k, _mode(base_arr, flags), bool(flags & FLAG_EXPONENT_ALIGNED))
+    coded = [_code_plane(plane, strong) for plane in split]
+    tail = arr[n * k :] if base_arr is None else np.bitwise_xor(arr[n * k :], base_arr[n * k :])
     header = struct.pack("<BB" + "BI" * k, k, flags, *(x for mode, body in coded for x in (mode, len(body))))
-    pieces = [header, *(body for _, body in coded), data[n * k :].data]
+    pieces = [header, *(body for _, body in coded), tail.data]
     # assembled with numpy copies, which release the GIL (bytes.join holds it)
     out = np.empty(sum(len(piece) for piece in pieces), np.uint8)
     pos = 0
@@ -351,8 +314,12 @@ def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, st
         frame = _compressor(3).compress(table.data)
         if len(frame) < len(table):
             table_mode, table_body = _PLANE_ZSTD, frame
-    values = _transform(x[idx].view(np.uint8), b[idx].view(np.uint8), k, flags)
-    coded = [_code_plane(plane, strong) for plane in _planes(values, k)] if m else [(_PLANE_STORED, b"")] * k
+    if m:
+        split = planes.split(x[idx].view(np.uint8), b[idx].view(np.uint8), k,
+                             _mode(base_arr, flags), bool(flags & FLAG_EXPONENT_ALIGNED))
+        coded = [_code_plane(plane, strong) for plane in split]
+    else:
+        coded = [(_PLANE_STORED, b"")] * k
     tail = np.bitwise_xor(arr[n * k :], base_arr[n * k :])
     header = _SPARSE_HEAD.pack(k, flags, len(starts), m, table_mode, len(table_body))
     planes_header = struct.pack("<" + "BI" * k, *(v for mode, body in coded for v in (mode, len(body))))
@@ -604,36 +571,12 @@ def _read_planes(
     return pieces, pos
 
 
-def _fill_planes(name: str, pieces: list[tuple[int, memoryview]], out: np.ndarray, n: int, k: int, flags: int) -> None:
-    """Interleave the planes into ``out`` (n*k bytes) and undo the exponent rotation."""
-    cols = out[: n * k].reshape(n, k)
-    for i, (mode, piece) in enumerate(pieces):
-        plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
-        cols[:, i] = np.frombuffer(plane, np.uint8)
-    if n and flags & FLAG_EXPONENT_ALIGNED:  # rotate right by one bit
-        ints = out[: n * k].view(_UINT[k])
-        low = ints >> ints.dtype.type(1)
-        ints <<= ints.dtype.type(8 * k - 1)
-        ints |= low
-
-
-def _scratch(size: int) -> np.ndarray:
-    """A per-thread work buffer of ``size`` bytes, reused (fresh megabytes cost page faults)."""
-    buf: np.ndarray | None = getattr(_local, "scratch", None)
-    if buf is None or len(buf) < size:
-        buf = _local.scratch = np.empty(max(size, 1 << 20), np.uint8)
-    return buf[:size]
-
-
-def _unzigzag_add(values: np.ndarray, base_ints: np.ndarray | None, k: int) -> None:
-    """``values`` (k-byte integers, zigzag differences) becomes ``base + unzigzag(values)`` in place."""
-    ints = values.view(_UINT[k])
-    sign = (ints & ints.dtype.type(1)).view(_INT[k])
-    np.negative(sign, out=sign)  # 0 or -1
-    ints >>= ints.dtype.type(1)
-    ints ^= sign.view(_UINT[k])
-    if base_ints is not None:
-        ints += base_ints
+def _plane_arrays(name: str, pieces: list[tuple[int, memoryview]], n: int) -> list[np.ndarray]:
+    """The planes' bytes (zstd frames decoded), as uint8 arrays of ``n`` bytes."""
+    return [
+        np.frombuffer(piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}"), np.uint8)
+        for i, (mode, piece) in enumerate(pieces)
+    ]
 
 
 def _check_base(name: str, base: Buffer | None, raw_length: int) -> np.ndarray:
@@ -674,13 +617,11 @@ def _decode_grouped(
         out = np.frombuffer(dest, np.uint8)
     else:
         out = np.empty(raw_length, np.uint8)
-    _fill_planes(name, pieces, out, n, k, flags)
+    rotate = bool(flags & FLAG_EXPONENT_ALIGNED)
+    planes.join(_plane_arrays(name, pieces, n), out, base_arr, k, _mode(base_arr, flags), rotate)
     out[n * k :] = np.frombuffer(payload[pos:], np.uint8)
-    if base_arr is not None and flags & FLAG_DIFFERENCE:
-        _unzigzag_add(out[: n * k], base_arr[: n * k].view(_UINT[k]), k)
+    if base_arr is not None:
         np.bitwise_xor(out[n * k :], base_arr[n * k :], out=out[n * k :])
-    elif base_arr is not None:
-        np.bitwise_xor(out, base_arr, out=out)
     return out.data
 
 
@@ -699,20 +640,11 @@ def _patch_sparse(payload: memoryview, raw_length: int, buf: np.ndarray) -> None
         raise ChunkCorruptError(f"{name} payload holds {len(payload)} bytes, its header accounts for {pos + tail}")
     ((mode, body),) = table_pieces
     table_bytes = body if mode == _PLANE_STORED else _zstd_frame(body, 8 * runs, f"{name} run table")
-    table = np.frombuffer(table_bytes, "<u4").astype(np.int64)
-    gaps, lengths = table[:runs], table[runs:]
-    ends = np.cumsum(gaps + lengths)
-    if int(lengths.sum()) != m or (runs and (int(lengths.min()) < 1 or int(ends[-1]) > n)):
+    table = np.frombuffer(table_bytes, "<u4")
+    rotate = bool(flags & FLAG_EXPONENT_ALIGNED)
+    mode = planes.DIFFERENCE if flags & FLAG_DIFFERENCE else planes.XOR
+    if not planes.apply_runs(_plane_arrays(name, pieces, m), table[:runs], table[runs:], buf, k, mode, rotate):
         raise ChunkCorruptError(f"{name} run table does not fit a chunk of {n} elements")
-    values = np.empty(m * k, np.uint8)
-    _fill_planes(name, pieces, values, m, k, flags)
-    ints = buf[: n * k].view(_UINT[k])
-    idx = _run_index(ends - lengths, lengths)
-    if flags & FLAG_DIFFERENCE:
-        _unzigzag_add(values, ints[idx], k)
-        ints[idx] = values.view(_UINT[k])
-    else:
-        ints[idx] ^= values.view(_UINT[k])
     np.bitwise_xor(buf[n * k :], np.frombuffer(payload[pos:], np.uint8), out=buf[n * k :])
 
 
@@ -736,14 +668,8 @@ def patch(codec: int, payload: Buffer, raw_length: int, buf: memoryview) -> None
         pieces, pos = _read_planes(name, view, 2, n, k)
         if pos + tail != len(view):
             raise ChunkCorruptError(f"{name} payload holds {len(view)} bytes, its header accounts for {pos + tail}")
-        values = _scratch(n * k)
-        _fill_planes(name, pieces, values, n, k, flags)
-        if flags & FLAG_DIFFERENCE:
-            ints = arr[: n * k].view(_UINT[k])
-            _unzigzag_add(values, None, k)
-            np.add(ints, values.view(_UINT[k]), out=ints)
-        else:
-            np.bitwise_xor(arr[: n * k], values, out=arr[: n * k])
+        rotate = bool(flags & FLAG_EXPONENT_ALIGNED)
+        planes.join(_plane_arrays(name, pieces, n), arr, arr, k, _mode(arr, flags), rotate)  # in place
         np.bitwise_xor(arr[n * k :], np.frombuffer(view[pos:], np.uint8), out=arr[n * k :])
     else:
         raise ChunkCorruptError(f"codec {codec} is not a delta codec")

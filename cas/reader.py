@@ -105,7 +105,8 @@ class ChunkReader:
         decoded into it, then each delta patched in place, and only the result is hashed:
         the delta codecs are injective in their base, so a chunk that matches its id
         proves every link below it. If it does not match, the chain is decoded again link
-        by link, each verified, to name the damaged chunk.
+        by link, each verified, to name the damaged chunk. Only bases read through
+        :meth:`base` are cached: copying every decoded base costs more than it saves.
         """
         stored = self.payload(loc) if payload is None else payload
         if not needs_base(loc.codec):
@@ -119,10 +120,8 @@ class ChunkReader:
         else:
             buf = memoryview(bytearray(loc.raw_length))
         try:
-            direct_base = self._rebuild(links, cached, buf, stored)
+            self._rebuild(links, cached, buf, stored)
             if hash_bytes(buf) == chunk_id:
-                if direct_base is not None and loc.base_id is not None:
-                    self._remember(loc.base_id, direct_base)  # proved by the chunk's match
                 return buf
         except ChunkCorruptError:
             pass
@@ -130,11 +129,8 @@ class ChunkReader:
 
     def _rebuild(
         self, links: list[tuple[ChunkId, ChunkLocation]], cached: bytes | None, buf: memoryview, stored: bytes
-    ) -> bytes | None:
-        """Decode a chain into ``buf``: its root (or cached base), then each delta patched in place.
-
-        Returns a copy of the chunk's direct base when it was decoded here (for the cache).
-        """
+    ) -> None:
+        """Decode a chain into ``buf``: its root (or cached base), then each delta patched in place."""
         top_id = links[0][0]
         if cached is not None:
             if len(cached) != len(buf):
@@ -148,13 +144,9 @@ class ChunkReader:
                 decode(root.codec, self.payload(root), root.raw_length, None, buf)
             else:
                 buf[:] = memoryview(decode(root.codec, self.payload(root), root.raw_length)).cast("B")
-        direct_base = None
         for i, (_cid, link) in enumerate(reversed(links)):
             last = i == len(links) - 1
-            if last and cached is None:
-                direct_base = bytes(buf)
             patch(link.codec, stored if last else self.payload(link), link.raw_length, buf)
-        return direct_base
 
     def _chain(
         self, chunk_id: ChunkId, loc: ChunkLocation, where: str

@@ -87,7 +87,7 @@ BaseMap = dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]
 
 #: Estimated restore time of one delta link, in keyframe restores (bench/delta_depth.py): a
 #: dense delta decodes every byte again; a sparse one costs a fixed part plus what it stores.
-DENSE_LINK_COST = 0.5
+DENSE_LINK_COST = 0.45
 SPARSE_LINK_FIXED = 0.1
 SPARSE_LINK_PER_STORED = 1.5
 

@@ -1,0 +1,237 @@
+"""Byte-plane kernels compiled by numba; ``cas.planes`` imports this module only when numba is installed.
+
+Arithmetic is done in uint64 and truncated to k bytes on store; ``mask`` is
+``2^(8k) - 1`` and ``top`` is ``8k - 1``. Mode 0 plain, 1 XOR, 2 zigzag difference
+(see ``cas.planes``). One function per element size so every load and store is a
+whole k-byte word; numba specialises each on its argument types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(cache=True, nogil=True, inline="always")
+
+_U8 = np.uint64(8)
+_U16 = np.uint64(16)
+_U24 = np.uint64(24)
+_U32 = np.uint64(32)
+_U40 = np.uint64(40)
+_U48 = np.uint64(48)
+_U56 = np.uint64(56)
+_ONE = np.uint64(1)
+_BYTE = np.uint64(0xFF)
+
+
+@_inline
+def _forward(x: Any, b: Any, mode: int, rotate: bool, mask: Any, top: Any) -> Any:
+    if mode == 2:
+        d = (x - b) & mask
+        return ((d << _ONE) & mask) ^ (mask * (d >> top))
+    if mode == 1:
+        x = x ^ b
+    if rotate:
+        x = ((x << _ONE) & mask) | (x >> top)
+    return x
+
+
+@_inline
+def _backward(t: Any, b: Any, mode: int, rotate: bool, mask: Any, top: Any) -> Any:
+    if mode == 2:
+        d = (t >> _ONE) ^ (mask * (t & _ONE))
+        return (b + d) & mask
+    if rotate:
+        t = (t >> _ONE) | ((t & _ONE) << top)
+    if mode == 1:
+        t = t ^ b
+    return t
+
+
+@_jit
+def split2(x16: Any, b16: Any, planes: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFF)
+    top = np.uint64(15)
+    for j in range(x16.shape[0]):
+        b = np.uint64(b16[j]) if mode != 0 else np.uint64(0)
+        t = _forward(np.uint64(x16[j]), b, mode, rotate, mask, top)
+        planes[0, j] = t & _BYTE
+        planes[1, j] = (t >> _U8) & _BYTE
+
+
+@_jit
+def split4(x32: Any, b32: Any, planes: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFFFFFF)
+    top = np.uint64(31)
+    for j in range(x32.shape[0]):
+        b = np.uint64(b32[j]) if mode != 0 else np.uint64(0)
+        t = _forward(np.uint64(x32[j]), b, mode, rotate, mask, top)
+        planes[0, j] = t & _BYTE
+        planes[1, j] = (t >> _U8) & _BYTE
+        planes[2, j] = (t >> _U16) & _BYTE
+        planes[3, j] = (t >> _U24) & _BYTE
+
+
+@_jit
+def split8(x64: Any, b64: Any, planes: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    top = np.uint64(63)
+    for j in range(x64.shape[0]):
+        b = b64[j] if mode != 0 else np.uint64(0)
+        t = _forward(x64[j], b, mode, rotate, mask, top)
+        planes[0, j] = t & _BYTE
+        planes[1, j] = (t >> _U8) & _BYTE
+        planes[2, j] = (t >> _U16) & _BYTE
+        planes[3, j] = (t >> _U24) & _BYTE
+        planes[4, j] = (t >> _U32) & _BYTE
+        planes[5, j] = (t >> _U40) & _BYTE
+        planes[6, j] = (t >> _U48) & _BYTE
+        planes[7, j] = (t >> _U56) & _BYTE
+
+
+@_jit
+def join2(p0: Any, p1: Any, out16: Any, b16: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFF)
+    top = np.uint64(15)
+    for j in range(out16.shape[0]):
+        t = np.uint64(p0[j]) | (np.uint64(p1[j]) << _U8)
+        b = np.uint64(b16[j]) if mode != 0 else np.uint64(0)
+        out16[j] = _backward(t, b, mode, rotate, mask, top)
+
+
+@_jit
+def join4(p0: Any, p1: Any, p2: Any, p3: Any, out32: Any, b32: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFFFFFF)
+    top = np.uint64(31)
+    for j in range(out32.shape[0]):
+        t = np.uint64(p0[j]) | (np.uint64(p1[j]) << _U8) | (np.uint64(p2[j]) << _U16) | (np.uint64(p3[j]) << _U24)
+        b = np.uint64(b32[j]) if mode != 0 else np.uint64(0)
+        out32[j] = _backward(t, b, mode, rotate, mask, top)
+
+
+@_jit
+def join8(p0: Any, p1: Any, p2: Any, p3: Any, p4: Any, p5: Any, p6: Any, p7: Any, out64: Any, b64: Any,
+           mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    top = np.uint64(63)
+    for j in range(out64.shape[0]):
+        t = (np.uint64(p0[j]) | (np.uint64(p1[j]) << _U8) | (np.uint64(p2[j]) << _U16) | (np.uint64(p3[j]) << _U24)
+             | (np.uint64(p4[j]) << _U32) | (np.uint64(p5[j]) << _U40) | (np.uint64(p6[j]) << _U48)
+             | (np.uint64(p7[j]) << _U56))
+        b = b64[j] if mode != 0 else np.uint64(0)
+        out64[j] = _backward(t, b, mode, rotate, mask, top)
+
+
+# In place (the base is the output, a delta applied to a decoded base): one array, so
+# the compiler need not guard against aliasing and the loops vectorise.
+
+
+@_jit
+def join2_inplace(p0: Any, p1: Any, io16: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFF)
+    top = np.uint64(15)
+    for j in range(io16.shape[0]):
+        t = np.uint64(p0[j]) | (np.uint64(p1[j]) << _U8)
+        io16[j] = _backward(t, np.uint64(io16[j]), mode, rotate, mask, top)
+
+
+@_jit
+def join4_inplace(p0: Any, p1: Any, p2: Any, p3: Any, io32: Any, mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFFFFFF)
+    top = np.uint64(31)
+    for j in range(io32.shape[0]):
+        t = np.uint64(p0[j]) | (np.uint64(p1[j]) << _U8) | (np.uint64(p2[j]) << _U16) | (np.uint64(p3[j]) << _U24)
+        io32[j] = _backward(t, np.uint64(io32[j]), mode, rotate, mask, top)
+
+
+@_jit
+def join8_inplace(p0: Any, p1: Any, p2: Any, p3: Any, p4: Any, p5: Any, p6: Any, p7: Any, io64: Any,
+                  mode: int, rotate: bool) -> None:
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    top = np.uint64(63)
+    for j in range(io64.shape[0]):
+        t = (np.uint64(p0[j]) | (np.uint64(p1[j]) << _U8) | (np.uint64(p2[j]) << _U16) | (np.uint64(p3[j]) << _U24)
+             | (np.uint64(p4[j]) << _U32) | (np.uint64(p5[j]) << _U40) | (np.uint64(p6[j]) << _U48)
+             | (np.uint64(p7[j]) << _U56))
+        io64[j] = _backward(t, io64[j], mode, rotate, mask, top)
+
+
+# Sparse deltas applied in place: runs of (gap, length) elements; the planes hold the
+# runs' elements in order. Returns 0, or -1 if the run table does not fit ``n``
+# elements / add up to ``m`` (damage: nothing is written past the buffer).
+
+
+@_jit
+def _check_runs(gaps: Any, lengths: Any, n: int, m: int) -> bool:
+    pos = 0
+    total = 0
+    for r in range(gaps.shape[0]):
+        length = int(lengths[r])
+        pos += int(gaps[r])
+        if length < 1 or pos + length > n:
+            return False
+        pos += length
+        total += length
+    return total == m
+
+
+@_jit
+def sparse2_inplace(p0: Any, p1: Any, gaps: Any, lengths: Any, io16: Any, m: int, mode: int, rotate: bool) -> int:
+    if not _check_runs(gaps, lengths, io16.shape[0], m):
+        return -1
+    mask = np.uint64(0xFFFF)
+    top = np.uint64(15)
+    pos = 0
+    c = 0
+    for r in range(gaps.shape[0]):
+        pos += int(gaps[r])
+        for _ in range(int(lengths[r])):
+            t = np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8)
+            io16[pos] = _backward(t, np.uint64(io16[pos]), mode, rotate, mask, top)
+            pos += 1
+            c += 1
+    return 0
+
+
+@_jit
+def sparse4_inplace(p0: Any, p1: Any, p2: Any, p3: Any, gaps: Any, lengths: Any, io32: Any, m: int, mode: int,
+                    rotate: bool) -> int:
+    if not _check_runs(gaps, lengths, io32.shape[0], m):
+        return -1
+    mask = np.uint64(0xFFFFFFFF)
+    top = np.uint64(31)
+    pos = 0
+    c = 0
+    for r in range(gaps.shape[0]):
+        pos += int(gaps[r])
+        for _ in range(int(lengths[r])):
+            t = (np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8) | (np.uint64(p2[c]) << _U16)
+                 | (np.uint64(p3[c]) << _U24))
+            io32[pos] = _backward(t, np.uint64(io32[pos]), mode, rotate, mask, top)
+            pos += 1
+            c += 1
+    return 0
+
+
+@_jit
+def sparse8_inplace(p0: Any, p1: Any, p2: Any, p3: Any, p4: Any, p5: Any, p6: Any, p7: Any, gaps: Any,
+                    lengths: Any, io64: Any, m: int, mode: int, rotate: bool) -> int:
+    if not _check_runs(gaps, lengths, io64.shape[0], m):
+        return -1
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    top = np.uint64(63)
+    pos = 0
+    c = 0
+    for r in range(gaps.shape[0]):
+        pos += int(gaps[r])
+        for _ in range(int(lengths[r])):
+            t = (np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8) | (np.uint64(p2[c]) << _U16) | (np.uint64(p3[c]) << _U24)
+                 | (np.uint64(p4[c]) << _U32) | (np.uint64(p5[c]) << _U40) | (np.uint64(p6[c]) << _U48)
+                 | (np.uint64(p7[c]) << _U56))
+            io64[pos] = _backward(t, io64[pos], mode, rotate, mask, top)
+            pos += 1
+            c += 1
+    return 0
