@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cas
+import cas.planes
 
 MIB = 1 << 20
 SEED = 20240611
@@ -590,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     res.notes["loadavg_start"] = loadavg()
     res.notes["revision"] = cas_revision()
+    res.notes["kernels"] = "numba" if cas.planes.warm_up() else "numpy fallback"  # not inside the first save
     try:
         for size in sizes:
             log(f"size {format_size(size)}: building the state dict")

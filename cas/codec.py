@@ -85,7 +85,8 @@ delta wins ties within 3 %: it decodes faster). k = 1
 (bytes, int8, fp8, non-tensor data) uses plain zstd as before (level 1 / 3 / 19)
 plus codec 3 with a base. ``"fast"`` and ``"default"`` pick among their
 candidates on a sample (4 slices of 16 KiB, 64 KiB in all) when the chunk is at
-least 256 KiB, else by encoding each, and then encode the winner. ``"max"``
+least 256 KiB, else by encoding each, and then encode the winner (planes that
+zstd could not shrink at all in the sample, mantissa noise, are stored untried). ``"max"``
 encodes every variant (and plain zstd 19) in full, then re-codes each plane of
 the winner with zstd 19 where that is smaller. Planes are entropy-coded by zstd
 with parameters that make it a fast Huffman coder of literals (strategy fast,
@@ -242,13 +243,15 @@ def _code_plane(plane: np.ndarray, strong: bool) -> tuple[int, Buffer]:
     return best
 
 
-def _encode_grouped(arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool) -> memoryview:
-    """Codec 2 (``base_arr`` None) or 3 payload for ``arr`` (uint8)."""
+def _encode_grouped(
+    arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool, noise: frozenset[int] = frozenset()
+) -> memoryview:
+    """Codec 2 (``base_arr`` None) or 3 payload for ``arr`` (uint8); planes in ``noise`` are stored untried."""
     n = len(arr) // k
     if n > _MAX_PLANE:
         raise UsageError("byte-grouped codecs hold at most 2**32 - 1 elements per chunk")
     split = planes.split(arr, base_arr, k, _mode(base_arr, flags), bool(flags & FLAG_EXPONENT_ALIGNED))
-    coded = [_code_plane(plane, strong) for plane in split]
+    coded = [(_PLANE_STORED, plane.data) if i in noise else _code_plane(plane, strong) for i, plane in enumerate(split)]
     tail = arr[n * k :] if base_arr is None else np.bitwise_xor(arr[n * k :], base_arr[n * k :])
     header = struct.pack("<BB" + "BI" * k, k, flags, *(x for mode, body in coded for x in (mode, len(body))))
     pieces = [header, *(body for _, body in coded), tail.data]
@@ -309,7 +312,7 @@ def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, st
     m = len(idx)
     gaps = starts - np.concatenate([[0], (starts + lengths)[:-1]]) if len(starts) else starts
     table = np.concatenate([gaps, lengths]).astype("<u4").view(np.uint8)
-    table_mode, table_body = _PLANE_STORED, table.data
+    table_mode, table_body = _PLANE_STORED, bytes(table.data)
     if len(table) >= 32:
         frame = _compressor(3).compress(table.data)
         if len(frame) < len(table):
@@ -420,7 +423,8 @@ def _candidates(compression: str, k: int, is_float: bool, delta: bool, sparse: b
 
 
 def _encode_candidate(
-    cand: _Candidate, arr: np.ndarray, base_arr: np.ndarray | None, level: int, strong: bool
+    cand: _Candidate, arr: np.ndarray, base_arr: np.ndarray | None, level: int, strong: bool,
+    noise: frozenset[int] = frozenset(),
 ) -> Buffer:
     codec, k, flags = cand
     if codec == Codec.ZSTD:
@@ -428,7 +432,17 @@ def _encode_candidate(
     if codec == Codec.SPARSE_DELTA:
         assert base_arr is not None
         return _encode_sparse(arr, base_arr, k, flags, strong)
-    return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong)
+    return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong, noise)
+
+
+def _noise_planes(cand: _Candidate, sample_payload: Buffer) -> frozenset[int]:
+    """Planes that entropy coding could not shrink at all in the sample (mantissa noise): the full
+    encoding stores them without trying."""
+    codec, k, _ = cand
+    if codec not in (Codec.BYTE_GROUPED, Codec.DELTA):
+        return frozenset()
+    view = memoryview(sample_payload).cast("B")
+    return frozenset(i for i in range(k) if view[2 + 5 * i] == _PLANE_STORED)
 
 
 def _score(cand: _Candidate, size: int, delta_ceiling: float) -> float:
@@ -484,16 +498,20 @@ def encode(
     cands = _candidates(compression, k, is_float, base_arr is not None, sparse)
     strong = compression == "max"
 
-    if len(cands) > 1 and not strong and n >= SAMPLE_THRESHOLD:
+    noise: frozenset[int] = frozenset()
+    if not strong and n >= SAMPLE_THRESHOLD:
         sample = _sample(arr)
         base_sample = None if base_arr is None else _sample(base_arr)
-        sizes = [_score(c, len(_encode_candidate(c, sample, base_sample, level, False)), delta_ceiling) for c in cands]
-        cands = [cands[sizes.index(min(sizes))]]
+        sampled = [_encode_candidate(c, sample, base_sample, level, False) for c in cands]
+        sizes = [_score(c, len(p), delta_ceiling) for c, p in zip(cands, sampled, strict=True)]
+        pick = sizes.index(min(sizes))
+        cands = [cands[pick]]
+        noise = _noise_planes(cands[0], sampled[pick])
 
     best: tuple[Codec, Buffer] = (Codec.RAW, data)
     best_size, best_score, best_cand = n, float(n), None
     for cand in cands:
-        payload = _encode_candidate(cand, arr, base_arr, level, False)
+        payload = _encode_candidate(cand, arr, base_arr, level, False, noise)
         score = _score(cand, len(payload), delta_ceiling)
         if score < best_score and len(payload) < n:
             best, best_size, best_score, best_cand = (cand[0], payload), len(payload), score, cand
@@ -528,9 +546,10 @@ def _zstd_content_size(frame: Buffer, size: int, what: str) -> None:
         raise ChunkCorruptError(f"{what}: zstd frame declares {declared} bytes, expected {size}")
 
 
-def _zstd_frame(frame: Buffer, size: int, what: str) -> bytes:
-    """Decode one zstd frame that must hold exactly ``size`` bytes."""
-    _zstd_content_size(frame, size, what)
+def _zstd_frame(frame: Buffer, size: int, what: str, checked: bool = False) -> bytes:
+    """Decode one zstd frame that must hold exactly ``size`` bytes (``checked``: its header was)."""
+    if not checked:
+        _zstd_content_size(frame, size, what)
     try:
         out = _decompressor().decompress(frame)
     except zstandard.ZstdError as exc:
@@ -573,10 +592,11 @@ def _read_planes(
 
 def _plane_arrays(name: str, pieces: list[tuple[int, memoryview]], n: int) -> list[np.ndarray]:
     """The planes' bytes (zstd frames decoded), as uint8 arrays of ``n`` bytes."""
-    return [
-        np.frombuffer(piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}"), np.uint8)
-        for i, (mode, piece) in enumerate(pieces)
-    ]
+    out = []
+    for i, (mode, piece) in enumerate(pieces):
+        plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}", checked=True)
+        out.append(np.frombuffer(plane, np.uint8))
+    return out
 
 
 def _check_base(name: str, base: Buffer | None, raw_length: int) -> np.ndarray:
@@ -588,10 +608,13 @@ def _check_base(name: str, base: Buffer | None, raw_length: int) -> np.ndarray:
     return base_arr
 
 
+_GROUPED_NAMES: dict[int, str] = {
+    Codec.BYTE_GROUPED: "byte-grouped", Codec.DELTA: "delta", Codec.SPARSE_DELTA: "sparse delta",
+}
+
+
 def _grouped_header(codec: int, payload: memoryview, raw_length: int) -> tuple[str, int, int]:
-    name = {Codec.BYTE_GROUPED: "byte-grouped", Codec.DELTA: "delta", Codec.SPARSE_DELTA: "sparse delta"}[
-        Codec(codec)
-    ]
+    name = _GROUPED_NAMES[codec]
     if raw_length < 0:
         raise ChunkCorruptError(f"{name} chunk has a negative length {raw_length}")
     if len(payload) < 2:

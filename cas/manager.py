@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cas import planes
 from cas.errors import CorruptionError, FormatVersionError, NotARepositoryError, UsageError
 from cas.policy import IntervalPolicy, SaveState
 from cas.reports import Snapshot
@@ -110,6 +111,8 @@ class CheckpointManager:
         self.history: list[SaveRecord] = []
         self._stager = HostStager()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cas-save") if async_save else None
+        if self._executor is not None:  # load the codec kernels off the training loop, before the first save
+            self._executor.submit(planes.warm_up)
         self._inflight: Future[SaveRecord] | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()

@@ -33,7 +33,7 @@ _INT: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.d
 
 
 def _np_rotate_left(ints: np.ndarray, k: int) -> np.ndarray:
-    rotated = np.left_shift(ints, ints.dtype.type(1))
+    rotated: np.ndarray = np.left_shift(ints, ints.dtype.type(1))
     rotated |= ints >> ints.dtype.type(8 * k - 1)
     return rotated
 
@@ -164,7 +164,8 @@ def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarr
     kernels = _get_kernels()
     if kernels is not None and k > 1:
         io = buf[: n * k].view(_UINT[k])
-        return getattr(kernels, f"sparse{k}_inplace")(*planes, gaps, lengths, io, m, mode, rotate) == 0
+        status: int = getattr(kernels, f"sparse{k}_inplace")(*planes, gaps, lengths, io, m, mode, rotate)
+        return status == 0
     g = gaps.astype(np.int64)
     lens = lengths.astype(np.int64)
     ends = np.cumsum(g + lens)
@@ -178,4 +179,26 @@ def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarr
     raw = values.view(np.uint8)
     join(planes, raw, raw, k, mode, rotate)
     ints[idx] = values
+    return True
+
+
+def warm_up() -> bool:
+    """Load (or compile, the first time on a machine) the kernels now rather than in the first save.
+
+    About a second per process with numba's on-disk cache; a trainer calls it at start-up
+    (``CheckpointManager`` does, in the background). Returns ``accelerated()``.
+    """
+    if not accelerated():
+        return False
+    for k in (2, 4, 8):
+        data = np.arange(4 * k, dtype=np.uint8)
+        for mode in (PLAIN, XOR, DIFFERENCE):
+            for rotate in (False, True) if mode != DIFFERENCE else (False,):
+                split_planes = split(data, None if mode == PLAIN else data, k, mode, rotate)
+                stored = [np.frombuffer(bytes(p), np.uint8) for p in split_planes]
+                out = data.copy()
+                join(stored, out, None if mode == PLAIN else data, k, mode, rotate)
+                if mode != PLAIN:
+                    join(stored, out, out, k, mode, rotate)
+                    apply_runs(stored, np.zeros(1, "<u4"), np.full(1, 4, "<u4"), out, k, mode, rotate)
     return True

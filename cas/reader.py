@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cas.codec import DECODES_IN_PLACE, Buffer, Codec, decode, needs_base, patch
 from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
 from cas.ids import ChunkId, PackId, hash_bytes
@@ -37,7 +39,7 @@ class ChunkReader:
         self._fds: dict[PackId, int] = {}
         self._in_use: dict[PackId, int] = {}
         self._lock = threading.Lock()
-        self._bases: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bases: OrderedDict[bytes, Buffer] = OrderedDict()
         self._bases_bytes = 0
         self.base_cache_bytes = BASE_CACHE_BYTES
 
@@ -118,7 +120,7 @@ class ChunkReader:
         if dest is not None and len(dest) == loc.raw_length and not dest.readonly:
             buf = dest
         else:
-            buf = memoryview(bytearray(loc.raw_length))
+            buf = memoryview(np.empty(loc.raw_length, np.uint8))  # every byte is written below
         try:
             self._rebuild(links, cached, buf, stored)
             if hash_bytes(buf) == chunk_id:
@@ -128,7 +130,7 @@ class ChunkReader:
         return self._decode_stepwise(chunk_id, loc, where, stored)  # raises, naming the damaged link
 
     def _rebuild(
-        self, links: list[tuple[ChunkId, ChunkLocation]], cached: bytes | None, buf: memoryview, stored: bytes
+        self, links: list[tuple[ChunkId, ChunkLocation]], cached: Buffer | None, buf: memoryview, stored: bytes
     ) -> None:
         """Decode a chain into ``buf``: its root (or cached base), then each delta patched in place."""
         top_id = links[0][0]
@@ -150,7 +152,7 @@ class ChunkReader:
 
     def _chain(
         self, chunk_id: ChunkId, loc: ChunkLocation, where: str
-    ) -> tuple[list[tuple[ChunkId, ChunkLocation]], bytes | None]:
+    ) -> tuple[list[tuple[ChunkId, ChunkLocation]], Buffer | None]:
         """The chunk and the links below it, down to a keyframe (included) or a cached base (returned)."""
         links = [(chunk_id, loc)]
         seen = {chunk_id}
@@ -188,7 +190,7 @@ class ChunkReader:
             raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
         return out
 
-    def _remember(self, base_id: ChunkId, raw: bytes) -> None:
+    def _remember(self, base_id: ChunkId, raw: Buffer) -> None:
         with self._lock:
             if base_id in self._bases:
                 return
@@ -198,14 +200,19 @@ class ChunkReader:
                 _old, dropped = self._bases.popitem(last=False)
                 self._bases_bytes -= len(dropped)
 
-    def base(self, base_id: ChunkId, where: str) -> bytes:
+    def base(self, base_id: ChunkId, where: str) -> Buffer:
         """The raw bytes of a delta base, from the cache or decoded (and cached) now."""
         with self._lock:
             cached = self._bases.get(base_id)
             if cached is not None:
                 self._bases.move_to_end(base_id)
                 return cached
-        raw = self.read(base_id, f"{where}, delta base {base_id.short()}")
+        base_where = f"{where}, delta base {base_id.short()}"
+        loc = self.locate(base_id, base_where)
+        try:
+            raw = self._decode(base_id, loc, base_where)  # no copy: the buffer is this call's own
+        except CorruptionError as exc:
+            raise type(exc)(f"{base_where}: {exc} (pack {loc.pack_id.short()})") from None
         self._remember(base_id, raw)
         return raw
 

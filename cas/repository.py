@@ -31,7 +31,7 @@ from cas.pack import ChunkKind, iter_pack_files, read_footer
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
-from cas.saver import ChunkStorer, PackSink
+from cas.saver import ChunkStorer, Fingerprints, PackSink
 from cas.store import LocalStore, check_tag
 from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
 from cas.verify import verify_repository
@@ -67,6 +67,7 @@ class Repository:
         self._threads = threads or _default_threads()
         self._pool: ThreadPoolExecutor | None = None
         self.reader = ChunkReader(store.packs_dir, self.index)
+        self._fingerprints: tuple[SnapshotId, Fingerprints] | None = None  # of this process's last save
         if self.index.chunk_count() == 0 and any(True for _ in iter_pack_files(store.packs_dir)):
             self.rebuild_index()  # index lost or never built: packs and refs hold every fact
 
@@ -206,10 +207,12 @@ class Repository:
             if parent_id is not None and not keyframe and self.max_delta_depth:
                 parent_root, parent_storages, _ = self._tree_of(parent_id)
                 bases = base_candidates(parent_root, parent_storages, f"snapshot {parent_id.short()}")
+            previous = self._fingerprints
             storer = ChunkStorer(
                 sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
                 bases=bases, max_depth=self.max_delta_depth, max_cost=self.max_chain_cost,
                 read_base=lambda cid: self.reader.base(cid, "delta base for a save"),
+                fingerprints=previous[1] if previous is not None and previous[0] == parent_id else None,
             )
             try:
                 storer.store_blobs(blobs, advance)
@@ -234,6 +237,8 @@ class Repository:
                 if tag is not None and not replace and self._store.has_ref(tag):
                     raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing tagged")
                 self._store.write_ref(ref, snap_id)
+                # the next save, a child of this one, need not re-hash what did not change
+                self._fingerprints = (snap_id, storer.fingerprints)
                 crash_point("after_ref")
             except OSError as exc:
                 sink.abort()
