@@ -662,13 +662,14 @@ def _patch_sparse(payload: memoryview, raw_length: int, buf: np.ndarray) -> None
     if pos + tail != len(payload):
         raise ChunkCorruptError(f"{name} payload holds {len(payload)} bytes, its header accounts for {pos + tail}")
     ((mode, body),) = table_pieces
-    table_bytes = body if mode == _PLANE_STORED else _zstd_frame(body, 8 * runs, f"{name} run table")
+    table_bytes = body if mode == _PLANE_STORED else _zstd_frame(body, 8 * runs, f"{name} run table", checked=True)
     table = np.frombuffer(table_bytes, "<u4")
     rotate = bool(flags & FLAG_EXPONENT_ALIGNED)
     mode = planes.DIFFERENCE if flags & FLAG_DIFFERENCE else planes.XOR
     if not planes.apply_runs(_plane_arrays(name, pieces, m), table[:runs], table[runs:], buf, k, mode, rotate):
         raise ChunkCorruptError(f"{name} run table does not fit a chunk of {n} elements")
-    np.bitwise_xor(buf[n * k :], np.frombuffer(payload[pos:], np.uint8), out=buf[n * k :])
+    if tail:
+        np.bitwise_xor(buf[n * k :], np.frombuffer(payload[pos:], np.uint8), out=buf[n * k :])
 
 
 def patch(codec: int, payload: Buffer, raw_length: int, buf: memoryview) -> None:

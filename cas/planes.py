@@ -151,6 +151,13 @@ def join(planes: Sequence[np.ndarray], out: np.ndarray, base: np.ndarray | None,
         getattr(kernels, f"join{k}")(*planes, o, base[: n * k].view(_UINT[k]), mode, rotate)
 
 
+_SPARSE_KERNELS: dict[int, Any] = {
+    2: lambda kernels: kernels.sparse2_inplace,
+    4: lambda kernels: kernels.sparse4_inplace,
+    8: lambda kernels: kernels.sparse8_inplace,
+}
+
+
 def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarray, buf: np.ndarray, k: int,
                mode: int, rotate: bool) -> bool:
     """Apply a sparse delta in place: ``buf`` (uint8, the base) gets the runs' elements rewritten.
@@ -164,7 +171,7 @@ def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarr
     kernels = _get_kernels()
     if kernels is not None and k > 1:
         io = buf[: n * k].view(_UINT[k])
-        status: int = getattr(kernels, f"sparse{k}_inplace")(*planes, gaps, lengths, io, m, mode, rotate)
+        status: int = _SPARSE_KERNELS[k](kernels)(*planes, gaps, lengths, io, m, mode, rotate)
         return status == 0
     g = gaps.astype(np.int64)
     lens = lengths.astype(np.int64)

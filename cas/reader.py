@@ -156,21 +156,28 @@ class ChunkReader:
         """The chunk and the links below it, down to a keyframe (included) or a cached base (returned)."""
         links = [(chunk_id, loc)]
         seen = {chunk_id}
-        cursor = loc
-        while needs_base(cursor.codec):
-            base_id = cursor.base_id
-            if base_id is None:
-                raise ChunkCorruptError(f"chunk {links[-1][0].short()} is a delta without a base")
-            with self._lock:
-                cached = self._bases.get(base_id)
-                if cached is not None:
-                    self._bases.move_to_end(base_id)
-                    return links, cached
-            if base_id in seen or len(links) > MAX_CHAIN_LINKS:
-                raise ChunkCorruptError(f"chunk {chunk_id.short()} has a looping or overlong delta chain")
-            cursor = self.locate(base_id, f"{where}, delta base {base_id.short()}")
-            links.append((base_id, cursor))
-            seen.add(base_id)
+        cursor: ChunkLocation | None = loc
+        lookup = self.index.reader()  # one read transaction for the whole walk
+        try:
+            while cursor is not None and needs_base(cursor.codec):
+                base_id = cursor.base_id
+                if base_id is None:
+                    raise ChunkCorruptError(f"chunk {links[-1][0].short()} is a delta without a base")
+                if self._bases:
+                    with self._lock:
+                        cached = self._bases.get(base_id)
+                        if cached is not None:
+                            self._bases.move_to_end(base_id)
+                            return links, cached
+                if base_id in seen or len(links) > MAX_CHAIN_LINKS:
+                    raise ChunkCorruptError(f"chunk {chunk_id.short()} has a looping or overlong delta chain")
+                cursor = lookup.get(base_id)
+                if cursor is None:
+                    raise MissingChunkError(f"{where}, delta base {base_id.short()}: chunk is not in the index")
+                links.append((base_id, cursor))
+                seen.add(base_id)
+        finally:
+            lookup.close()
         return links, None
 
     def _decode_stepwise(self, chunk_id: ChunkId, loc: ChunkLocation, where: str, payload: bytes) -> Buffer:

@@ -92,8 +92,8 @@ Fingerprints = dict[tuple[KeyPath, int], tuple[bytes, ChunkId]]
 #: Estimated restore time of one delta link, in keyframe restores (bench/delta_depth.py): a
 #: dense delta decodes every byte again; a sparse one costs a fixed part plus what it stores.
 DENSE_LINK_COST = 0.45
-SPARSE_LINK_FIXED = 0.1
-SPARSE_LINK_PER_STORED = 1.5
+SPARSE_LINK_FIXED = 0.12
+SPARSE_LINK_PER_STORED = 1.4
 
 
 def link_cost(codec: int, stored_length: int, raw_length: int) -> float:
