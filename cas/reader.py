@@ -279,11 +279,36 @@ class ChunkReader:
         return reads
 
     def run(self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None = None) -> None:
-        """Read many chunks in parallel, in pack order; the first error is raised after all finish."""
+        """Read many chunks in parallel, in pack order; the first error is raised after all finish.
+
+        A chunk wanted at several places is decoded once and copied; delta bases that two or
+        more of the chunks' chains go through are decoded once, first, and cached: no chain is
+        decoded twice in one restore.
+        """
         reads = sorted(reads, key=lambda r: (r.location.pack_id, r.location.offset))
-        futures = [pool.submit(self.read_into, r) for r in reads]
+        decoded: dict[bytes, Buffer] = {}
+        try:
+            for base_id, where in self._shared_bases(reads):
+                decoded[base_id] = self.base(base_id, where)
+        except CorruptionError:
+            pass  # the reads below hit the same damage and report it against their tensors
+        primary: dict[bytes, ChunkRead] = {}
+        copies: list[tuple[ChunkRead, ChunkRead]] = []  # the same chunk twice (tied or identical tensors)
+        unique = []
+        for r in reads:
+            done = decoded.get(r.chunk_id)
+            if done is not None and len(done) == len(r.dest):  # decoded (and verified) as a shared base
+                r.dest[:] = done
+                if progress is not None:
+                    progress(len(r.dest))
+            elif r.chunk_id in primary and len(primary[r.chunk_id].dest) == len(r.dest):
+                copies.append((r, primary[r.chunk_id]))
+            else:
+                primary.setdefault(r.chunk_id, r)
+                unique.append(r)
+        futures = [pool.submit(self.read_into, r) for r in unique]
         first: BaseException | None = None
-        for fut, r in zip(futures, reads, strict=True):
+        for fut, r in zip(futures, unique, strict=True):
             exc = fut.exception()
             if exc is not None and first is None:
                 first = exc
@@ -291,4 +316,34 @@ class ChunkReader:
                 progress(len(r.dest))
         if first is not None:
             raise first
+        for r, source in copies:
+            r.dest[:] = source.dest
+            if progress is not None:
+                progress(len(r.dest))
+
+    def _shared_bases(self, reads: list[ChunkRead]) -> list[tuple[ChunkId, str]]:
+        """Bases on the delta chains of two or more of ``reads``, keyframe-most first."""
+        seen_by: dict[bytes, int] = {}
+        depth_of: dict[bytes, int] = {}
+        where_of: dict[bytes, str] = {}
+        lookup = self.index.reader()
+        try:
+            for read in reads:
+                chain = []
+                loc: ChunkLocation | None = read.location
+                while loc is not None and needs_base(loc.codec) and loc.base_id is not None:
+                    base_id = loc.base_id
+                    if base_id in chain or len(chain) > MAX_CHAIN_LINKS:
+                        break
+                    chain.append(base_id)
+                    seen_by[base_id] = seen_by.get(base_id, 0) + 1
+                    where_of.setdefault(base_id, read.where)
+                    loc = lookup.get(base_id)
+                for height, base_id in enumerate(reversed(chain)):
+                    depth_of[base_id] = height
+        finally:
+            lookup.close()
+        shared = [b for b, n in seen_by.items() if n > 1]
+        shared.sort(key=lambda b: depth_of[b])
+        return [(ChunkId(b), where_of[b]) for b in shared]
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import cas
@@ -154,3 +155,66 @@ def test_corrupt_base_is_reported_for_the_delta_chunk(tmp_path: Path) -> None:
         report = repo.verify(read_data=True)
         assert not report.ok
         assert {p.snapshot.split(" ")[0] for p in report.problems if p.kind == "corrupt-chunk"} == {"a", "b"}
+
+
+def _count_payload_reads(repo: cas.Repository) -> dict[tuple[bytes, int], int]:
+    counts: dict[tuple[bytes, int], int] = {}
+    real = repo.reader.payload
+
+    def counting(loc):  # type: ignore[no-untyped-def]
+        key = (bytes(loc.pack_id), loc.offset)
+        counts[key] = counts.get(key, 0) + 1
+        return real(loc)
+
+    repo.reader.payload = counting  # type: ignore[method-assign]
+    return counts
+
+
+def test_a_restore_decodes_shared_bases_and_repeated_chunks_once(tmp_path: Path) -> None:
+    n = 64 * 1024  # four 64 KiB chunks per tensor
+    zeros = torch.zeros(n)
+    changed_a, changed_b = zeros.clone(), zeros.clone()
+    changed_a[100:110] = 1.0
+    changed_b[5000:5003] = 2.0
+    with cas.Repository.init(tmp_path / "r", chunk_size=64 * 1024) as repo:
+        repo.save({"a": zeros, "b": zeros.clone()}, tag="s0")  # every chunk is the same zero chunk
+        repo.save({"a": changed_a, "b": changed_b, "c": changed_a.clone()}, tag="s1")
+        entries = dict(repo.index.iter_chunks())
+        deltas = [loc for loc in entries.values() if loc.base_id is not None]
+        assert len({loc.base_id for loc in deltas}) == 1  # a's and b's changed chunks share one base
+        repo.reader.clear_cache()
+        counts = _count_payload_reads(repo)
+        assert_same(repo.load("s1"), {"a": changed_a, "b": changed_b, "c": changed_a})
+        assert counts and max(counts.values()) == 1  # no payload, the shared base's included, read twice
+
+
+def _flip_payload(repo: cas.Repository, chunk_id: bytes, at: int) -> None:
+    from cas.pack import pack_path
+
+    loc = repo.index.get(chunk_id)
+    assert loc is not None
+    path = pack_path(repo.path / "packs", loc.pack_id)
+    data = bytearray(path.read_bytes())
+    data[loc.offset + min(at, loc.stored_length - 1)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["keyframe", "middle link"])
+def test_damage_anywhere_in_a_chain_is_caught_and_names_the_damaged_chunk(tmp_path: Path, damaged: str) -> None:
+    states = sparse_run(4, rows=1024, dim=64)  # 256 KiB table: 4 chunks of 64 KiB
+    with cas.Repository.init(tmp_path / "r", chunk_size=64 * 1024) as repo:
+        for i, sd in enumerate(states):
+            repo.save(sd, tag=f"s{i}")
+        entries = dict(repo.index.iter_chunks())
+        top = next(cid for cid, loc in entries.items() if chain_depths(repo)[cid] == 3)
+        chain = [top]
+        while entries[chain[-1]].base_id is not None:
+            chain.append(entries[chain[-1]].base_id)
+        victim = chain[-1] if damaged == "keyframe" else chain[1]
+        _flip_payload(repo, victim, at=entries[victim].stored_length // 2)
+        repo.reader.clear_cache()
+        with pytest.raises(cas.CorruptionError, match=victim.hex()[:12]):
+            repo.load("s3")
+        report = repo.verify(read_data=True)
+        assert not report.ok
+        assert any(victim.hex()[:12] in str(problem) for problem in report.problems)
