@@ -17,6 +17,7 @@ for platforms without numba (``CAS_NO_NUMBA=1`` forces it) and gives the same by
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,13 +115,27 @@ def accelerated() -> bool:
 _EMPTY = np.zeros(0, np.uint8)
 
 
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A per-thread buffer of ``size`` bytes, reused: fresh megabytes cost a page fault per 4 KiB."""
+    buf: np.ndarray | None = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < size:
+        buf = _local.scratch = np.empty(max(size, 1 << 20), np.uint8)
+    return buf[:size]
+
+
 def split(data: np.ndarray, base: np.ndarray | None, k: int, mode: int, rotate: bool) -> np.ndarray:
-    """Planes ``(k, n)`` of the first ``n*k`` bytes of ``data`` (uint8), transformed; ``n = len // k``."""
+    """Planes ``(k, n)`` of the first ``n*k`` bytes of ``data`` (uint8), transformed; ``n = len // k``.
+
+    The planes live in a per-thread buffer that the next ``split`` on the thread overwrites.
+    """
     kernels = _get_kernels()
     if kernels is None or k == 1:
         return _np_split(data, base, k, mode, rotate)
     n = len(data) // k
-    planes = np.empty((k, n), np.uint8)
+    planes = _scratch(k * n).reshape(k, n)  # consumed by the caller before its next split
     x = data[: n * k].view(_UINT[k])
     b = x if base is None else base[: n * k].view(_UINT[k])
     getattr(kernels, f"split{k}")(x, b, planes, mode, rotate)

@@ -40,6 +40,7 @@ class ChunkReader:
         self._in_use: dict[PackId, int] = {}
         self._lock = threading.Lock()
         self._bases: OrderedDict[bytes, Buffer] = OrderedDict()
+        self._local = threading.local()
         self._bases_bytes = 0
         self.base_cache_bytes = BASE_CACHE_BYTES
 
@@ -207,8 +208,12 @@ class ChunkReader:
                 _old, dropped = self._bases.popitem(last=False)
                 self._bases_bytes -= len(dropped)
 
-    def base(self, base_id: ChunkId, where: str) -> Buffer:
-        """The raw bytes of a delta base, from the cache or decoded (and cached) now."""
+    def base(self, base_id: ChunkId, where: str, *, scratch: bool = False) -> Buffer:
+        """The verified raw bytes of a delta base, from the cache or decoded (and cached) now.
+
+        ``scratch``: decode into a per-thread buffer that the thread's next such call
+        overwrites, and do not cache (a save reads each base once, to encode one delta).
+        """
         with self._lock:
             cached = self._bases.get(base_id)
             if cached is not None:
@@ -216,11 +221,18 @@ class ChunkReader:
                 return cached
         base_where = f"{where}, delta base {base_id.short()}"
         loc = self.locate(base_id, base_where)
+        dest = None
+        if scratch:
+            buf: np.ndarray | None = getattr(self._local, "scratch", None)
+            if buf is None or len(buf) < loc.raw_length:
+                buf = self._local.scratch = np.empty(max(loc.raw_length, 1 << 20), np.uint8)
+            dest = memoryview(buf[: loc.raw_length])
         try:
-            raw = self._decode(base_id, loc, base_where)  # no copy: the buffer is this call's own
+            raw = self._decode(base_id, loc, base_where, dest)  # no copy: the buffer is this call's own
         except CorruptionError as exc:
             raise type(exc)(f"{base_where}: {exc} (pack {loc.pack_id.short()})") from None
-        self._remember(base_id, raw)
+        if not scratch:
+            self._remember(base_id, raw)
         return raw
 
     def verified_payload(self, chunk_id: ChunkId, where: str, loc: ChunkLocation) -> bytes:

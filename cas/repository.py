@@ -211,7 +211,7 @@ class Repository:
             storer = ChunkStorer(
                 sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
                 bases=bases, max_depth=self.max_delta_depth, max_cost=self.max_chain_cost,
-                read_base=lambda cid: self.reader.base(cid, "delta base for a save"),
+                read_base=lambda cid: self.reader.base(cid, "delta base for a save", scratch=True),
                 fingerprints=previous[1] if previous is not None and previous[0] == parent_id else None,
             )
             try:
