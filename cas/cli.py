@@ -16,7 +16,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from cas.errors import CasError, UsageError
-from cas.repository import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Repository
+from cas.repository import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_CHAIN_COST,
+    DEFAULT_MAX_DELTA_DEPTH,
+    DEFAULT_PACK_SIZE,
+    Repository,
+)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -91,11 +97,17 @@ def cli(ctx: click.Context, repo_path: str | None) -> None:
 @click.option("--pack-size", default=str(DEFAULT_PACK_SIZE), show_default=True, help="Target pack file size.")
 @click.option("--compression", type=click.Choice(["none", "fast", "default", "max"]), default="default",
               show_default=True)
+@click.option("--max-delta-depth", type=int, default=DEFAULT_MAX_DELTA_DEPTH, show_default=True,
+              help="Most delta links below a chunk (0: no deltas).")
+@click.option("--max-chain-cost", type=float, default=DEFAULT_MAX_CHAIN_COST, show_default=True,
+              help="Most estimated restore time of a chunk at the end of its delta chain, in keyframe restores.")
 @pass_ctx
-def init(ctx: Context, chunk_size: str, pack_size: str, compression: str) -> None:
+def init(ctx: Context, chunk_size: str, pack_size: str, compression: str, max_delta_depth: int,
+         max_chain_cost: float) -> None:
     """Create a new repository in an empty directory."""
     with Repository.init(ctx.path(), chunk_size=parse_size(chunk_size), pack_size=parse_size(pack_size),
-                         compression=compression) as repo:
+                         compression=compression, max_delta_depth=max_delta_depth,
+                         max_chain_cost=max_chain_cost) as repo:
         click.echo(f"created cas repository at {repo.path} (chunk size {human_bytes(repo.chunk_size)})")
 
 

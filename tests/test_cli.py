@@ -182,3 +182,14 @@ def test_restore_nested_to_safetensors_is_refused(repo_dir: Path, tmp_path: Path
 def test_read_only_commands_do_not_import_torch(repo_dir: Path) -> None:
     code = "import sys, cas.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_init_sets_the_delta_chain_bounds_and_refuses_bad_ones(tmp_path: Path) -> None:
+    run("init", "--max-delta-depth", "3", "--max-chain-cost", "1.5", repo=tmp_path / "r")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["max_delta_depth"] == 3 and config["max_chain_cost"] == 1.5
+    with Repository.open(tmp_path / "r") as repo:
+        assert repo.max_delta_depth == 3 and repo.max_chain_cost == 1.5
+    bad = run("init", "--max-chain-cost", "0.5", repo=tmp_path / "r2", ok=False)
+    assert_one_line_error(bad, 2, "max_chain_cost must be a number of at least 1.0")
+    assert not (tmp_path / "r2" / "config.json").exists()
