@@ -254,8 +254,11 @@ def _encode_grouped(
     coded = [(_PLANE_STORED, plane.data) if i in noise else _code_plane(plane, strong) for i, plane in enumerate(split)]
     tail = arr[n * k :] if base_arr is None else np.bitwise_xor(arr[n * k :], base_arr[n * k :])
     header = struct.pack("<BB" + "BI" * k, k, flags, *(x for mode, body in coded for x in (mode, len(body))))
-    pieces = [header, *(body for _, body in coded), tail.data]
-    # assembled with numpy copies, which release the GIL (bytes.join holds it)
+    return _assemble([header, *(body for _, body in coded), tail.data])
+
+
+def _assemble(pieces: list[Buffer]) -> memoryview:
+    """One payload from its pieces, copied by numpy, which releases the GIL (bytes.join holds it)."""
     out = np.empty(sum(len(piece) for piece in pieces), np.uint8)
     pos = 0
     for piece in pieces:
@@ -326,13 +329,7 @@ def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, st
     tail = np.bitwise_xor(arr[n * k :], base_arr[n * k :])
     header = _SPARSE_HEAD.pack(k, flags, len(starts), m, table_mode, len(table_body))
     planes_header = struct.pack("<" + "BI" * k, *(v for mode, body in coded for v in (mode, len(body))))
-    pieces = [header, table_body, planes_header, *(body for _, body in coded), tail.data]
-    out = np.empty(sum(len(piece) for piece in pieces), np.uint8)
-    pos = 0
-    for piece in pieces:
-        out[pos : pos + len(piece)] = np.frombuffer(piece, np.uint8)
-        pos += len(piece)
-    return out.data
+    return _assemble([header, table_body, planes_header, *(body for _, body in coded), tail.data])
 
 
 def _element_size(element_size: int) -> int:
