@@ -254,7 +254,16 @@ def stats(ctx: Context, as_json: bool) -> None:
                f"unique bytes      {human_bytes(report.unique_bytes)}  (dedup {report.dedup_ratio:.2f}x)\n"
                f"stored bytes      {human_bytes(report.stored_bytes)}  (compression {report.compression_ratio:.2f}x)\n"
                f"overall ratio     {report.ratio:.2f}x\n"
-               f"chunks / packs    {report.chunk_count} / {report.pack_count}")
+               f"chunks / packs    {report.chunk_count} / {report.pack_count}\n"
+               f"delta chains      deepest {report.deepest_chain} links, "
+               f"costliest {report.costliest_chain:.2f} keyframe restores (estimated)")
+    if report.codecs:
+        codecs = Table("codec", "chunks", "raw", "stored", "stored / raw")
+        for name, row in sorted(report.codecs.items(), key=lambda kv: -kv[1]["stored_bytes"]):
+            share = row["stored_bytes"] / row["raw_bytes"] if row["raw_bytes"] else 1.0
+            codecs.add_row(name, str(row["chunks"]), human_bytes(row["raw_bytes"]),
+                           human_bytes(row["stored_bytes"]), f"{share:.3f}")
+        console.print(codecs)
     if report.per_snapshot:
         table = Table("snapshot", "tag", "logical", "added")
         for row in report.per_snapshot:

@@ -202,6 +202,14 @@ def check_compression(name: str) -> tuple[Codec, int]:
         raise UsageError(f"unknown compression {name!r}; choose one of: {choices}") from None
 
 
+def codec_name(codec: int) -> str:
+    """``"raw"``, ``"zstd"``, ``"byte-grouped"``, ``"delta"``, ``"sparse-delta"`` (or ``"codec N"``)."""
+    try:
+        return Codec(codec).name.lower().replace("_", "-")
+    except ValueError:
+        return f"codec {codec}"
+
+
 def needs_base(codec: int) -> bool:
     """True if chunks stored with ``codec`` decode only with their base chunk."""
     return codec in DELTA_CODECS

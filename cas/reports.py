@@ -92,6 +92,11 @@ class StatsReport:
     chunk_count: int
     pack_count: int
     per_snapshot: list[dict[str, Any]]
+    #: codec name -> {"chunks", "raw_bytes", "stored_bytes"} over every indexed chunk
+    codecs: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: most delta links below a chunk, and the highest estimated restore cost (keyframe restores)
+    deepest_chain: int = 0
+    costliest_chain: float = 1.0
 
     @property
     def dedup_ratio(self) -> float:

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from cas.check import CheckReport, check_repository
-from cas.codec import check_compression
+from cas.codec import check_compression, codec_name
 from cas.errors import (
     AmbiguousSnapshotError,
     CorruptionError,
@@ -31,7 +31,7 @@ from cas.pack import ChunkKind, iter_pack_files, read_footer
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
-from cas.saver import ChunkStorer, Fingerprints, PackSink
+from cas.saver import ChunkStorer, Fingerprints, PackSink, chain_extremes, link_cost
 from cas.store import LocalStore, check_tag
 from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
 from cas.verify import verify_repository
@@ -469,10 +469,19 @@ class Repository:
         snaps = self.snapshots()
         unique = 0
         chunks = 0
-        for _cid, loc in self.index.iter_chunks():
+        codecs: dict[str, dict[str, int]] = {}
+        bases: dict[bytes, tuple[bytes | None, float]] = {}  # chunk -> (delta base, cost of its own link)
+        for cid, loc in self.index.iter_chunks():
             if loc.kind == ChunkKind.DATA:  # logical bytes count tensor data only, so must this
                 unique += loc.raw_length
             chunks += 1
+            row = codecs.setdefault(codec_name(loc.codec), {"chunks": 0, "raw_bytes": 0, "stored_bytes": 0})
+            row["chunks"] += 1
+            row["raw_bytes"] += loc.raw_length
+            row["stored_bytes"] += loc.stored_length
+            if loc.base_id is not None:
+                bases[cid] = (loc.base_id, link_cost(loc.codec, loc.stored_length, loc.raw_length))
+        depth, cost = chain_extremes(bases)
         packs = self.index.packs()
         stored = sum(size for size, _count in packs.values())
         per = [
@@ -482,6 +491,7 @@ class Repository:
         return StatsReport(
             snapshot_count=len(snaps), logical_bytes=sum(s.logical_bytes for s in snaps), unique_bytes=unique,
             stored_bytes=stored, chunk_count=chunks, pack_count=len(packs), per_snapshot=per,
+            codecs=codecs, deepest_chain=depth, costliest_chain=cost,
         )
 
     def verify(

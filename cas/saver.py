@@ -105,6 +105,24 @@ def link_cost(codec: int, stored_length: int, raw_length: int) -> float:
     return 1.0
 
 
+def chain_extremes(bases: dict[bytes, tuple[bytes | None, float]]) -> tuple[int, float]:
+    """(most links, highest estimated restore cost) over chains given as chunk -> (base, link cost)."""
+    known: dict[bytes, tuple[int, float]] = {}
+    for start in bases:
+        path = []
+        cursor: bytes | None = start
+        while cursor is not None and cursor in bases and cursor not in known and len(path) <= len(bases):
+            path.append(cursor)
+            cursor = bases[cursor][0]
+        depth, cost = known.get(cursor, (0, 1.0)) if cursor is not None else (0, 1.0)
+        for cid in reversed(path):
+            depth, cost = depth + 1, cost + bases[cid][1]
+            known[cid] = (depth, cost)
+    if not known:
+        return 0, 1.0
+    return max(d for d, _ in known.values()), max(c for _, c in known.values())
+
+
 class ChunkStorer:
     """Stores blobs and nodes for one save, deduplicating against the index and itself.
 

@@ -97,6 +97,11 @@ def test_default_chain_cost_bound_keeps_dense_chains_short_and_lets_sparse_ones_
         depths = chain_depths(repo)
         assert 2 < max(depths.values()) <= repo.max_delta_depth  # cheap links: deeper chains
         assert max(chain_costs(repo).values()) <= repo.max_chain_cost
+        stats = repo.stats()  # what `cas stats` shows operators
+        assert stats.deepest_chain == max(depths.values())
+        assert stats.costliest_chain == pytest.approx(max(chain_costs(repo).values()))
+        assert stats.codecs["sparse-delta"]["chunks"] > 0
+        assert sum(row["chunks"] for row in stats.codecs.values()) == stats.chunk_count
         assert sum(sizes[1:]) / len(sizes[1:]) < sizes[0] / 20  # later saves store about what changed
         for i in (0, 7, 8, 29):
             assert_same(repo.load(f"s{i}"), states[i])
