@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from cas.codec import needs_base
 from cas.errors import CorruptionError, FormatVersionError
 from cas.ids import ChunkId, PackId
-from cas.index import ChunkLocation
+from cas.index import ChunkLocation, Index
 from cas.pack import pack_path, read_footer
 from cas.reach import reached_chunks, snapshot_label
 from cas.reports import Problem, VerifyReport
@@ -106,15 +107,20 @@ def verify_repository(
         total = sum(loc.raw_length for _, loc in to_read)
         done = 0
 
+        order, bases = _chain_order(index, to_read)
+
         def check(item: tuple[ChunkId, ChunkLocation]) -> tuple[ChunkId, ChunkLocation, str | None]:
             cid, loc = item
             try:
-                repo.reader.read(cid, f"chunk {cid.short()}", loc)
+                if cid in bases:  # decoded once, kept for the chunks whose chains go through it
+                    repo.reader.base(cid, f"chunk {cid.short()}")
+                else:
+                    repo.reader.read(cid, f"chunk {cid.short()}", loc)
             except CorruptionError as exc:
                 return cid, loc, str(exc)
             return cid, loc, None
 
-        for cid, loc, error in repo.pool.map(check, sorted(to_read, key=lambda x: (x[1].pack_id, x[1].offset))):
+        for cid, loc, error in repo.pool.map(check, order):
             done += loc.raw_length
             report.bytes_read += loc.stored_length
             if progress is not None:
@@ -126,3 +132,37 @@ def verify_repository(
                     "corrupt-chunk", error, snapshot=snap, tensor=tensor, pack=loc.pack_id.hex(), chunk=cid.hex(),
                 ))
     return report
+
+
+def _chain_order(
+    index: Index, to_read: list[tuple[ChunkId, ChunkLocation]]
+) -> tuple[list[tuple[ChunkId, ChunkLocation]], set[bytes]]:
+    """The chunks grouped by delta chain (keyframe first, then by depth), and those that are bases
+    of others: each chain is decoded once, its links cached while the chain's chunks are checked."""
+    wanted = {cid for cid, _ in to_read}
+    root_of: dict[bytes, tuple[bytes, int]] = {}
+    bases: set[bytes] = set()
+    lookup = index.reader()
+    try:
+        for cid, loc in to_read:
+            path: list[bytes] = []
+            cursor: bytes | None = cid
+            current: ChunkLocation | None = loc
+            while cursor is not None and cursor not in root_of and current is not None and len(path) < 4096:
+                path.append(cursor)
+                base = current.base_id if needs_base(current.codec) else None
+                if base is not None and base in wanted:
+                    bases.add(base)
+                cursor = base
+                current = lookup.get(base) if base is not None else None
+            if not path:
+                continue  # reached already, as a base of another wanted chunk
+            root, depth = root_of.get(cursor, (path[-1], -1)) if cursor is not None else (path[-1], -1)
+            for link in reversed(path):
+                depth += 1
+                root_of[link] = (root, depth)
+    finally:
+        lookup.close()
+    order = sorted(to_read, key=lambda x: (root_of[x[0]][0], root_of[x[0]][1]))
+    return order, bases
+
