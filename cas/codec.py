@@ -750,11 +750,15 @@ def coded_planes(codec: int, payload: Buffer, raw_length: int) -> list[tuple[str
         return [("raw", len(view), np.frombuffer(view, np.uint8))]
     if codec == Codec.ZSTD:
         return [("zstd", len(view), np.frombuffer(_zstd_frame(view, raw_length, "zstd chunk"), np.uint8))]
+    if codec not in _GROUPED_NAMES:
+        raise FormatVersionError(f"chunk uses codec {codec}, which this version of cas does not know")
     name, k, flags = _grouped_header(codec, view, raw_length)
     n = raw_length // k
     out: list[tuple[str, int, np.ndarray]] = []
     pos = 2
     if codec == Codec.SPARSE_DELTA:
+        if len(view) < _SPARSE_HEAD.size:
+            raise ChunkCorruptError(f"{name} payload of {len(view)} bytes is too short for its header")
         runs, n = _SPARSE_HEAD.unpack_from(view, 0)[2:4]
         table, pos = _read_planes(name, view, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table")
         for mode, piece in table:

@@ -128,7 +128,11 @@ class ChunkReader:
                 return buf
         except ChunkCorruptError:
             pass
-        return self._decode_stepwise(chunk_id, loc, where, stored)  # raises, naming the damaged link
+        out = self._decode_stepwise(chunk_id, loc, where, stored)  # raises, naming the damaged link
+        if buf is dest:  # the caller reads its own buffer, which the failed rebuild left wrong
+            buf[:] = memoryview(out).cast("B")
+            return buf
+        return out
 
     def _rebuild(
         self, links: list[tuple[ChunkId, ChunkLocation]], cached: Buffer | None, buf: memoryview, stored: bytes
@@ -182,23 +186,40 @@ class ChunkReader:
         return links, None
 
     def _decode_stepwise(self, chunk_id: ChunkId, loc: ChunkLocation, where: str, payload: bytes) -> Buffer:
-        """Decode with every link verified on its own (slow path after a failed chain check)."""
-        base = None
-        if needs_base(loc.codec):
-            if loc.base_id is None:
-                raise ChunkCorruptError(f"chunk {chunk_id.short()} is a delta without a base")
-            base_where = f"{where}, delta base {loc.base_id.short()}"
-            base_loc = self.locate(loc.base_id, base_where)
+        """Decode with every link verified on its own (slow path after a failed chain check).
+
+        The error names the first damaged chunk from the keyframe up (and its pack).
+        """
+        chain = [(chunk_id, loc, where, payload)]
+        seen = {chunk_id}
+        cursor = loc
+        while needs_base(cursor.codec):
+            base_id = cursor.base_id
+            if base_id is None:
+                raise ChunkCorruptError(f"{chain[-1][2]}: chunk {chain[-1][0].short()} is a delta without a base")
+            if base_id in seen or len(chain) > MAX_CHAIN_LINKS:
+                raise ChunkCorruptError(f"{where}: chunk {chunk_id.short()} has a looping or overlong delta chain")
+            base_where = f"{where}, delta base {base_id.short()}"
+            cursor = self.locate(base_id, base_where)
+            chain.append((base_id, cursor, base_where, b""))
+            seen.add(base_id)
+        base: Buffer | None = None
+        for cid, link, link_where, stored in reversed(chain):
             try:
-                base = bytes(self._decode_stepwise(loc.base_id, base_loc, base_where, self.payload(base_loc)))
+                out = decode(link.codec, stored or self.payload(link), link.raw_length, base)
+                if hash_bytes(out) != cid:
+                    raise ChunkCorruptError(f"chunk {cid.short()} does not match its hash")
             except CorruptionError as exc:
-                raise type(exc)(f"{base_where}: {exc} (pack {base_loc.pack_id.short()})") from None
-        out = decode(loc.codec, payload, loc.raw_length, base)
-        if hash_bytes(out) != chunk_id:
-            raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
-        return out
+                if cid == chunk_id:
+                    raise  # the caller adds where and pack
+                raise type(exc)(f"{link_where}: {exc} (pack {link.pack_id.short()})") from None
+            base = bytes(out) if cid != chunk_id else out
+        assert base is not None
+        return base
 
     def _remember(self, base_id: ChunkId, raw: Buffer) -> None:
+        if isinstance(raw, memoryview):
+            raw = raw.toreadonly()  # what the cache hands out must not be written through
         with self._lock:
             if base_id in self._bases:
                 return
@@ -299,9 +320,13 @@ class ChunkReader:
         """
         reads = sorted(reads, key=lambda r: (r.location.pack_id, r.location.offset))
         decoded: dict[bytes, Buffer] = {}
+        held = 0
         try:
             for base_id, where in self._shared_bases(reads):
+                if held >= self.base_cache_bytes:
+                    break  # within the cache's bound; later chains decode their own bases
                 decoded[base_id] = self.base(base_id, where)
+                held += len(decoded[base_id])
         except CorruptionError:
             pass  # the reads below hit the same damage and report it against their tensors
         primary: dict[bytes, ChunkRead] = {}

@@ -166,6 +166,7 @@ class Repository:
         parent: str | None = "latest",
         keyframe: bool = False,
         replace: bool = False,
+        rehash: bool = False,
         progress: Progress | None = None,
     ) -> Snapshot:
         """Store ``state_dict`` as a new snapshot; only chunks not already stored are written.
@@ -174,6 +175,9 @@ class Repository:
         delta bases come from; ``keyframe=True`` stores no chunk as a delta (chains restart).
         ``replace=True`` moves an existing tag to the new snapshot in one atomic rename (the
         old snapshot stays tagged until the new one is committed; gc frees it later).
+        A child of this process's previous save takes the ids of chunks whose XXH3-128
+        fingerprint did not change without a BLAKE3 pass (FORMAT.md §4); ``rehash=True``
+        hashes every chunk (for tensors from a source that might craft XXH3 collisions).
         """
         if tag is not None:
             check_tag(tag)
@@ -212,7 +216,8 @@ class Repository:
                 sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
                 bases=bases, max_depth=self.max_delta_depth, max_cost=self.max_chain_cost,
                 read_base=lambda cid: self.reader.base(cid, "delta base for a save", scratch=True),
-                fingerprints=previous[1] if previous is not None and previous[0] == parent_id else None,
+                fingerprints=previous[1] if previous is not None and previous[0] == parent_id and not rehash
+                else None,
             )
             try:
                 storer.store_blobs(blobs, advance)

@@ -214,7 +214,9 @@ class ChunkStorer:
         # the new link will likely cost what the parent's did (same tensor, same kind of update)
         link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length)
                 if needs_base(parent_loc.codec) else DENSE_LINK_COST)
-        if self._fits(parent, link):
+        # A keyframe parent gives no hint of the update's kind: try the delta if even the cheapest
+        # link fits (``_encode`` checks the real cost and falls back to a keyframe).
+        if self._fits(parent, link if needs_base(parent_loc.codec) else SPARSE_LINK_FIXED):
             return [(parent, 1.0, 0)], 0
         return self._branches(parent, parent_loc, link)
 

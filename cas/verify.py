@@ -107,7 +107,7 @@ def verify_repository(
         total = sum(loc.raw_length for _, loc in to_read)
         done = 0
 
-        order, bases = _chain_order(index, to_read)
+        groups, bases = _chain_order(index, to_read)
 
         def check(item: tuple[ChunkId, ChunkLocation]) -> tuple[ChunkId, ChunkLocation, str | None]:
             cid, loc = item
@@ -120,25 +120,30 @@ def verify_repository(
                 return cid, loc, str(exc)
             return cid, loc, None
 
-        for cid, loc, error in repo.pool.map(check, order):
-            done += loc.raw_length
-            report.bytes_read += loc.stored_length
-            if progress is not None:
-                progress(done, total)
-            if error is None:
-                continue
-            for snap, tensor in users[cid]:
-                report.problems.append(Problem(
-                    "corrupt-chunk", error, snapshot=snap, tensor=tensor, pack=loc.pack_id.hex(), chunk=cid.hex(),
-                ))
+        def check_group(group: list[tuple[ChunkId, ChunkLocation]]) -> list[tuple[ChunkId, ChunkLocation, str | None]]:
+            return [check(item) for item in group]  # one chain in order: each base is cached before its deltas
+
+        for results in repo.pool.map(check_group, groups):
+            for cid, loc, error in results:
+                done += loc.raw_length
+                report.bytes_read += loc.stored_length
+                if progress is not None:
+                    progress(done, total)
+                if error is None:
+                    continue
+                for snap, tensor in users[cid]:
+                    report.problems.append(Problem(
+                        "corrupt-chunk", error, snapshot=snap, tensor=tensor, pack=loc.pack_id.hex(),
+                        chunk=cid.hex(),
+                    ))
     return report
 
 
 def _chain_order(
     index: Index, to_read: list[tuple[ChunkId, ChunkLocation]]
-) -> tuple[list[tuple[ChunkId, ChunkLocation]], set[bytes]]:
-    """The chunks grouped by delta chain (keyframe first, then by depth), and those that are bases
-    of others: each chain is decoded once, its links cached while the chain's chunks are checked."""
+) -> tuple[list[list[tuple[ChunkId, ChunkLocation]]], set[bytes]]:
+    """The chunks grouped by delta chain (each group keyframe first, then by depth), and those that
+    are bases of others: each chain is decoded once, its links cached while its chunks are checked."""
     wanted = {cid for cid, _ in to_read}
     root_of: dict[bytes, tuple[bytes, int]] = {}
     bases: set[bytes] = set()
@@ -163,6 +168,10 @@ def _chain_order(
                 root_of[link] = (root, depth)
     finally:
         lookup.close()
-    order = sorted(to_read, key=lambda x: (root_of[x[0]][0], root_of[x[0]][1]))
-    return order, bases
+    groups: dict[bytes, list[tuple[ChunkId, ChunkLocation]]] = {}
+    for item in sorted(to_read, key=lambda x: (x[1].pack_id, x[1].offset)):
+        groups.setdefault(root_of.get(item[0], (item[0], 0))[0], []).append(item)
+    for group in groups.values():
+        group.sort(key=lambda x: root_of.get(x[0], (x[0], 0))[1])
+    return list(groups.values()), bases
 

@@ -71,3 +71,12 @@ def test_fingerprints_apply_only_to_children_of_the_last_save(tmp_path: Path, bl
         repo.save(sd, tag="child-of-s0", parent="s0")  # the last save's fingerprints are of "other"
         assert sum(n for n in blake3_calls if n == 64 * 1024) >= sum(t.nbytes for t in sd.values()) - 64 * 1024
         assert_same(repo.load("child-of-s0"), sd)
+
+
+def test_rehash_hashes_everything(tmp_path: Path, blake3_calls: list[int]) -> None:
+    sd = _state()
+    with cas.Repository.init(tmp_path / "r", chunk_size=64 * 1024) as repo:
+        repo.save(sd, tag="s0")
+        blake3_calls.clear()
+        repo.save(sd, tag="s1", rehash=True)
+        assert sum(blake3_calls) >= sum(t.nbytes for t in sd.values())
