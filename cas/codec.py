@@ -101,7 +101,7 @@ from __future__ import annotations
 import struct
 import threading
 from enum import IntEnum
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 import zstandard
@@ -141,8 +141,7 @@ FLAG_DIFFERENCE = 0x02
 
 _PLANE_STORED = 0
 _PLANE_ZSTD = 1
-_UINT: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
-_INT: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
+_UINT = planes.UINT
 _MAX_PLANE = 0xFFFFFFFF  # stored lengths are u32
 
 # Chunks at least this large choose their codec on a sample: _SAMPLE_SLICES
@@ -303,15 +302,6 @@ def _change_runs(x: np.ndarray, b: np.ndarray, merge_gap: int) -> tuple[np.ndarr
     return starts, ends - starts
 
 
-def _run_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Positions covered by the runs, in order: the concatenation of ``arange(s, s + l)``."""
-    total = int(lengths.sum())
-    before = np.cumsum(lengths) - lengths  # elements in the runs before each run
-    idx: np.ndarray = np.arange(total, dtype=np.int64)
-    idx += np.repeat(starts.astype(np.int64) - before, lengths)
-    return idx
-
-
 def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, strong: bool) -> memoryview:
     """Codec 4 payload: the runs of changed elements and their transformed values, byte-grouped."""
     n = len(arr) // k
@@ -319,7 +309,7 @@ def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, st
         raise UsageError("byte-grouped codecs hold at most 2**32 - 1 elements per chunk")
     x, b = arr[: n * k].view(_UINT[k]), base_arr[: n * k].view(_UINT[k])
     starts, lengths = _change_runs(x, b, max(0, _SPARSE_MERGE_GAP // k))
-    idx = _run_index(starts, lengths)
+    idx = planes.run_index(starts, lengths)
     m = len(idx)
     gaps = starts - np.concatenate([[0], (starts + lengths)[:-1]]) if len(starts) else starts
     table = np.concatenate([gaps, lengths]).astype("<u4").view(np.uint8)

@@ -25,7 +25,9 @@ import numpy as np
 
 PLAIN, XOR, DIFFERENCE = 0, 1, 2
 
-_UINT: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+#: little-endian unsigned integer dtype of each element size
+UINT: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_UINT = UINT
 _INT: dict[int, np.dtype[Any]] = {1: np.dtype("i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4"), 8: np.dtype("<i8")}
 
 
@@ -166,6 +168,15 @@ def join(planes: Sequence[np.ndarray], out: np.ndarray, base: np.ndarray | None,
         getattr(kernels, f"join{k}")(*planes, o, base[: n * k].view(_UINT[k]), mode, rotate)
 
 
+def run_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions covered by the runs, in order: the concatenation of ``arange(s, s + l)``."""
+    total = int(lengths.sum())
+    before = np.cumsum(lengths) - lengths  # elements in the runs before each run
+    idx: np.ndarray = np.arange(total, dtype=np.int64)
+    idx += np.repeat(starts.astype(np.int64) - before, lengths)
+    return idx
+
+
 _SPARSE_KERNELS: dict[int, Any] = {
     2: lambda kernels: kernels.sparse2_inplace,
     4: lambda kernels: kernels.sparse4_inplace,
@@ -193,9 +204,7 @@ def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarr
     ends = np.cumsum(g + lens)
     if int(lens.sum()) != m or (len(lens) and (int(lens.min()) < 1 or int(ends[-1]) > n)):
         return False
-    starts = ends - lens
-    idx = np.arange(m, dtype=np.int64)
-    idx += np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    idx = run_index(ends - lens, lens)
     ints = buf[: n * k].view(_UINT[k])
     values = ints[idx]  # the base's elements in the runs
     raw = values.view(np.uint8)
