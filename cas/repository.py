@@ -92,8 +92,8 @@ class Repository:
         """
         if not isinstance(max_delta_depth, int) or not 0 <= max_delta_depth <= MAX_DELTA_DEPTH_LIMIT:
             raise UsageError(f"max_delta_depth must be an integer from 0 to {MAX_DELTA_DEPTH_LIMIT}")
-        if not isinstance(max_chain_cost, (int, float)) or not max_chain_cost >= 1.0:
-            raise UsageError("max_chain_cost must be a number of at least 1.0 (keyframe restores)")
+        if not isinstance(max_chain_cost, (int, float)) or not 1.0 <= max_chain_cost < float("inf"):
+            raise UsageError("max_chain_cost must be a finite number of at least 1.0 (keyframe restores)")
         if not isinstance(chunk_size, int) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size % 16:
             raise UsageError(
                 f"chunk size {chunk_size} must be a multiple of 16 between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"

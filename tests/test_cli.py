@@ -191,5 +191,7 @@ def test_init_sets_the_delta_chain_bounds_and_refuses_bad_ones(tmp_path: Path) -
     with Repository.open(tmp_path / "r") as repo:
         assert repo.max_delta_depth == 3 and repo.max_chain_cost == 1.5
     bad = run("init", "--max-chain-cost", "0.5", repo=tmp_path / "r2", ok=False)
-    assert_one_line_error(bad, 2, "max_chain_cost must be a number of at least 1.0")
+    assert_one_line_error(bad, 2, "max_chain_cost must be a finite number of at least 1.0")
     assert not (tmp_path / "r2" / "config.json").exists()
+    for cost in ("inf", "nan"):
+        assert_one_line_error(run("init", "--max-chain-cost", cost, repo=tmp_path / "r3", ok=False), 2, "finite")
