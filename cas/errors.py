@@ -14,7 +14,12 @@ Every error a user can meet is a :class:`CasError`; the CLI maps the class's
     │   ├── RepositoryExistsError         init on a non-empty directory
     │   ├── FormatVersionError            repository written by an unknown format version
     │   ├── LockedError
-    │   └── StorageError                  the disk refused a write (full, quota, read-only): nothing committed
+    │   ├── ConfigError                   config.json holds a value of the wrong type or range
+    │   └── StorageError                  the store refused an operation (disk full, quota, read-only, ...)
+    │       ├── StorageUnavailableError   transient: connection refused, timeout, 5xx, throttling (retry)
+    │       ├── StoragePermissionError    credentials or permissions refused the operation
+    │       ├── ObjectNotFoundError       the object (or bucket) does not exist
+    │       └── PreconditionFailedError   a create-only or compare-and-swap write lost its race
     ├── SnapshotNotFoundError             exit 4  unknown tag / id / prefix
     │   └── AmbiguousSnapshotError
     ├── UnsupportedObjectError            exit 5  value the typed encoding cannot hold
@@ -25,6 +30,7 @@ Every error a user can meet is a :class:`CasError`; the CLI maps the class's
         ├── MissingChunkError             a referenced chunk is not in the index or its pack
         ├── PackCorruptError              a pack's footer / trailer / checksum is wrong
         ├── ManifestCorruptError          a manifest node does not decode
+        ├── IndexCorruptError             the local index is damaged or stale beyond repair in place
         └── GcRefusedError                gc cannot tell what is live; it deleted nothing
 """
 
@@ -77,7 +83,27 @@ class LockedError(RepositoryError):
     pass
 
 
+class ConfigError(RepositoryError):
+    pass
+
+
 class StorageError(RepositoryError):
+    pass
+
+
+class StorageUnavailableError(StorageError):
+    pass
+
+
+class StoragePermissionError(StorageError):
+    pass
+
+
+class ObjectNotFoundError(StorageError):
+    pass
+
+
+class PreconditionFailedError(StorageError):
     pass
 
 
@@ -118,6 +144,10 @@ class PackCorruptError(CorruptionError):
 
 
 class ManifestCorruptError(CorruptionError):
+    pass
+
+
+class IndexCorruptError(CorruptionError):
     pass
 
 
