@@ -4,8 +4,8 @@ from cas.check import CheckReport
 from cas.errors import (
     AmbiguousSnapshotError,
     CasError,
-    ConfigError,
     ChunkCorruptError,
+    ConfigError,
     CorruptionError,
     FormatVersionError,
     GcRefusedError,

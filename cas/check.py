@@ -1,26 +1,36 @@
-"""`check --repair`: find damaged packs, keep what can still be read, and say exactly what was lost.
+"""`check --repair`: find damaged packs, keep everything that still verifies, say exactly what was lost.
 
-A damaged pack's readable chunks are copied into a new pack, its unreadable chunks
-are removed from the index, and the damaged file is moved to ``quarantine/``.
-Snapshots are never dropped: the report lists every snapshot and tensor that
-reaches a lost chunk (a later save of the same bytes writes those chunks again
-and heals them).
+Recovery never makes things worse (DESIGN.md invariant 9):
+- the index is brought in line with the packs first (``cas.storeview``), so a stale or lost
+  index never makes an intact pack look damaged;
+- a pack is damaged when its structure does not check (``cas.pack.check_structure``: footer,
+  record headers, reserved bytes) or a record decodes to bytes that do not match its id. A dead
+  delta record whose base gc collected cannot be decoded, but it is not damage: nothing needs it;
+- repair salvages every chunk of a damaged pack that verifies, from every place it may sit (the
+  footer, even behind a damaged header, a forward scan of record headers, the index), into new
+  packs; only once those are durable and indexed, and a copy of the damaged file is in
+  ``quarantine/``, is the damaged file removed from ``packs/``. Nothing is done to a pack that
+  checks. Snapshots are never dropped: the report lists every snapshot and tensor that reaches
+  a lost chunk (a later save of the same bytes writes those chunks again and heals them).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cas.errors import CorruptionError, FormatVersionError
+from cas.codec import needs_base
+from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation
-from cas.pack import PackEntry, iter_pack_files, pack_path, read_footer, scan_records
+from cas.pack import PackEntry, check_structure, salvage_candidates
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
 from cas.store import fsync_dir
+from cas.storeview import reconcile, scan_store
 
 if TYPE_CHECKING:
     from cas.repository import Repository
@@ -31,10 +41,17 @@ class CheckReport:
     repaired: bool
     packs_checked: int = 0
     damaged_packs: list[str] = field(default_factory=list)
+    #: pack id -> what is wrong with it
+    damage: dict[str, str] = field(default_factory=dict)
     lost_chunks: list[str] = field(default_factory=list)
     salvaged_chunks: int = 0
+    #: dead records that cannot be decoded because gc collected their base (not damage)
+    unverifiable_dead_records: int = 0
     #: every (snapshot, tensor) that reaches a lost or missing chunk, or whose manifest is unreadable
     affected: list[dict[str, str]] = field(default_factory=list)
+    #: whether this run changed anything on disk or in the index (repairs, index brought in line)
+    changed: bool = False
+    quarantined: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -46,85 +63,79 @@ class CheckReport:
         return out
 
 
-def _pack_is_intact(repo: Repository, path: Path, pack_id: PackId) -> bool:
-    """The footer hashes to the pack's name and every record decodes to its chunk id."""
-    try:
-        entries = read_footer(path, pack_id)
-        for entry in entries:
-            repo.reader.read(entry.chunk_id, f"check of pack {pack_id.short()}", ChunkLocation.of(pack_id, entry))
-    except (CorruptionError, FormatVersionError, OSError):
-        return False
-    return True
+def _check_records(repo: Repository, pack_id: PackId, entries: list[PackEntry], report: CheckReport) -> str | None:
+    """Decode every record of a structurally sound pack; the first real damage, or None."""
+    for entry in entries:
+        loc = ChunkLocation.of(pack_id, entry)
+        try:
+            repo.reader.verified_payload(entry.chunk_id, f"check of pack {pack_id.short()}", loc)
+        except MissingChunkError as exc:
+            # after reconcile no index entry names a missing pack: what is missing is a delta base
+            if needs_base(entry.codec) and repo.index.get(entry.chunk_id) != loc:
+                report.unverifiable_dead_records += 1  # its base was collected: nothing reads this copy
+                continue
+            return str(exc)
+        except (CorruptionError, FormatVersionError) as exc:
+            return str(exc)
+    return None
 
 
 def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
     report = CheckReport(repaired=repair)
     store = repo.store
     with store.lock(exclusive=True):
-        indexed = repo.index.packs()
-        on_disk = dict(iter_pack_files(store.packs_dir))
-        by_pack: dict[PackId, list[tuple[ChunkId, ChunkLocation]]] = {}
-        for cid, loc in repo.index.iter_chunks():
-            by_pack.setdefault(loc.pack_id, []).append((cid, loc))
-        damaged: list[PackId] = []
-        for pack_id in sorted(set(indexed) | set(on_disk)):
+        view = scan_store(store.packs_dir)
+        if reconcile(repo.index, view, repo.reader).changed:
+            report.changed = True
+        damaged: dict[PackId, str] = dict(view.unreadable)
+        for pack_id in sorted(set(view.packs) | set(view.unreadable)):
             report.packs_checked += 1
-            path = on_disk.get(pack_id) or pack_path(store.packs_dir, pack_id)
-            if not path.exists() or not _pack_is_intact(repo, path, pack_id):
-                damaged.append(pack_id)
-        report.damaged_packs = [p.hex() for p in damaged]
+            if pack_id in damaged:
+                continue
+            path = view.paths[pack_id]
+            try:
+                entries = check_structure(path, pack_id)
+            except (CorruptionError, FormatVersionError, OSError) as exc:
+                damaged[pack_id] = str(exc)
+                continue
+            problem = _check_records(repo, pack_id, entries, report)
+            if problem is not None:
+                damaged[pack_id] = problem
+        # packs the index names but that are gone were dropped by reconcile; their chunks show up
+        # below as missing from the snapshots that reach them
+        report.damaged_packs = [p.hex() for p in sorted(damaged)]
+        report.damage = {p.hex(): why for p, why in sorted(damaged.items())}
 
         lost: set[bytes] = set()
-        salvage: list[tuple[ChunkId, PackEntry, bytes]] = []
-        for pack_id in damaged:
-            path = pack_path(store.packs_dir, pack_id)
-            candidates: dict[bytes, PackEntry] = {}
-            if path.exists():
-                try:
-                    found = read_footer(path)
-                except (CorruptionError, FormatVersionError):
-                    found = scan_records(path)
-                candidates = {e.chunk_id: e for e in found}
-            for cid, _loc in by_pack.get(pack_id, []):
-                entry = candidates.get(cid)
-                if entry is None:
-                    lost.add(cid)
+        salvage: dict[bytes, tuple[PackEntry, bytes]] = {}
+        indexed_in: dict[PackId, list[tuple[ChunkId, ChunkLocation]]] = {}
+        for cid, loc in repo.index.iter_chunks():
+            if loc.pack_id in damaged:
+                indexed_in.setdefault(loc.pack_id, []).append((cid, loc))
+        for pack_id in sorted(damaged):
+            path = view.paths[pack_id]
+            candidates = list(salvage_candidates(path))
+            candidates += [_entry_of(cid, loc) for cid, loc in indexed_in.get(pack_id, [])]
+            verified: set[bytes] = set()
+            for entry in candidates:
+                cid = bytes(entry.chunk_id)
+                if cid in salvage or cid in verified:
                     continue
                 loc = ChunkLocation.of(pack_id, entry)
                 try:
-                    payload = repo.reader.verified_payload(cid, f"check of pack {pack_id.short()}", loc)
-                except CorruptionError:
-                    lost.add(cid)
+                    payload = repo.reader.verified_payload(entry.chunk_id, f"check of pack {pack_id.short()}", loc)
+                except (CorruptionError, FormatVersionError):
                     continue
-                salvage.append((cid, entry, payload))
+                verified.add(cid)
+                salvage[cid] = (entry, payload)
+            for cid, _loc in indexed_in.get(pack_id, []):
+                if bytes(cid) not in salvage:
+                    lost.add(bytes(cid))
         report.lost_chunks = sorted(ChunkId(c).hex() for c in lost)
         report.salvaged_chunks = len(salvage)
 
         if repair and damaged:
-            # Keep a copy of each damaged file first: a salvaged pack can come out byte-identical
-            # to the undamaged original (same footer, same name) and then replaces it in place.
-            quarantine = store.root / "quarantine"
-            quarantine.mkdir(exist_ok=True)
-            for pack_id in damaged:
-                path = pack_path(store.packs_dir, pack_id)
-                if path.exists():
-                    shutil.copy2(path, quarantine / path.name)
-            fsync_dir(quarantine)
-            sink = PackSink(lambda: store.new_temp_path("repair"), store.packs_dir, int(repo.config["pack_size"]))
-            try:
-                for cid, entry, payload in salvage:
-                    sink.add(cid, entry.kind, entry.codec, payload, entry.raw_length, entry.base_id)  # type: ignore[arg-type]
-                new_packs = sink.finish()
-            except BaseException:
-                sink.abort()
-                raise
-            rewritten = {p.pack_id for p in new_packs}
-            gone = [p for p in damaged if p not in rewritten]
-            repo.index.apply_gc(lost, new_packs, gone)
-            repo.reader.close()
-            for pack_id in gone:
-                pack_path(store.packs_dir, pack_id).unlink(missing_ok=True)
-            fsync_dir(store.packs_dir)
+            _repair(repo, damaged, view.paths, salvage, lost, report)
 
         # Which snapshots and tensors reach what is gone (lost now, or missing from the index)?
         for name in store.ref_names():
@@ -132,8 +143,14 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
                 sid = store.read_ref(name)
                 label = snapshot_label(name, sid)
                 reached = reached_chunks(repo.reader, sid, label)
-            except CorruptionError as exc:
-                report.affected.append({"snapshot": name, "tensor": "<manifest>", "error": str(exc)})
+            except FileNotFoundError:
+                continue
+            except (CorruptionError, FormatVersionError) as exc:
+                report.affected.append({
+                    "snapshot": name, "tensor": "<manifest>",
+                    "error": f"{exc}; its manifest is lost unless the pack holding it is restored: "
+                             f"`cas rm {name}` gives it up",
+                })
                 continue
             present = repo.index.get_many(cid for cid, _ in reached)
             hit: dict[str, None] = {}
@@ -142,3 +159,51 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
                     hit.setdefault(tensor)
             report.affected.extend({"snapshot": label, "tensor": t} for t in hit)
     return report
+
+
+def _entry_of(cid: ChunkId, loc: ChunkLocation) -> PackEntry:
+    return PackEntry(cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id)
+
+
+def _repair(
+    repo: Repository,
+    damaged: dict[PackId, str],
+    paths: dict[PackId, Path],
+    salvage: dict[bytes, tuple[PackEntry, bytes]],
+    lost: set[bytes],
+    report: CheckReport,
+) -> None:
+    """Salvaged chunks into new packs (durable, indexed), a copy of each damaged file in
+    ``quarantine/``, and only then the damaged files out of ``packs/``."""
+    store = repo.store
+    quarantine = store.root / "quarantine"
+    quarantine.mkdir(exist_ok=True)
+    for pack_id in damaged:
+        path = paths[pack_id]
+        target = quarantine / path.name
+        if path.exists() and not target.exists():
+            shutil.copy2(path, target)
+            with open(target, "rb") as f:
+                os.fsync(f.fileno())
+        report.quarantined.append(str(target))
+    fsync_dir(quarantine)
+    sink = PackSink(lambda: store.new_temp_path("repair"), store.packs_dir, int(repo.config["pack_size"]))
+    try:
+        for cid, (entry, payload) in salvage.items():
+            sink.add(ChunkId(cid), entry.kind, entry.codec, payload, entry.raw_length, entry.base_id)  # type: ignore[arg-type]
+        new_packs = sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    rewritten = {p.pack_id for p in new_packs}
+    gone = [p for p in damaged if p not in rewritten]
+    moved = [(bytes(e.chunk_id), ChunkLocation.of(p.pack_id, e)) for p in new_packs for e in p.entries]
+    repo.index.apply(
+        put_chunks=moved, remove_chunks=lost, put_packs=[(p.pack_id, p.size, len(p.entries)) for p in new_packs],
+        remove_packs=gone,
+    )
+    repo.reader.close()
+    for pack_id in gone:
+        paths[pack_id].unlink(missing_ok=True)
+    fsync_dir(store.packs_dir)
+    report.changed = True

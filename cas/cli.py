@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -147,6 +148,7 @@ def ls_cmd(ctx: Context, as_json: bool) -> None:
     """List snapshots, oldest first."""
     with ctx.open() as repo:
         snaps = repo.snapshots()
+        damaged = repo.damaged_snapshots() if len(snaps) < len(repo.refs()) else []
     if as_json:
         emit_json([s.to_dict() for s in snaps])
         return
@@ -155,6 +157,8 @@ def ls_cmd(ctx: Context, as_json: bool) -> None:
         meta = {k: v for k, v in s.metadata.items() if k != "source"}
         table.add_row(s.short_id, s.tag or "", s.datetime.strftime("%Y-%m-%d %H:%M:%S"), human_bytes(s.logical_bytes),
                       human_bytes(s.bytes_added), str(s.tensor_count), json.dumps(meta)[:60] if meta else "")
+    for name, _why in damaged:
+        table.add_row("DAMAGED", name, "", "", "", "", "`cas check` tells more; `cas rm` gives it up")
     console.print(table)
 
 
@@ -280,7 +284,10 @@ def rm_cmd(ctx: Context, tags: tuple[str, ...]) -> None:
     with ctx.open() as repo:
         for tag in tags:
             snap = repo.delete(tag)
-            click.echo(f"removed snapshot {snap.short_id}" + (f" ({snap.tag})" if snap.tag else ""))
+            if snap is None:
+                click.echo(f"removed damaged snapshot {tag}")
+            else:
+                click.echo(f"removed snapshot {snap.short_id}" + (f" ({snap.tag})" if snap.tag else ""))
 
 
 @cli.command()
@@ -355,8 +362,16 @@ def index() -> None:
 def index_rebuild(ctx: Context) -> None:
     """Recreate the LMDB index from pack footers and refs."""
     with ctx.open() as repo:
-        count = repo.rebuild_index()
-    click.echo(f"index rebuilt: {count} chunks")
+        report = repo.rebuild_index()
+    for pack, why in report.unreadable_packs.items():
+        click.echo(f"cas: warning: pack {pack[:12]} is damaged ({why}); kept on disk", err=True)
+    for name, why in report.unreadable_snapshots.items():
+        click.echo(f"cas: warning: snapshot {name} cannot be read ({why})", err=True)
+    click.echo(f"index rebuilt: {report.chunks} chunks in {report.packs} packs, {report.snapshots} snapshots"
+               + (f"; {report.salvaged_chunks} chunks of damaged packs still verify" if report.salvaged_chunks else ""))
+    if not report.ok:
+        click.echo("cas: damage found: run `cas check --repair`", err=True)
+        sys.exit(1)
 
 
 @cli.command()
@@ -376,7 +391,9 @@ def check(ctx: Context, repair: bool, as_json: bool) -> None:
             click.echo(f"affected: snapshot {item['snapshot']}, tensor {item['tensor']}")
         click.echo(f"{report.packs_checked} packs checked, {len(report.damaged_packs)} damaged, "
                    f"{report.salvaged_chunks} chunks salvaged, {len(report.lost_chunks)} lost"
-                   + (" (repaired)" if repair and report.damaged_packs else ""))
+                   + (" (repaired)" if repair and report.changed else ""))
+        if repair and report.damaged_packs and not report.changed:
+            click.echo("nothing could be repaired: what is lost is not stored anywhere else", err=True)
     if not report.ok:
         sys.exit(1)
 
@@ -422,7 +439,18 @@ def demo(directory: Path | None, steps: int, every: int) -> None:
     sys.exit(run_demo(directory, steps=steps, every=every))
 
 
+def _log_to_stderr() -> None:
+    """cas's warnings (damaged snapshots left out, an index brought in line) as one line each on stderr."""
+    logger = logging.getLogger("cas")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
+    _log_to_stderr()
     try:
         cli.main(args=argv, prog_name="cas", standalone_mode=False)
     except click.exceptions.Exit as exc:

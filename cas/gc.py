@@ -1,5 +1,10 @@
 """Garbage collection: mark what refs reach, sweep dead packs, repack sparse ones, clear crash leftovers.
 
+What is stored is read from the packs (``cas.storeview``), never taken from the index
+alone: the index is brought in line with the pack footers first, so a stale or lost
+index cannot make a live pack look like an orphan. Packs whose footer does not check
+are never deleted.
+
 Safety beside writers (FORMAT.md §9): GC holds the repository lock exclusively, and
 every save holds it shared from its first dedup lookup to its ref, so no save can
 commit a snapshot that references a chunk GC removed. With no save in flight the
@@ -12,20 +17,27 @@ two steps leaves only unreferenced packs or files, which the next run removes.
 
 from __future__ import annotations
 
+import errno
+import logging
 import resource
+import stat
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cas.errors import CorruptionError, GcRefusedError, UsageError
+from cas.errors import CorruptionError, FormatVersionError, GcRefusedError, StorageError, UsageError
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId
-from cas.index import ChunkLocation
-from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, iter_pack_files, pack_path
+from cas.index import ChunkLocation, SealedPack
+from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, pack_path
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
 from cas.store import fsync_dir
+from cas.storeview import StoreView, reconcile, scan_store
+
+log = logging.getLogger("cas")
 
 if TYPE_CHECKING:
     from cas.repository import Repository
@@ -43,6 +55,9 @@ class GcReport:
     orphan_packs_deleted: int = 0
     temp_files_deleted: int = 0
     bytes_freed: int = 0
+    #: pack files whose footer does not check: gc never deletes them (run `cas check --repair`)
+    unreadable_packs: list[str] = field(default_factory=list)
+    repack_skipped: bool = False
     mark_seconds: float = 0.0
     sweep_seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -52,7 +67,11 @@ class GcReport:
 
 
 def mark(repo: Repository) -> tuple[set[bytes], int]:
-    """Every chunk a ref reaches (nodes, tensor chunks, and delta bases, transitively)."""
+    """Every chunk a ref reaches (nodes, tensor chunks, and delta bases, transitively).
+
+    Run after ``reconcile``: the index then agrees with the packs, so the bases it names
+    are the bases of the copies readers use.
+    """
     live: set[bytes] = set()
     refs = 0
     for name in repo.store.ref_names():
@@ -61,9 +80,11 @@ def mark(repo: Repository) -> tuple[set[bytes], int]:
             live.update(cid for cid, _ in reached_chunks(repo.reader, sid, snapshot_label(name, sid)))
         except FileNotFoundError:
             continue  # removed by a concurrent forget / rm: nothing to keep for it
-        except CorruptionError as exc:
+        except (CorruptionError, FormatVersionError) as exc:
             raise GcRefusedError(
-                f"gc stopped before deleting anything: {exc}. Run `cas check --repair` (or `cas rm` the snapshot)"
+                f"gc stopped before deleting anything: {exc}. Snapshot {name!r} may reach any chunk while its "
+                f"manifest cannot be read: restore the missing or damaged pack, or give the snapshot up with "
+                f"`cas rm {name}`; `cas check --repair` salvages what still verifies"
             ) from None
         refs += 1
     bases: dict[bytes, bytes] = {}
@@ -81,53 +102,79 @@ def mark(repo: Repository) -> tuple[set[bytes], int]:
     return live, refs
 
 
+def temp_leftovers(tmp_dir: Path) -> list[Path]:
+    """Files in ``tmp/`` that cas wrote and a crash left: regular files named ``*.tmp``.
+
+    A ``tmp`` that is a symlink, and links or directories inside it, are never followed:
+    gc deletes only what it can tell is its own.
+    """
+    if tmp_dir.is_symlink() or not tmp_dir.is_dir():
+        if tmp_dir.is_symlink():
+            log.warning("cas: %s is a symlink; gc leaves it and what it points to alone", tmp_dir)
+        return []
+    out = []
+    for path in tmp_dir.iterdir():
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode) and path.name.endswith(".tmp"):
+            out.append(path)
+    return out
+
+
 def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: bool = False) -> GcReport:
-    if not 0.0 <= repack_below <= 1.0:
-        raise UsageError(f"repack_below must be between 0 and 1, got {repack_below}")
+    if not isinstance(repack_below, (int, float)) or not 0.0 <= repack_below <= 1.0:
+        raise UsageError(f"repack_below must be between 0 and 1, got {repack_below!r}")
     report = GcReport(dry_run=dry_run)
     store = repo.store
     with store.lock(exclusive=True):
         _reset_peak_rss()
         t0 = time.perf_counter()
+        # What is stored comes from the packs, never from the index alone (it may be stale or lost).
+        view = scan_store(store.packs_dir)
+        unindexed_before = set(view.packs) - set(repo.index.packs())
+        if not dry_run:
+            reconcile(repo.index, view)
+        report.unreadable_packs = sorted(p.hex() for p in view.unreadable)
         live, report.snapshots = mark(repo)
         report.live_chunks = len(live)
         report.mark_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
 
-        indexed_packs = repo.index.packs()
         live_bytes: dict[bytes, int] = defaultdict(int)  # what the live records take in the file
         live_count: dict[bytes, int] = defaultdict(int)
-        referenced: set[bytes] = set()
+        location: dict[bytes, bytes] = {}  # live chunk -> the pack its index entry names
         dead: list[bytes] = []
         per_record = RECORD_HEADER.size + FOOTER_ENTRY.size
         for cid, pack, stored, _base in repo.index.iter_compact():
-            referenced.add(pack)
             if cid in live:
                 live_bytes[pack] += stored + per_record
                 live_count[pack] += 1
+                location[cid] = pack
             else:
                 dead.append(cid)
         report.dead_chunks = len(dead)
-        on_disk = dict(iter_pack_files(store.packs_dir))
         delete: list[PackId] = []
         repack: list[PackId] = []
-        for pack_id, (size, count) in indexed_packs.items():
+        for pack_id, entries in view.packs.items():  # unreadable packs are never deleted nor repacked
+            size = view.sizes[pack_id]
             if live_count.get(pack_id, 0) == 0:
                 delete.append(pack_id)
-            elif live_count[pack_id] < count and live_bytes[pack_id] < repack_below * size:
+            elif live_count[pack_id] < len(entries) and live_bytes[pack_id] < repack_below * size:
                 repack.append(pack_id)  # a fully live pack is never rewritten, whatever its overhead
-        orphans = [pid for pid in on_disk if pid not in indexed_packs and pid not in referenced]
-        temps = [p for p in store.tmp_dir.iterdir() if p.is_file()]
+        # A pack about to go may hold the only good copy of a live chunk the index places elsewhere
+        # (a duplicate): drop it only once the indexed copy verifies; else the duplicate is kept.
+        keep_old = _guard_duplicates(repo, view, [*delete, *repack], live, location)
+        delete = [p for p in delete if p not in keep_old]
+        repack = [p for p in repack if p not in keep_old]
+        temps = temp_leftovers(store.tmp_dir)
         report.packs_deleted = len(delete)
         report.packs_repacked = len(repack)
-        report.orphan_packs_deleted = len(orphans)
+        report.orphan_packs_deleted = sum(1 for p in delete if p in unindexed_before)
         report.temp_files_deleted = len(temps)
-
-        def size_of(pid: PackId) -> int:
-            path = on_disk.get(pid)
-            return path.stat().st_size if path is not None and path.exists() else 0
-
-        freed = sum(size_of(p) for p in (*delete, *repack, *orphans)) + sum(p.stat().st_size for p in temps)
+        temp_bytes = sum(_size(p) for p in temps)
+        freed = sum(view.sizes[p] for p in (*delete, *repack)) + temp_bytes
         if dry_run:
             report.bytes_freed = freed - _repacked_size(repo, repack, live, int(repo.config["pack_size"]))
             report.sweep_seconds = time.perf_counter() - t1
@@ -135,29 +182,8 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             return report
 
         # 1. copy the live chunks of sparse packs into new packs (verified as they are read)
-        sink = PackSink(lambda: store.new_temp_path("gc"), store.packs_dir, int(repo.config["pack_size"]))
-        keep_old: set[PackId] = set()
-        if repack:
-            moving: dict[PackId, list[tuple[ChunkId, ChunkLocation]]] = defaultdict(list)
-            repack_set = set(repack)
-            for cid, loc in repo.index.iter_chunks():
-                if loc.pack_id in repack_set and cid in live:
-                    moving[loc.pack_id].append((cid, loc))
-            try:
-                for pack_id in repack:
-                    for cid, loc in sorted(moving[pack_id], key=lambda x: x[1].offset):
-                        try:  # the bytes written are the bytes verified
-                            payload = repo.reader.verified_payload(cid, f"gc repack of pack {pack_id.short()}", loc)
-                        except CorruptionError:
-                            keep_old.add(pack_id)  # never move (or drop) what we cannot read: check handles it
-                            continue
-                        sink.add(cid, loc.kind, loc.codec, payload, loc.raw_length, loc.base_id)  # type: ignore[arg-type]
-                new_packs = sink.finish()
-            except BaseException:
-                sink.abort()
-                raise
-        else:
-            new_packs = []
+        new_packs, unmoved = _repack(repo, repack, live, report)
+        keep_old |= unmoved
         report.packs_written = len(new_packs)
         crash_point("gc_repacked")
         # 2. one index transaction
@@ -166,25 +192,120 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         rewritten = {p.pack_id for p in new_packs}
         removed_packs = [p for p in (*delete, *repack) if p not in keep_old and p not in rewritten]
         stale_snapshots = set(repo.index.snapshot_ids()) - {bytes(sid) for _name, sid in repo.refs()}
-        repo.index.apply_gc(dead, new_packs, removed_packs, stale_snapshots)
-        crash_point("gc_index_committed")
-        # 3. unlink what nothing refers to any more. A repack may rewrite byte-identical packs a killed
-        # GC left as orphans (same content, same name): those are live again and must stay.
-        orphans = [p for p in orphans if p not in rewritten]
+        moved = [(bytes(e.chunk_id), ChunkLocation.of(p.pack_id, e)) for p in new_packs for e in p.entries]
+        new_rows = [(p.pack_id, p.size, len(p.entries)) for p in new_packs]
+
+        def commit() -> None:
+            repo.index.apply(put_chunks=moved, remove_chunks=dead, put_packs=new_rows,
+                             remove_packs=removed_packs, remove_snapshots=stale_snapshots)
+
         repo.reader.close()
-        for pid in (*removed_packs, *orphans):
-            pack_path(store.packs_dir, pid).unlink(missing_ok=True)
-            crash_point("gc_unlinked")
+        try:
+            commit()
+        except StorageError:
+            # A full disk: LMDB needs pages to commit. Packs that hold only dead records can go
+            # first (a crash now leaves index entries of dead chunks in missing packs: opening
+            # detects that and drops them, and saves never dedup against a missing pack), then
+            # the commit is tried again.
+            _unlink_packs(store.packs_dir, [p for p in delete if p not in rewritten])
+            commit()
+        crash_point("gc_index_committed")
+        # 3. unlink what nothing refers to any more
+        _unlink_packs(store.packs_dir, removed_packs)
         for temp in temps:
             temp.unlink(missing_ok=True)
-        fsync_dir(store.packs_dir)
-        for sub in store.packs_dir.iterdir():
-            if sub.is_dir():
-                fsync_dir(sub)
-        report.bytes_freed = freed - sum(size_of(p) for p in keep_old) - sum(p.size for p in new_packs)
+        report.bytes_freed = freed - sum(view.sizes[p] for p in keep_old if p in view.sizes) - sum(
+            p.size for p in new_packs
+        )
         report.sweep_seconds = time.perf_counter() - t1
         report.peak_rss_bytes = _peak_rss()
     return report
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _unlink_packs(packs_dir: Path, pack_ids: list[PackId]) -> None:
+    for pid in pack_ids:
+        pack_path(packs_dir, pid).unlink(missing_ok=True)
+        crash_point("gc_unlinked")
+    fsync_dir(packs_dir)
+    for sub in packs_dir.iterdir():
+        if sub.is_dir() and not sub.is_symlink():
+            fsync_dir(sub)
+
+
+def _guard_duplicates(
+    repo: Repository, view: StoreView, going: list[PackId], live: set[bytes], location: dict[bytes, bytes]
+) -> set[PackId]:
+    """Packs among ``going`` to keep: those holding a copy of a live chunk whose indexed copy
+    (elsewhere) does not verify while this one does; the index is pointed at the good copy."""
+    keep: set[PackId] = set()
+    checked: dict[bytes, bool] = {}
+    for pack_id in going:
+        for entry in view.packs[pack_id]:
+            cid = bytes(entry.chunk_id)
+            if cid not in live or location.get(cid) == pack_id:
+                continue
+            if cid not in checked:
+                try:
+                    repo.reader.read(ChunkId(cid), f"gc check of chunk {ChunkId(cid).short()}")
+                    checked[cid] = True
+                except CorruptionError:
+                    checked[cid] = False
+            if checked[cid]:
+                continue
+            loc = ChunkLocation.of(pack_id, entry)
+            try:
+                repo.reader.verified_payload(ChunkId(cid), f"gc check of pack {pack_id.short()}", loc)
+            except CorruptionError:
+                continue
+            repo.index.apply(put_chunks=[(cid, loc)])
+            checked[cid] = True
+            keep.add(pack_id)
+    return keep
+
+
+def _repack(
+    repo: Repository, repack: list[PackId], live: set[bytes], report: GcReport
+) -> tuple[list[SealedPack], set[PackId]]:
+    """New packs holding the live chunks of ``repack``, and the packs that must stay (a chunk in
+    them did not verify: never move or drop what we cannot read; check handles it). On a full
+    disk nothing is repacked (deleting whole dead packs still frees space)."""
+    if not repack:
+        return [], set()
+    store = repo.store
+    sink = PackSink(lambda: store.new_temp_path("gc"), store.packs_dir, int(repo.config["pack_size"]))
+    keep_old: set[PackId] = set()
+    moving: dict[PackId, list[tuple[ChunkId, ChunkLocation]]] = defaultdict(list)
+    repack_set = set(repack)
+    for cid, loc in repo.index.iter_chunks():
+        if loc.pack_id in repack_set and cid in live:
+            moving[loc.pack_id].append((cid, loc))
+    try:
+        for pack_id in repack:
+            for cid, loc in sorted(moving[pack_id], key=lambda x: x[1].offset):
+                try:  # the bytes written are the bytes verified
+                    payload = repo.reader.verified_payload(cid, f"gc repack of pack {pack_id.short()}", loc)
+                except CorruptionError:
+                    keep_old.add(pack_id)
+                    continue
+                sink.add(cid, loc.kind, loc.codec, payload, loc.raw_length, loc.base_id)  # type: ignore[arg-type]
+        return sink.finish(), keep_old
+    except OSError as exc:
+        sink.abort()
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"gc could not write a repacked pack: {exc}; nothing was deleted") from exc
+        log.warning("cas: no space to repack (%s); gc deletes whole dead packs only", exc)
+        report.repack_skipped = True
+        return [], set(repack)
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _reset_peak_rss() -> None:

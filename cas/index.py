@@ -1,28 +1,65 @@
 """The LMDB index: chunk locations, pack sizes and snapshot summaries.
 
 A cache of facts the packs and refs hold; ``Repository.rebuild_index`` makes it
-anew from pack footers and snapshot nodes. lmdb is imported here and nowhere else.
+anew from pack footers and snapshot nodes. Nothing is deleted on its word alone
+(``cas.storeview`` decides from the packs), and every value carries a checksum
+that is checked before use: a damaged value is an :class:`IndexCorruptError`,
+never a wrong location. lmdb is imported here and nowhere else, and no lmdb
+exception leaves this module: damage is ``IndexCorruptError``, a refused write
+(disk full, I/O error) ``StorageError``, full reader slots ``LockedError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
+import xxhash
 
-from cas.errors import LockedError, RepositoryError
+from cas.errors import IndexCorruptError, LockedError, RepositoryError, StorageError
 from cas.ids import ZERO_DIGEST, ChunkId, PackId
 from cas.pack import FLAG_HAS_BASE, PackEntry
 
+INDEX_VERSION = b"2"  # 2: every value ends with an XXH3-64 checksum of key and value
 # pack id, payload offset, stored length, raw length, codec, kind, flags, base id
 LOCATION = struct.Struct("<32sQQQBBB5x32s")
 PACK_INFO = struct.Struct("<QQ")  # file size, entry count
-MAP_SIZE = 1 << 40  # address space only; the file grows with use
+CHECKSUM = struct.Struct("<Q")
+LOCATION_VALUE = LOCATION.size + CHECKSUM.size
+PACK_VALUE = PACK_INFO.size + CHECKSUM.size
+#: Largest chunk a location may describe (nodes of huge models included); anything larger is damage.
+MAX_RAW_LENGTH = 1 << 32
+#: Address space reserved for the map when the process has no address-space limit; the file grows
+#: with use. Under ``ulimit -v`` a quarter of the limit is taken (never less than the file needs).
+DEFAULT_MAP_SIZE = 64 << 30
+MIN_MAP_SIZE = 64 << 20
+
+T = TypeVar("T")
+
+
+def _checksum(key: bytes, value: bytes) -> bytes:
+    return CHECKSUM.pack(xxhash.xxh3_64_intdigest(key + value))
+
+
+def _seal(key: bytes, value: bytes) -> bytes:
+    return value + _checksum(key, value)
+
+
+def _unseal(key: bytes, stored: bytes, size: int, what: str) -> bytes:
+    if len(stored) != size or _checksum(key, stored[:-CHECKSUM.size]) != stored[-CHECKSUM.size:]:
+        raise IndexCorruptError(
+            f"the index entry of {what} {key.hex()[:12]} is damaged (checksum); "
+            "`cas index rebuild` recreates the index from the packs"
+        )
+    return stored[:-CHECKSUM.size]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +81,11 @@ class ChunkLocation:
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkLocation:
+        if len(raw) != LOCATION.size:
+            raise IndexCorruptError(f"an index location has {len(raw)} bytes, not {LOCATION.size}")
         pack, offset, stored, rawlen, codec, kind, flags, base = LOCATION.unpack(raw)
+        if rawlen > MAX_RAW_LENGTH or stored > MAX_RAW_LENGTH or flags & ~FLAG_HAS_BASE:
+            raise IndexCorruptError("an index location holds impossible lengths or flags")
         return cls(PackId(pack), offset, stored, rawlen, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None)
 
     @classmethod
@@ -52,11 +93,49 @@ class ChunkLocation:
         return cls(pack_id, entry.offset, entry.stored_length, entry.raw_length, entry.codec, entry.kind, entry.base_id)
 
 
+def decode_location(key: bytes, stored: bytes) -> ChunkLocation:
+    """A checked chunk location (its checksum covers the chunk id it is stored under)."""
+    return ChunkLocation.decode(_unseal(key, stored, LOCATION_VALUE, "chunk"))
+
+
 @dataclass(frozen=True, slots=True)
 class SealedPack:
     pack_id: PackId
     size: int
     entries: list[PackEntry]
+
+
+def _map_size(path: Path) -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        used = os.stat(path / "data.mdb").st_size
+    except OSError:
+        used = 0
+    wanted = DEFAULT_MAP_SIZE if soft == resource.RLIM_INFINITY else max(MIN_MAP_SIZE, soft // 4)
+    return max(wanted, 2 * used)
+
+
+@contextlib.contextmanager
+def _lmdb_errors(path: Path, doing: str) -> Iterator[None]:
+    """Translate lmdb's exceptions, once, into typed cas errors that say what to do."""
+    try:
+        yield
+    except lmdb.ReadersFullError as exc:
+        raise LockedError(f"the index has no free reader slots ({exc}); close other cas processes") from None
+    except lmdb.LockError as exc:
+        raise LockedError(f"index at {path} is locked: {exc}") from None
+    except (lmdb.DiskError, lmdb.MapFullError, lmdb.TxnFullError, lmdb.ReadonlyError) as exc:
+        raise StorageError(
+            f"the index at {path} refused a write while {doing} ({exc}); nothing was committed. "
+            "Free space (cas forget + cas gc work on a full disk) and try again"
+        ) from None
+    except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
+            lmdb.PanicError, lmdb.BadTxnError, lmdb.BadValsizeError) as exc:
+        raise IndexCorruptError(
+            f"the index at {path} is damaged ({exc}) while {doing}; `cas index rebuild` recreates it from the packs"
+        ) from None
+    except lmdb.Error as exc:
+        raise RepositoryError(f"the index at {path} failed while {doing}: {exc}") from None
 
 
 # LMDB allows one environment per file per process: Repository objects that open the
@@ -72,17 +151,11 @@ def _acquire_env(path: Path) -> lmdb.Environment:
             env, count = _open_envs[key]
             _open_envs[key] = (env, count + 1)
             return env
-        try:
+        with _lmdb_errors(path, "opening it"):
             env = lmdb.open(
-                key, map_size=MAP_SIZE, max_dbs=8, subdir=True, max_readers=512, metasync=True, sync=True,
+                key, map_size=_map_size(path), max_dbs=8, subdir=True, max_readers=512, metasync=True, sync=True,
             )
-        except lmdb.LockError as exc:
-            raise LockedError(f"index at {path} is locked: {exc}") from None
-        except lmdb.Error as exc:
-            raise RepositoryError(
-                f"cannot open the index at {path}: {exc}; `cas index rebuild` recreates it"
-            ) from None
-        env.reader_check()  # free the reader slots of processes that died (SIGKILL) holding them
+            env.reader_check()  # free the reader slots of processes that died (SIGKILL) holding them
         _open_envs[key] = (env, 1)
         return env
 
@@ -98,63 +171,101 @@ def _release_env(path: Path) -> None:
             env.close()
 
 
+def drop_env(path: Path) -> None:
+    """Forget a (damaged) environment of this process whatever its count, before its files are moved."""
+    key = os.path.realpath(path)
+    with _open_envs_lock:
+        found = _open_envs.pop(key, None)
+    if found is not None:
+        with contextlib.suppress(lmdb.Error):
+            found[0].close()
+
+
 class Index:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._env = _acquire_env(path)
         self._closed = False
-        self._chunks = self._env.open_db(b"chunks")
-        self._packs = self._env.open_db(b"packs")
-        self._snapshots = self._env.open_db(b"snapshots")
+        try:
+            with _lmdb_errors(path, "opening it"):
+                self._chunks = self._env.open_db(b"chunks")
+                self._packs = self._env.open_db(b"packs")
+                self._snapshots = self._env.open_db(b"snapshots")
+                self._meta = self._env.open_db(b"meta")
+                with self._env.begin(db=self._meta) as txn:
+                    version = txn.get(b"version")
+                    empty = txn.stat(self._chunks)["entries"] == 0 and txn.stat(self._snapshots)["entries"] == 0
+            if version is None and empty:
+                with _lmdb_errors(path, "opening it"), self._env.begin(write=True, db=self._meta) as txn:
+                    txn.put(b"version", INDEX_VERSION)
+            elif version != INDEX_VERSION:
+                raise IndexCorruptError(
+                    f"the index at {path} has version {version!r}, not {INDEX_VERSION!r}; it is rebuilt from the packs"
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             _release_env(self._path)
 
+    def _read(self, doing: str, fn: Callable[[lmdb.Transaction], T], db: object = None) -> T:
+        with _lmdb_errors(self._path, doing), self._env.begin(db=db) as txn:
+            return fn(txn)
+
+    def _write(self, doing: str, fn: Callable[[lmdb.Transaction], None]) -> None:
+        with _lmdb_errors(self._path, doing), self._env.begin(write=True) as txn:
+            fn(txn)
+
     # chunks -------------------------------------------------------------
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
-        with self._env.begin(db=self._chunks) as txn:
-            raw = txn.get(chunk_id)
-        return None if raw is None else ChunkLocation.decode(raw)
+        raw = self._read("reading a chunk location", lambda txn: txn.get(chunk_id), self._chunks)
+        return None if raw is None else decode_location(bytes(chunk_id), raw)
 
     def get_many(self, chunk_ids: Iterable[bytes]) -> dict[bytes, ChunkLocation]:
-        found = {}
-        with self._env.begin(db=self._chunks) as txn:
+        def run(txn: lmdb.Transaction) -> dict[bytes, ChunkLocation]:
+            found = {}
             for cid in chunk_ids:
                 raw = txn.get(cid)
                 if raw is not None:
-                    found[cid] = ChunkLocation.decode(raw)
-        return found
+                    found[cid] = decode_location(bytes(cid), raw)
+            return found
+        return self._read("reading chunk locations", run, self._chunks)
 
     def reader(self) -> ChunkLookup:
         """A read transaction for one save; stale reader slots of dead processes are freed first."""
-        self._env.reader_check()
-        try:
-            return ChunkLookup(self._env.begin(db=self._chunks))
-        except lmdb.ReadersFullError as exc:
-            raise LockedError(f"the index has no free reader slots ({exc}); close other cas processes") from None
+        with _lmdb_errors(self._path, "starting a read"):
+            self._env.reader_check()
+            return ChunkLookup(self._env.begin(db=self._chunks), self._path)
 
     def iter_chunks(self) -> Iterator[tuple[ChunkId, ChunkLocation]]:
-        with self._env.begin(db=self._chunks) as txn:
+        with _lmdb_errors(self._path, "listing chunks"), self._env.begin(db=self._chunks) as txn:
             for key, value in txn.cursor():
-                yield ChunkId(bytes(key)), ChunkLocation.decode(value)
+                yield ChunkId(bytes(key)), decode_location(bytes(key), value)
 
     def iter_compact(self) -> Iterator[tuple[bytes, bytes, int, bytes | None]]:
         """(chunk id, pack id, stored length, base id or None) of every chunk, as plain bytes.
 
-        For full scans (gc): fields are sliced out of the stored value, no objects per field.
+        For full scans (gc): fields are sliced out of the stored value, no objects per field;
+        the checksum is still checked.
         """
         has_base = FLAG_HAS_BASE
-        with self._env.begin(db=self._chunks) as txn:
+        with _lmdb_errors(self._path, "listing chunks"), self._env.begin(db=self._chunks) as txn:
             for key, value in txn.cursor():
-                stored = int.from_bytes(value[40:48], "little")
-                base = bytes(value[64:96]) if value[58] & has_base else None
-                yield bytes(key), bytes(value[:32]), stored, base
+                k = bytes(key)
+                v = _unseal(k, value, LOCATION_VALUE, "chunk")
+                stored = int.from_bytes(v[40:48], "little")
+                base = bytes(v[64:96]) if v[58] & has_base else None
+                yield k, bytes(v[:32]), stored, base
 
     def chunk_count(self) -> int:
-        with self._env.begin() as txn:
-            return int(txn.stat(self._chunks)["entries"])
+        return int(self._read("counting chunks", lambda txn: txn.stat(self._chunks)["entries"]))
 
     def commit(self, packs: Iterable[SealedPack], snapshots: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """One write transaction: the chunk entries of sealed packs and snapshot summaries.
@@ -162,67 +273,83 @@ class Index:
         An existing entry for a chunk is kept (first writer wins): a chunk written
         twice by racing savers is found either way, and GC reclaims the spare copy.
         """
-        with self._env.begin(write=True) as txn:
+        def run(txn: lmdb.Transaction) -> None:
             for pack in packs:
-                txn.put(pack.pack_id, PACK_INFO.pack(pack.size, len(pack.entries)), db=self._packs)
+                info = PACK_INFO.pack(pack.size, len(pack.entries))
+                txn.put(pack.pack_id, _seal(pack.pack_id, info), db=self._packs)
                 for entry in pack.entries:
-                    loc = ChunkLocation.of(pack.pack_id, entry)
-                    txn.put(entry.chunk_id, loc.encode(), db=self._chunks, overwrite=False)
+                    loc = ChunkLocation.of(pack.pack_id, entry).encode()
+                    txn.put(entry.chunk_id, _seal(entry.chunk_id, loc), db=self._chunks, overwrite=False)
             for snap_id, node in snapshots:
                 txn.put(snap_id, node, db=self._snapshots)
+        self._write("committing a save", run)
 
-    def apply_gc(
+    def apply(
         self,
-        remove_chunks: Iterable[bytes],
-        new_packs: Iterable[SealedPack],
-        remove_packs: Iterable[bytes],
+        put_chunks: Iterable[tuple[bytes, ChunkLocation]] = (),
+        remove_chunks: Iterable[bytes] = (),
+        put_packs: Iterable[tuple[bytes, int, int]] = (),
+        remove_packs: Iterable[bytes] = (),
+        put_snapshots: Iterable[tuple[bytes, bytes]] = (),
         remove_snapshots: Iterable[bytes] = (),
     ) -> None:
-        """One transaction: drop dead chunks, point moved chunks at their new packs, drop old packs."""
-        with self._env.begin(write=True) as txn:
+        """One transaction of explicit changes (gc, repair, reconciliation with the packs)."""
+        def run(txn: lmdb.Transaction) -> None:
             for cid in remove_chunks:
                 txn.delete(cid, db=self._chunks)
-            for pack in new_packs:
-                txn.put(pack.pack_id, PACK_INFO.pack(pack.size, len(pack.entries)), db=self._packs)
-                for entry in pack.entries:
-                    txn.put(entry.chunk_id, ChunkLocation.of(pack.pack_id, entry).encode(), db=self._chunks)
+            for cid, loc in put_chunks:
+                txn.put(cid, _seal(cid, loc.encode()), db=self._chunks)
             for pid in remove_packs:
                 txn.delete(pid, db=self._packs)
+            for pid, size, count in put_packs:
+                txn.put(pid, _seal(pid, PACK_INFO.pack(size, count)), db=self._packs)
             for sid in remove_snapshots:
                 txn.delete(sid, db=self._snapshots)
+            for sid, node in put_snapshots:
+                txn.put(sid, node, db=self._snapshots)
+        self._write("updating the index", run)
 
     def snapshot_ids(self) -> list[bytes]:
-        with self._env.begin(db=self._snapshots) as txn:
-            return [bytes(k) for k, _ in txn.cursor()]
+        return self._read("listing snapshots", lambda txn: [bytes(k) for k, _ in txn.cursor()], self._snapshots)
 
     def packs(self) -> dict[PackId, tuple[int, int]]:
-        with self._env.begin(db=self._packs) as txn:
-            return {PackId(bytes(k)): PACK_INFO.unpack(v) for k, v in txn.cursor()}
+        def run(txn: lmdb.Transaction) -> dict[PackId, tuple[int, int]]:
+            out = {}
+            for k, v in txn.cursor():
+                key = bytes(k)
+                size, count = PACK_INFO.unpack(_unseal(key, v, PACK_VALUE, "pack"))
+                out[PackId(key)] = (size, count)
+            return out
+        return self._read("listing packs", run, self._packs)
 
     def snapshot_node(self, snap_id: bytes) -> bytes | None:
-        """The cached encoding of a snapshot node (the same bytes as its chunk)."""
-        with self._env.begin(db=self._snapshots) as txn:
-            raw = txn.get(snap_id)
+        """The cached encoding of a snapshot node (the same bytes as its chunk; callers check its hash)."""
+        raw = self._read("reading a snapshot", lambda txn: txn.get(snap_id), self._snapshots)
         return None if raw is None else bytes(raw)
 
     def clear(self) -> None:
-        with self._env.begin(write=True) as txn:
+        def run(txn: lmdb.Transaction) -> None:
             for db in (self._chunks, self._packs, self._snapshots):
                 txn.drop(db, delete=False)
+        self._write("clearing the index", run)
 
 
 class ChunkLookup:
     """A read transaction held for the length of one save (many lookups, one snapshot of the index)."""
 
-    def __init__(self, txn: lmdb.Transaction) -> None:
+    def __init__(self, txn: lmdb.Transaction, path: Path) -> None:
         self._txn = txn
+        self._path = path
 
     def __contains__(self, chunk_id: bytes) -> bool:
-        return self._txn.get(chunk_id) is not None
+        with _lmdb_errors(self._path, "looking up a chunk"):
+            return self._txn.get(chunk_id) is not None
 
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
-        raw = self._txn.get(chunk_id)
-        return None if raw is None else ChunkLocation.decode(raw)
+        with _lmdb_errors(self._path, "looking up a chunk"):
+            raw = self._txn.get(chunk_id)
+        return None if raw is None else decode_location(bytes(chunk_id), raw)
 
     def close(self) -> None:
-        self._txn.abort()
+        with contextlib.suppress(lmdb.Error):
+            self._txn.abort()

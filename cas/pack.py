@@ -228,15 +228,15 @@ def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:
 def scan_records(path: Path) -> list[PackEntry]:
     """Salvage: walk the record headers from the front (for a pack whose footer is damaged).
 
-    Stops at the first record header that does not parse or does not fit the file.
+    The file header is not trusted (damage there must not hide intact records): the walk
+    starts right after it whatever it holds. Stops at the first record header that does
+    not parse or does not fit the file. Every entry found is only a candidate: callers
+    verify each payload against its chunk id before trusting it.
     """
     entries: list[PackEntry] = []
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(HEADER.size)
-            if len(head) < HEADER.size or HEADER.unpack(head)[0] != HEADER_MAGIC:
-                return entries
             pos = HEADER.size
             while pos + RECORD_HEADER.size <= size:
                 f.seek(pos)
@@ -252,4 +252,96 @@ def scan_records(path: Path) -> list[PackEntry]:
                 pos = offset + stored
     except OSError:
         pass
+    return entries
+
+
+def read_footer_lenient(path: Path) -> list[PackEntry]:
+    """The footer's entries from the trailer alone (the file header is not checked): candidates
+    for salvage when only the header is damaged. Empty if the trailer or footer does not check."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER.size + TRAILER.size:
+                return []
+            f.seek(size - TRAILER.size)
+            footer_offset, count, footer_hash, _version, t_magic = TRAILER.unpack(f.read(TRAILER.size))
+            if t_magic != TRAILER_MAGIC or footer_offset + count * FOOTER_ENTRY.size + TRAILER.size != size:
+                return []
+            f.seek(footer_offset)
+            footer = f.read(count * FOOTER_ENTRY.size)
+    except OSError:
+        return []
+    if blake3.blake3(footer).digest() != footer_hash:
+        return []
+    entries = []
+    for i in range(count):
+        cid, base, offset, stored, raw, codec, kind, flags = FOOTER_ENTRY.unpack_from(footer, i * FOOTER_ENTRY.size)
+        if HEADER.size + RECORD_HEADER.size <= offset and offset + stored <= footer_offset:
+            entries.append(PackEntry(
+                ChunkId(cid), offset, stored, raw, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None,
+            ))
+    return entries
+
+
+def salvage_candidates(path: Path) -> list[PackEntry]:
+    """Every place a chunk may sit in a damaged pack: the footer (read from the trailer, even with
+    a damaged header) and a forward scan of the record headers, without duplicates."""
+    seen: set[tuple[bytes, int]] = set()
+    out: list[PackEntry] = []
+    for entry in (*read_footer_lenient(path), *scan_records(path)):
+        key = (bytes(entry.chunk_id), entry.offset)
+        if key not in seen:
+            seen.add(key)
+            out.append(entry)
+    return out
+
+
+KNOWN_KINDS = frozenset(int(k) for k in ChunkKind)
+
+
+def check_structure(path: Path, pack_id: PackId) -> list[PackEntry]:
+    """Everything about a pack but its payloads: ``read_footer`` (magics, versions, footer hash
+    against the name) plus the reserved zero bytes of header, trailer and footer entries, and
+    every record header, which must sit right before its payload, agree with its footer entry
+    field for field, and leave no gap: records are contiguous from the header to the footer.
+
+    Record headers matter although readers go by the footer: salvage of a pack whose footer
+    is damaged depends on them. Raises :class:`PackCorruptError` naming the first problem.
+    """
+    entries = read_footer(path, pack_id)
+    name = path.name
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER.size)
+        if head[10:16] != bytes(6):
+            raise PackCorruptError(f"pack {name} header has non-zero reserved bytes")
+        f.seek(size - TRAILER.size)
+        trailer = f.read(TRAILER.size)
+        if trailer[50:56] != bytes(6):
+            raise PackCorruptError(f"pack {name} trailer has non-zero reserved bytes")
+        footer_offset = int.from_bytes(trailer[0:8], "little")
+        f.seek(footer_offset)
+        footer = f.read(len(entries) * FOOTER_ENTRY.size)
+        pos = HEADER.size
+        for i, entry in enumerate(entries):
+            raw_entry = footer[i * FOOTER_ENTRY.size:(i + 1) * FOOTER_ENTRY.size]
+            if raw_entry[91:96] != bytes(5):
+                raise PackCorruptError(f"pack {name} footer entry {i} has non-zero reserved bytes")
+            flags = raw_entry[90]
+            if flags & ~FLAG_HAS_BASE or entry.kind not in KNOWN_KINDS:
+                raise PackCorruptError(f"pack {name} footer entry {i} has unknown flags or kind")
+            if not flags & FLAG_HAS_BASE and raw_entry[32:64] != ZERO_DIGEST:
+                raise PackCorruptError(f"pack {name} footer entry {i} names a base without its flag")
+            if entry.offset != pos + RECORD_HEADER.size:
+                raise PackCorruptError(f"pack {name} record {i} is not where the previous one ends")
+            f.seek(pos)
+            expected = RECORD_HEADER.pack(
+                RECORD_MAGIC, entry.codec, entry.kind, flags, entry.raw_length, entry.stored_length,
+                entry.chunk_id, entry.base_id or ZERO_DIGEST,
+            )
+            if f.read(RECORD_HEADER.size) != expected:
+                raise PackCorruptError(f"pack {name} record header {i} does not match its footer entry")
+            pos = entry.offset + entry.stored_length
+        if pos != footer_offset:
+            raise PackCorruptError(f"pack {name} has {footer_offset - pos} unaccounted bytes before its footer")
     return entries

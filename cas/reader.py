@@ -51,6 +51,28 @@ class ChunkReader:
             self._fds.clear()
             self._in_use.clear()
 
+    def drop_unlinked(self) -> None:
+        """Close the descriptors of packs that were deleted (another process's gc) so their space
+        returns to the file system; called at the start of every save and load."""
+        with self._lock:
+            for pack_id, fd in list(self._fds.items()):
+                if self._in_use.get(pack_id):
+                    continue
+                try:
+                    gone = os.fstat(fd).st_nlink == 0
+                except OSError:
+                    gone = True
+                if gone:
+                    os.close(self._fds.pop(pack_id))
+                    self._in_use.pop(pack_id, None)
+
+    def pack_size(self, pack_id: PackId) -> int | None:
+        """The size of a pack file, or None if it is not there."""
+        try:
+            return os.stat(pack_path(self.packs_dir, pack_id)).st_size
+        except FileNotFoundError:
+            return None
+
     def clear_cache(self) -> None:
         """Forget cached delta bases (verify reads everything from disk)."""
         with self._lock:

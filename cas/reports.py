@@ -115,3 +115,27 @@ class StatsReport:
         out = asdict(self)
         out.update(dedup_ratio=self.dedup_ratio, compression_ratio=self.compression_ratio, ratio=self.ratio)
         return out
+
+
+@dataclass
+class RebuildReport:
+    """What ``rebuild_index`` found: chunks and packs indexed, and what it could not read."""
+
+    chunks: int = 0
+    packs: int = 0
+    snapshots: int = 0
+    #: pack id -> why its footer does not check (kept on disk; `cas check --repair` salvages it)
+    unreadable_packs: dict[str, str] = field(default_factory=dict)
+    #: chunks of unreadable packs that still verify and were indexed where they lie
+    salvaged_chunks: int = 0
+    #: ref name -> why its snapshot node cannot be read
+    unreadable_snapshots: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreadable_packs and not self.unreadable_snapshots
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,10 @@ from cas.codec import check_compression, codec_name
 from cas.errors import (
     AmbiguousSnapshotError,
     CorruptionError,
+    FormatVersionError,
+    IndexCorruptError,
     ManifestCorruptError,
+    MissingChunkError,
     ShapeMismatchError,
     SnapshotNotFoundError,
     StorageError,
@@ -24,15 +29,16 @@ from cas.errors import (
 )
 from cas.faults import crash_point
 from cas.gc import GcReport, collect_garbage
-from cas.ids import ChunkId, SnapshotId
-from cas.index import Index, SealedPack
+from cas.ids import ChunkId, SnapshotId, hash_bytes
+from cas.index import Index, drop_env
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
-from cas.pack import ChunkKind, iter_pack_files, read_footer
+from cas.pack import ChunkKind, iter_pack_files
 from cas.reader import ChunkRead, ChunkReader
-from cas.reports import DiffReport, Snapshot, StatsReport, VerifyReport
+from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
 from cas.saver import ChunkStorer, Fingerprints, PackSink, chain_extremes, link_cost
 from cas.store import LocalStore, check_tag
+from cas.storeview import reconcile, scan_store
 from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
 from cas.verify import verify_repository
 
@@ -50,6 +56,7 @@ DEFAULT_MAX_CHAIN_COST = 2.0  # a chunk at the end of its chain restores in at m
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 256 << 20
 Progress = Callable[[int, int], None]
+log = logging.getLogger("cas")
 
 
 def _default_threads() -> int:
@@ -63,13 +70,71 @@ class Repository:
         self._store = store
         self.config = config
         self.path = store.root
-        self.index = Index(store.index_dir)
         self._threads = threads or _default_threads()
         self._pool: ThreadPoolExecutor | None = None
-        self.reader = ChunkReader(store.packs_dir, self.index)
         self._fingerprints: tuple[SnapshotId, Fingerprints] | None = None  # of this process's last save
-        if self.index.chunk_count() == 0 and any(True for _ in iter_pack_files(store.packs_dir)):
-            self.rebuild_index()  # index lost or never built: packs and refs hold every fact
+        self.last_rebuild: RebuildReport | None = None
+        try:
+            self.index = Index(store.index_dir)
+            damaged_index = False
+        except IndexCorruptError as exc:
+            log.warning("cas: %s; rebuilding it from the packs", exc)
+            self.index = self._fresh_index()
+            damaged_index = True
+        self.reader = ChunkReader(store.packs_dir, self.index)
+        try:
+            self._check_index(damaged_index)
+        except BaseException:
+            self.close()
+            raise
+
+    def _fresh_index(self) -> Index:
+        """Move a damaged index aside (it is a cache: the previous damaged copy goes) and start anew."""
+        index_dir = self._store.index_dir
+        drop_env(index_dir)
+        aside = index_dir.with_name("index.damaged")
+        if aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        if index_dir.exists():
+            os.replace(index_dir, aside)
+        index_dir.mkdir()
+        return Index(index_dir)
+
+    def _check_index(self, rebuild: bool) -> None:
+        """Detect a lost, stale or damaged index at open: it is rebuilt or brought in line, never acted on.
+
+        Lost (empty while packs exist) or unreadable: rebuilt from the packs. Stale (it names
+        packs that are gone, as an old copy put back after a gc would): brought in line with the
+        packs. Packs it does not know yet are normal (a save in flight has not committed) and are
+        taken in by gc, check and rebuild, or when a read misses.
+        """
+        on_disk = {pid for pid, _ in iter_pack_files(self._store.packs_dir)}
+        try:
+            if not rebuild:
+                rebuild = self.index.chunk_count() == 0 and bool(on_disk)
+            stale = not rebuild and bool(set(self.index.packs()) - on_disk)
+        except IndexCorruptError as exc:
+            log.warning("cas: %s; rebuilding it from the packs", exc)
+            self.reader.index = self.index = self._replace_index()
+            rebuild, stale = True, False
+        if rebuild:
+            self.rebuild_index()
+        elif stale:
+            self._reconcile()
+
+    def _replace_index(self) -> Index:
+        self.reader.close()
+        self.index.close()
+        return self._fresh_index()
+
+    def _reconcile(self) -> bool:
+        """Bring the index in line with the packs (under the shared lock: savers may go on, gc may not)."""
+        with self._store.lock(exclusive=False):
+            return reconcile(self.index, scan_store(self._store.packs_dir)).changed
+
+    def _unknown_packs(self) -> bool:
+        known = self.index.packs()
+        return any(pid not in known for pid, _ in iter_pack_files(self._store.packs_dir))
 
     # lifecycle ------------------------------------------------------------
     @classmethod
@@ -200,6 +265,7 @@ class Repository:
             if progress is not None:
                 progress(done, total)
 
+        self.reader.drop_unlinked()
         with self._store.lock(exclusive=False):
             # under the lock: no gc can remove the parent's manifest while we read it
             parent_id = self._resolve_id(parent) if parent is not None and self._store.ref_names() else None
@@ -209,8 +275,7 @@ class Repository:
             lookup = self.index.reader()
             bases = None
             if parent_id is not None and not keyframe and self.max_delta_depth:
-                parent_root, parent_storages, _ = self._tree_of(parent_id)
-                bases = base_candidates(parent_root, parent_storages, f"snapshot {parent_id.short()}")
+                parent_id, bases = self._delta_parent(parent_id)
             previous = self._fingerprints
             storer = ChunkStorer(
                 sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
@@ -218,6 +283,7 @@ class Repository:
                 read_base=lambda cid: self.reader.base(cid, "delta base for a save", scratch=True),
                 fingerprints=previous[1] if previous is not None and previous[0] == parent_id and not rehash
                 else None,
+                pack_size_of=self.reader.pack_size,
             )
             try:
                 storer.store_blobs(blobs, advance)
@@ -258,10 +324,42 @@ class Repository:
                 lookup.close()
         return self._snapshot(ref, snap_id, node)
 
+    def _delta_parent(self, parent_id: SnapshotId) -> tuple[SnapshotId | None, Any]:
+        """The snapshot a save takes delta bases from, and its base map: the parent, or when its
+        manifest cannot be read, the nearest intact ancestor (a warning says so), or none
+        (keyframes): a damaged snapshot never blocks the saves after it. Bases whose chunks are
+        damaged are skipped one by one as the save reads them."""
+        cursor: SnapshotId | None = parent_id
+        for _ in range(16):
+            if cursor is None:
+                break
+            try:
+                root, storages, node = self._tree_of(cursor)
+                if cursor != parent_id:
+                    log.warning("cas: snapshot %s is damaged; this save deltas against its ancestor %s",
+                                parent_id.short(), cursor.short())
+                return cursor, base_candidates(root, storages, f"snapshot {cursor.short()}")
+            except (CorruptionError, FormatVersionError) as exc:
+                log.warning("cas: snapshot %s cannot be a delta parent (%s)", cursor.short(), exc)
+                try:
+                    node = self._snapshot_node(cursor)
+                except (CorruptionError, FormatVersionError):
+                    break
+                cursor = SnapshotId(node.parent) if node.parent is not None else None
+        log.warning("cas: no intact parent snapshot; this save stores keyframes")
+        return None, None
+
     # snapshots ----------------------------------------------------------------
     def _snapshot_node(self, snap_id: SnapshotId) -> SnapshotNode:
+        """The snapshot node, from the index's cache when its bytes hash to the id, else from its pack."""
         name = f"snapshot {snap_id.short()}"
         raw = self.index.snapshot_node(snap_id)
+        if raw is not None and hash_bytes(raw) != snap_id:
+            log.warning("cas: the index's copy of %s is damaged; reading it from its pack", name)
+            raw = None
+            fixed = self.reader.read(snap_id, name)
+            self.index.apply(put_snapshots=[(snap_id, fixed)])
+            return SnapshotNode.decode(fixed, name)
         if raw is None:
             raw = self.reader.read(snap_id, name)
         return SnapshotNode.decode(raw, name)
@@ -274,27 +372,44 @@ class Repository:
             logical_bytes=node.logical_bytes, bytes_added=node.bytes_added, tensor_count=node.tensor_count, ref=ref,
         )
 
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot a ref points to, oldest first. A snapshot whose node cannot be read is left
+        out with a warning (``damaged_snapshots`` lists them): one damaged snapshot never hides
+        the others."""
+        snaps = []
+        for name, sid in self.refs():
+            try:
+                snaps.append(self._snapshot(name, sid, self._snapshot_node(sid)))
+            except (CorruptionError, FormatVersionError) as exc:
+                if self._store.has_ref(name):
+                    log.warning("cas: snapshot %s is damaged and left out (%s); `cas check` says more", name, exc)
+                # else: forgotten (and collected) by another process while we listed
+        return sorted(snaps, key=lambda s: (s.time, s.id))
+
+    def damaged_snapshots(self) -> list[tuple[str, str]]:
+        """(ref, what is wrong) of every snapshot whose ref or node cannot be read."""
+        out = []
+        for name in self._store.ref_names():
+            try:
+                self._snapshot_node(self._store.read_ref(name))
+            except FileNotFoundError:
+                continue
+            except (CorruptionError, FormatVersionError) as exc:
+                out.append((name, str(exc)))
+        return out
+
     def refs(self) -> list[tuple[str, SnapshotId]]:
-        """(name, snapshot id) of every ref; a ref removed while we list them is skipped."""
+        """(name, snapshot id) of every ref; a ref removed while we list them is skipped, a damaged
+        one is left out with a warning."""
         refs = []
         for name in self._store.ref_names():
             try:
                 refs.append((name, self._store.read_ref(name)))
             except FileNotFoundError:
                 continue
+            except CorruptionError as exc:
+                log.warning("cas: %s", exc)
         return refs
-
-    def snapshots(self) -> list[Snapshot]:
-        """Every snapshot a ref points to, oldest first."""
-        snaps = []
-        for name, sid in self.refs():
-            try:
-                snaps.append(self._snapshot(name, sid, self._snapshot_node(sid)))
-            except CorruptionError:
-                if self._store.has_ref(name):
-                    raise
-                # forgotten (and collected) by another process while we listed: not a snapshot any more
-        return sorted(snaps, key=lambda s: (s.time, s.id))
 
     def _resolve_id(self, spec: str) -> SnapshotId:
         return SnapshotId.from_hex(self.resolve(spec).id)
@@ -321,13 +436,24 @@ class Repository:
                 raise AmbiguousSnapshotError(f"id prefix {spec!r} matches {len(matches)} snapshots; give more digits")
         raise SnapshotNotFoundError(f"no snapshot named {spec!r} (try `cas ls` for tags and ids)")
 
-    def delete(self, spec: str) -> Snapshot:
-        """Drop the ref of a snapshot; its chunks are freed by a later GC."""
+    def delete(self, spec: str) -> Snapshot | None:
+        """Drop the ref of a snapshot; its chunks are freed by a later GC.
+
+        A tag (or an id) that names a ref is dropped without reading the snapshot, so a damaged
+        snapshot can always be given up; then the returned value is None if its node is unreadable.
+        """
         if spec == "latest":
             raise UsageError("refusing to delete 'latest': name the snapshot by its tag or id")
-        snap = self.resolve(spec)
-        self._store.delete_ref(snap.ref)
-        return snap
+        if isinstance(spec, str) and "/" not in spec and spec not in (".", "..") and self._store.has_ref(spec):
+            try:
+                snap: Snapshot | None = self.resolve(spec)
+            except (CorruptionError, FormatVersionError):
+                snap = None
+            self._store.delete_ref(spec)
+            return snap
+        resolved = self.resolve(spec)
+        self._store.delete_ref(resolved.ref)
+        return resolved
 
     # load ------------------------------------------------------------------
     def _tree(self, snap: Snapshot) -> tuple[Any, list[Any], SnapshotNode]:
@@ -367,15 +493,34 @@ class Repository:
         """The state dict of a snapshot, every chunk verified against its id."""
         from cas.statedict import decode_state  # noqa: PLC0415 - torch only when loading
 
-        with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
-            snap = self.resolve(snapshot)
-            root, storages, _ = self._tree(snap)
-            decoded = decode_state(
-                root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
-                name=f"snapshot {snap.short_id}",
-            )
-            self._fill(snap, decoded, progress)
-            return decoded.value
+        def run() -> Any:
+            with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
+                snap = self.resolve(snapshot)
+                root, storages, _ = self._tree(snap)
+                decoded = decode_state(
+                    root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
+                    name=f"snapshot {snap.short_id}",
+                )
+                self._fill(snap, decoded, progress)
+                return decoded.value
+
+        return self._with_index_recovery(run)
+
+    def _with_index_recovery(self, run: Callable[[], Any]) -> Any:
+        """Run ``run``; if it fails on the index (a damaged entry, or a chunk missing while the packs
+        hold more than the index knows: a stale or lost index), bring the index in line with the
+        packs and run it once more. The index is a cache: its gaps are never the last word."""
+        self.reader.drop_unlinked()
+        try:
+            return run()
+        except IndexCorruptError as exc:
+            log.warning("cas: %s; rebuilding the index from the packs", exc)
+            self.rebuild_index()
+        except MissingChunkError:
+            if not self._unknown_packs() or not self._reconcile():
+                raise
+        self.reader.clear_cache()
+        return run()
 
     def load_into(
         self,
@@ -393,8 +538,11 @@ class Repository:
         all match (checked before any byte is written). Non-tensor values of a dict
         target are replaced by the snapshot's.
         """
-        with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
-            return self._load_into(target, snapshot, key, allow_pickle, progress)
+        def run() -> Any:
+            with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
+                return self._load_into(target, snapshot, key, allow_pickle, progress)
+
+        return self._with_index_recovery(run)
 
     def _load_into(
         self, target: Any, snapshot: str, key: str | None, allow_pickle: bool, progress: Progress | None
@@ -559,26 +707,44 @@ class Repository:
         return check_repository(self, repair=repair)
 
     # index recovery -----------------------------------------------------------
-    def rebuild_index(self) -> int:
-        """Recreate the index from pack footers and snapshot nodes; returns the number of chunks indexed."""
+    def rebuild_index(self) -> RebuildReport:
+        """Recreate the index from pack footers and snapshot nodes.
+
+        For every chunk the copy whose delta chain resolves to a keyframe is indexed (a dead
+        delta whose base gc collected is never preferred to an intact copy elsewhere). Packs
+        whose footer does not check stay on disk, and what in them still verifies is indexed
+        where it lies; the report lists them (`cas check --repair` salvages them).
+        """
         with self._store.lock(exclusive=True):
-            self.index.clear()
-            packs = []
-            for pack_id, path in iter_pack_files(self._store.packs_dir):
-                try:
-                    entries = read_footer(path)
-                except CorruptionError:
-                    continue  # a damaged pack stays unindexed; verify / check report what it held
-                packs.append(SealedPack(pack_id, path.stat().st_size, entries))
-            self.index.commit(packs)
+            self.reader.close()
+            self.reader.clear_cache()
+            try:
+                self.index.clear()
+            except IndexCorruptError as exc:  # its pages are damaged: a new one (it is only a cache)
+                log.warning("cas: %s; starting a new index", exc)
+                self.reader.index = self.index = self._replace_index()
+            view = scan_store(self._store.packs_dir)
+            found = reconcile(self.index, view, self.reader, announce=False)
+            report = RebuildReport(
+                chunks=self.index.chunk_count(), packs=len(view.packs) + len(view.unreadable),
+                unreadable_packs={p.hex(): why for p, why in sorted(view.unreadable.items())},
+                salvaged_chunks=found.salvaged_chunks,
+            )
             snapshots = []
             for name, sid in self.refs():
                 try:
                     snapshots.append((sid, self.reader.read(sid, f"ref {name}")))
-                except CorruptionError:
-                    continue
-            self.index.commit([], snapshots)
-            return sum(len(p.entries) for p in packs)
+                except (CorruptionError, FormatVersionError) as exc:
+                    report.unreadable_snapshots[name] = str(exc)
+            self.index.apply(put_snapshots=snapshots)
+            report.snapshots = len(snapshots)
+            self.last_rebuild = report
+            if not report.ok:
+                log.warning(
+                    "cas: index rebuilt with %d unreadable packs and %d unreadable snapshots; run `cas check "
+                    "--repair`", len(report.unreadable_packs), len(report.unreadable_snapshots),
+                )
+            return report
 
 
 def _blob_chunks(obj: Any) -> Any:

@@ -6,6 +6,7 @@ most ``window`` hashes and ``window`` encoded chunks are in flight at once.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -15,11 +16,14 @@ from typing import Any
 import xxhash
 
 from cas.codec import Buffer, Codec, encode, needs_base
+from cas.errors import CorruptionError
 from cas.faults import crash_point
-from cas.ids import ChunkId, hash_bytes
+from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, ChunkLookup, SealedPack
 from cas.pack import FOOTER_ENTRY, HEADER, TRAILER, ChunkKind, PackWriter
 from cas.tree import Blob, KeyPath
+
+log = logging.getLogger("cas")
 
 
 class PackSink:
@@ -148,8 +152,12 @@ class ChunkStorer:
         max_cost: float = float("inf"),
         read_base: Callable[[ChunkId], Buffer] | None = None,
         fingerprints: Fingerprints | None = None,
+        pack_size_of: Callable[[PackId], int | None] | None = None,
     ) -> None:
         self.sink = sink
+        self.pack_size_of = pack_size_of
+        self._pack_sizes: dict[bytes, int | None] = {}
+        self._stored: dict[bytes, bool] = {}
         self.lookup = lookup
         self.pool = pool
         self.compression = compression
@@ -169,7 +177,37 @@ class ChunkStorer:
         if cid in self.known:
             return False
         self.known.add(cid)
-        return cid not in self.lookup
+        return not self._is_stored(cid)
+
+    def _is_stored(self, cid: bytes) -> bool:
+        """The index names the chunk, and every link of its chain down to a keyframe, in packs that
+        are there and long enough. The index is a cache: a stale entry (its pack gone, its base
+        collected) must not let a save commit a snapshot that cannot be read, so such a chunk is
+        written again."""
+        path: list[bytes] = []
+        cursor: bytes | None = cid
+        ok = True
+        while cursor is not None:
+            known = self._stored.get(cursor)
+            if known is not None:
+                ok = known
+                break
+            loc = self.lookup.get(cursor)
+            if loc is None or len(path) > 4096:
+                ok = False
+                break
+            path.append(cursor)
+            if self.pack_size_of is not None:
+                if loc.pack_id not in self._pack_sizes:
+                    self._pack_sizes[loc.pack_id] = self.pack_size_of(loc.pack_id)
+                size = self._pack_sizes[loc.pack_id]
+                if size is None or loc.offset + loc.stored_length > size:
+                    ok = False
+                    break
+            cursor = loc.base_id if needs_base(loc.codec) else None
+        for link in path:
+            self._stored[link] = ok
+        return ok
 
     def _chain_of(self, cid: bytes) -> tuple[int, float] | None:
         """(delta links below ``cid``, estimated restore cost) of a stored chunk; None if not stored."""
@@ -209,7 +247,7 @@ class ChunkStorer:
         if parent == cid:
             return [], 0
         parent_loc = self.lookup.get(parent)
-        if parent_loc is None or self._chain_of(parent) is None:
+        if parent_loc is None or self._chain_of(parent) is None or not self._is_stored(parent):
             return [], 0
         # the new link will likely cost what the parent's did (same tensor, same kind of update)
         link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length)
@@ -269,7 +307,11 @@ class ChunkStorer:
         best: tuple[float, int, Buffer, ChunkId] | None = None
         keyframe: tuple[int, Buffer] | None = None
         for base_id, ceiling, room in options:
-            base = self.read_base(base_id) if self.read_base is not None else None
+            try:
+                base = self.read_base(base_id) if self.read_base is not None else None
+            except CorruptionError as exc:  # a damaged base: skip it (a keyframe at worst), never fail the save
+                log.warning("cas: delta base %s cannot be read (%s); trying the next base", base_id.short(), exc)
+                continue
             codec, payload = encode(
                 piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
                 delta_ceiling=ceiling,

@@ -12,7 +12,7 @@ from cas.codec import needs_base
 from cas.errors import CorruptionError, FormatVersionError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, Index
-from cas.pack import pack_path, read_footer
+from cas.pack import check_structure, pack_path
 from cas.reach import reached_chunks, snapshot_label
 from cas.reports import Problem, VerifyReport
 
@@ -31,7 +31,8 @@ def verify_repository(
 ) -> VerifyReport:
     report = VerifyReport(read_data=read_data)
     repo.reader.clear_cache()  # every chunk, delta bases included, is read from disk
-    packs_dir = repo.path / "packs"
+    repo.reader.drop_unlinked()
+    packs_dir = repo.store.packs_dir
     index = repo.index
     pack_sizes: dict[PackId, int | None] = {}
     bad_packs: dict[PackId, str] = {}
@@ -52,8 +53,8 @@ def verify_repository(
             problem = f"pack is {actual} bytes, the index recorded {size}"
         elif read_data:
             try:
-                read_footer(path, pack_id)  # the payloads are checked chunk by chunk below
-            except (CorruptionError, FormatVersionError) as exc:
+                check_structure(path, pack_id)  # footer, record headers, reserved bytes; payloads below
+            except (CorruptionError, FormatVersionError, OSError) as exc:
                 problem = str(exc)
         if problem:
             bad_packs[pack_id] = "corrupt-pack"
