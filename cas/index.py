@@ -267,11 +267,18 @@ class Index:
     def chunk_count(self) -> int:
         return int(self._read("counting chunks", lambda txn: txn.stat(self._chunks)["entries"]))
 
-    def commit(self, packs: Iterable[SealedPack], snapshots: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    def commit(
+        self,
+        packs: Iterable[SealedPack],
+        snapshots: Iterable[tuple[bytes, bytes]] = (),
+        replace: frozenset[bytes] | set[bytes] = frozenset(),
+    ) -> None:
         """One write transaction: the chunk entries of sealed packs and snapshot summaries.
 
         An existing entry for a chunk is kept (first writer wins): a chunk written
         twice by racing savers is found either way, and GC reclaims the spare copy.
+        Chunks in ``replace`` (written again because their entry named a copy that cannot be
+        read: a missing or short pack, a broken chain) take the new entry.
         """
         def run(txn: lmdb.Transaction) -> None:
             for pack in packs:
@@ -279,7 +286,8 @@ class Index:
                 txn.put(pack.pack_id, _seal(pack.pack_id, info), db=self._packs)
                 for entry in pack.entries:
                     loc = ChunkLocation.of(pack.pack_id, entry).encode()
-                    txn.put(entry.chunk_id, _seal(entry.chunk_id, loc), db=self._chunks, overwrite=False)
+                    txn.put(entry.chunk_id, _seal(entry.chunk_id, loc), db=self._chunks,
+                            overwrite=entry.chunk_id in replace)
             for snap_id, node in snapshots:
                 txn.put(snap_id, node, db=self._snapshots)
         self._write("committing a save", run)

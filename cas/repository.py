@@ -302,7 +302,7 @@ class Repository:
                 snap_id = SnapshotId(storer.store_node(node_bytes))
                 packs = sink.finish()
                 crash_point("before_index_commit")
-                self.index.commit(packs, [(snap_id, node_bytes)])
+                self.index.commit(packs, [(snap_id, node_bytes)], replace=storer.replaced)
                 crash_point("before_ref")
                 ref = tag or snap_id.hex()
                 if tag is not None and not replace and self._store.has_ref(tag):
@@ -376,6 +376,7 @@ class Repository:
         """Every snapshot a ref points to, oldest first. A snapshot whose node cannot be read is left
         out with a warning (``damaged_snapshots`` lists them): one damaged snapshot never hides
         the others."""
+        self.reader.drop_unlinked()
         snaps = []
         for name, sid in self.refs():
             try:

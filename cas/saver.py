@@ -158,6 +158,8 @@ class ChunkStorer:
         self.pack_size_of = pack_size_of
         self._pack_sizes: dict[bytes, int | None] = {}
         self._stored: dict[bytes, bool] = {}
+        #: chunks the index names but whose copy cannot be read: written again, their entries replaced
+        self.replaced: set[bytes] = set()
         self.lookup = lookup
         self.pool = pool
         self.compression = compression
@@ -177,7 +179,11 @@ class ChunkStorer:
         if cid in self.known:
             return False
         self.known.add(cid)
-        return not self._is_stored(cid)
+        if self._is_stored(cid):
+            return False
+        if self.lookup.get(cid) is not None:
+            self.replaced.add(cid)
+        return True
 
     def _is_stored(self, cid: bytes) -> bool:
         """The index names the chunk, and every link of its chain down to a keyframe, in packs that

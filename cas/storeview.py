@@ -63,17 +63,22 @@ def scan_store(packs_dir: Path) -> StoreView:
 
 
 def choose_copies(
-    copies: dict[bytes, list[Copy]], prefer: dict[bytes, ChunkLocation] | None = None
+    copies: dict[bytes, list[Copy]],
+    prefer: dict[bytes, ChunkLocation] | None = None,
+    assume: Iterable[bytes] = (),
 ) -> dict[bytes, tuple[ChunkLocation, int]]:
     """For every chunk with a copy whose chain resolves to a keyframe: that copy and its depth.
 
     A delta copy resolves when some copy of its base does (any copy of a chunk decodes to the
-    same bytes). Among resolving copies the one ``prefer`` names (the index's current entry)
+    same bytes); chunks in ``assume`` count as resolved (indexed in packs whose footer does not
+    check, where reads verify them). Among resolving copies the one ``prefer`` names (the index's current entry)
     wins, then the shallowest, then the lowest pack id: deterministic, and no churn.
     """
     depth: dict[tuple[bytes, bytes, int], int] = {}
     best: dict[bytes, int] = {}
     pending: list[tuple[bytes, PackId, PackEntry]] = []
+    for cid in assume:
+        best[cid] = 0
     for cid, found in copies.items():
         for pack_id, entry in found:
             if not needs_base(entry.codec):
@@ -143,10 +148,36 @@ def reconcile(
     scan finds that decode to their ids are indexed.
     """
     report = ReconcileReport(unreadable_packs=sorted(p.hex() for p in view.unreadable))
-    current = dict(index.iter_chunks())
     known_packs = index.packs()
     copies = view.copies()
-    chosen = choose_copies(copies, current)
+    assume = {bytes(cid) for cid, loc in index.iter_chunks() if loc.pack_id in view.unreadable}
+    final = _reconcile_pass(index, view, copies, known_packs, assume, report)
+    if reader is not None:
+        unindexed = [pid for pid in view.unreadable if pid not in known_packs]
+        salvaged = salvage(index, reader, view, unindexed, final)
+        report.salvaged_chunks = len(salvaged)
+        if salvaged:  # deltas in readable packs whose bases only a damaged pack holds resolve now
+            _reconcile_pass(index, view, copies, known_packs, assume | salvaged, report)
+    if report.changed and announce:
+        log.warning(
+            "cas: the index did not match the packs and was brought in line (%d chunks added, %d re-pointed, "
+            "%d dropped; %d packs added, %d dropped)", report.chunks_added, report.chunks_repointed,
+            report.chunks_dropped, report.packs_added, report.packs_dropped,
+        )
+    return report
+
+
+def _reconcile_pass(
+    index: Index,
+    view: StoreView,
+    copies: dict[bytes, list[Copy]],
+    known_packs: dict[PackId, tuple[int, int]],
+    assume: set[bytes],
+    report: ReconcileReport,
+) -> dict[bytes, ChunkLocation]:
+    """One transaction of ``reconcile``; returns what the index holds afterwards."""
+    current = {bytes(cid): loc for cid, loc in index.iter_chunks()}
+    chosen = choose_copies(copies, current, assume)
     final: dict[bytes, ChunkLocation] = {}
     puts: dict[bytes, ChunkLocation] = {}
     drops: list[bytes] = []
@@ -172,42 +203,34 @@ def reconcile(
             if cid not in final and good is not None:
                 puts[cid] = final[cid] = good[0]
                 report.chunks_added += 1
-    stack = [loc.base_id for loc in final.values() if loc.base_id is not None and needs_base(loc.codec)]
+    stack = [bytes(loc.base_id) for loc in final.values() if loc.base_id is not None and needs_base(loc.codec)]
     while stack:
-        base = bytes(stack.pop())  # type: ignore[arg-type]
+        base = stack.pop()
         if base in final or base not in chosen:
             continue
         loc = chosen[base][0]
         puts[base] = final[base] = loc
         report.chunks_added += 1
         if loc.base_id is not None and needs_base(loc.codec):
-            stack.append(loc.base_id)
-    put_packs = [(pid, view.sizes[pid], len(entries)) for pid, entries in view.packs.items() if pid not in known_packs]
-    report.packs_added = len(put_packs)
+            stack.append(bytes(loc.base_id))
+    put_packs = [(pid, view.sizes[pid], len(entries)) for pid, entries in view.packs.items()
+                 if pid not in known_packs and pid not in index.packs()]
+    report.packs_added += len(put_packs)
     on_disk = set(view.packs) | set(view.unreadable)
-    drop_packs = [pid for pid in known_packs if pid not in on_disk]
-    report.packs_dropped = len(drop_packs)
+    drop_packs = [pid for pid in index.packs() if pid not in on_disk]
+    report.packs_dropped += len(drop_packs)
     if puts or drops or put_packs or drop_packs:
         index.apply(put_chunks=puts.items(), remove_chunks=drops, put_packs=put_packs, remove_packs=drop_packs)
-    if reader is not None:
-        unindexed = [pid for pid in view.unreadable if pid not in known_packs]
-        report.salvaged_chunks = salvage(index, reader, view, unindexed, final)
-    if report.changed and announce:
-        log.warning(
-            "cas: the index did not match the packs and was brought in line (%d chunks added, %d re-pointed, "
-            "%d dropped; %d packs added, %d dropped)", report.chunks_added, report.chunks_repointed,
-            report.chunks_dropped, report.packs_added, report.packs_dropped,
-        )
-    return report
+    return final
 
 
 def salvage(
     index: Index, reader: ChunkReader, view: StoreView, pack_ids: Iterable[PackId], indexed: dict[bytes, ChunkLocation]
-) -> int:
+) -> set[bytes]:
     """Index what still verifies in packs whose footer does not check: every record the footer
     (read from the trailer) or a forward scan of the record headers names, kept only if it
-    decodes to its chunk id. Deltas are retried after their bases are in; returns the count."""
-    total = 0
+    decodes to its chunk id. Deltas are retried after their bases are in; returns their ids."""
+    total: set[bytes] = set()
     for pack_id in pack_ids:
         pending = [e for e in salvage_candidates(view.paths[pack_id]) if bytes(e.chunk_id) not in indexed]
         kept: list[tuple[bytes, ChunkLocation]] = []
@@ -235,5 +258,5 @@ def salvage(
             index.apply(put_packs=[(pack_id, view.sizes.get(pack_id, 0), len(kept))])
             log.warning("cas: pack %s is damaged; %d chunks in it still verify and were indexed (run `cas check "
                         "--repair`)", pack_id.short(), len(kept))
-        total += len(kept)
+        total.update(cid for cid, _ in kept)
     return total
