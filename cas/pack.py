@@ -229,29 +229,32 @@ def scan_records(path: Path) -> list[PackEntry]:
     """Salvage: walk the record headers from the front (for a pack whose footer is damaged).
 
     The file header is not trusted (damage there must not hide intact records): the walk
-    starts right after it whatever it holds. Stops at the first record header that does
-    not parse or does not fit the file. Every entry found is only a candidate: callers
-    verify each payload against its chunk id before trusting it.
+    starts right after it whatever it holds. Where a record header does not parse or does not
+    fit the file, the walk resumes at the next record magic, so one damaged header hides only
+    its own record. Every entry found is only a candidate: callers verify each payload
+    against its chunk id before trusting it.
     """
     entries: list[PackEntry] = []
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            pos = HEADER.size
-            while pos + RECORD_HEADER.size <= size:
-                f.seek(pos)
-                raw = f.read(RECORD_HEADER.size)
-                magic, codec, kind, flags, raw_length, stored, cid, base = RECORD_HEADER.unpack(raw)
-                offset = pos + RECORD_HEADER.size
-                if magic != RECORD_MAGIC or offset + stored > size:
-                    break
-                entries.append(PackEntry(
-                    ChunkId(cid), offset, stored, raw_length, codec, kind,
-                    ChunkId(base) if flags & FLAG_HAS_BASE else None,
-                ))
-                pos = offset + stored
+        data = path.read_bytes()
     except OSError:
-        pass
+        return entries
+    size = len(data)
+    pos = HEADER.size
+    while pos + RECORD_HEADER.size <= size:
+        magic, codec, kind, flags, raw_length, stored, cid, base = RECORD_HEADER.unpack_from(data, pos)
+        offset = pos + RECORD_HEADER.size
+        if magic == RECORD_MAGIC and offset + stored <= size:
+            entries.append(PackEntry(
+                ChunkId(cid), offset, stored, raw_length, codec, kind,
+                ChunkId(base) if flags & FLAG_HAS_BASE else None,
+            ))
+            pos = offset + stored
+            continue
+        found = data.find(RECORD_MAGIC, pos + 1)
+        if found < 0:
+            break
+        pos = found
     return entries
 
 

@@ -29,10 +29,10 @@ from cas.errors import (
 )
 from cas.faults import crash_point
 from cas.gc import GcReport, collect_garbage
-from cas.ids import ChunkId, SnapshotId, hash_bytes
+from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
 from cas.index import Index, drop_env
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
-from cas.pack import ChunkKind, iter_pack_files
+from cas.pack import ChunkKind, PackEntry, iter_pack_files
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
@@ -719,13 +719,21 @@ class Repository:
         with self._store.lock(exclusive=True):
             self.reader.close()
             self.reader.clear_cache()
+            view = scan_store(self._store.packs_dir)
+            hints: dict[PackId, list[PackEntry]] = {}
+            try:  # what the old index knew of damaged packs: candidates for salvage, verified there
+                for cid, loc in self.index.iter_chunks():
+                    if loc.pack_id in view.unreadable:
+                        hints.setdefault(loc.pack_id, []).append(PackEntry(
+                            cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))
+            except IndexCorruptError:
+                hints.clear()
             try:
                 self.index.clear()
             except IndexCorruptError as exc:  # its pages are damaged: a new one (it is only a cache)
                 log.warning("cas: %s; starting a new index", exc)
                 self.reader.index = self.index = self._replace_index()
-            view = scan_store(self._store.packs_dir)
-            found = reconcile(self.index, view, self.reader, announce=False)
+            found = reconcile(self.index, view, self.reader, announce=False, hints=hints)
             report = RebuildReport(
                 chunks=self.index.chunk_count(), packs=len(view.packs) + len(view.unreadable),
                 unreadable_packs={p.hex(): why for p, why in sorted(view.unreadable.items())},

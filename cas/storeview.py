@@ -133,7 +133,12 @@ class ReconcileReport:
 
 
 def reconcile(
-    index: Index, view: StoreView, reader: ChunkReader | None = None, *, announce: bool = True
+    index: Index,
+    view: StoreView,
+    reader: ChunkReader | None = None,
+    *,
+    announce: bool = True,
+    hints: dict[PackId, list[PackEntry]] | None = None,
 ) -> ReconcileReport:
     """Bring the index in line with the packs (one transaction; a second one for salvage).
 
@@ -145,7 +150,8 @@ def reconcile(
     - every chunk of a pack the index does not list is indexed (its good copy);
     - every indexed delta's base is indexed (closure), so chains never end in the index's gaps.
     With ``reader``, unreadable packs not in the index are salvaged: the records a forward
-    scan finds that decode to their ids are indexed.
+    scan finds that decode to their ids are indexed; ``hints`` adds candidate records per
+    pack (what an index being rebuilt knew of them: it loaded before, it must load after).
     """
     report = ReconcileReport(unreadable_packs=sorted(p.hex() for p in view.unreadable))
     known_packs = index.packs()
@@ -154,7 +160,7 @@ def reconcile(
     final = _reconcile_pass(index, view, copies, known_packs, assume, report)
     if reader is not None:
         unindexed = [pid for pid in view.unreadable if pid not in known_packs]
-        salvaged = salvage(index, reader, view, unindexed, final)
+        salvaged = salvage(index, reader, view, unindexed, final, hints or {})
         report.salvaged_chunks = len(salvaged)
         if salvaged:  # deltas in readable packs whose bases only a damaged pack holds resolve now
             _reconcile_pass(index, view, copies, known_packs, assume | salvaged, report)
@@ -225,14 +231,20 @@ def _reconcile_pass(
 
 
 def salvage(
-    index: Index, reader: ChunkReader, view: StoreView, pack_ids: Iterable[PackId], indexed: dict[bytes, ChunkLocation]
+    index: Index,
+    reader: ChunkReader,
+    view: StoreView,
+    pack_ids: Iterable[PackId],
+    indexed: dict[bytes, ChunkLocation],
+    hints: dict[PackId, list[PackEntry]],
 ) -> set[bytes]:
     """Index what still verifies in packs whose footer does not check: every record the footer
     (read from the trailer) or a forward scan of the record headers names, kept only if it
     decodes to its chunk id. Deltas are retried after their bases are in; returns their ids."""
     total: set[bytes] = set()
     for pack_id in pack_ids:
-        pending = [e for e in salvage_candidates(view.paths[pack_id]) if bytes(e.chunk_id) not in indexed]
+        candidates = [*hints.get(pack_id, []), *salvage_candidates(view.paths[pack_id])]
+        pending = [e for e in candidates if bytes(e.chunk_id) not in indexed]
         kept: list[tuple[bytes, ChunkLocation]] = []
         while pending:
             rest = []
