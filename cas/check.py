@@ -118,16 +118,16 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
             candidates += [_entry_of(cid, loc) for cid, loc in indexed_in.get(pack_id, [])]
             verified: set[bytes] = set()
             for entry in candidates:
-                cid = bytes(entry.chunk_id)
-                if cid in salvage or cid in verified:
+                key = bytes(entry.chunk_id)
+                if key in salvage or key in verified:
                     continue
                 loc = ChunkLocation.of(pack_id, entry)
                 try:
                     payload = repo.reader.verified_payload(entry.chunk_id, f"check of pack {pack_id.short()}", loc)
                 except (CorruptionError, FormatVersionError):
                     continue
-                verified.add(cid)
-                salvage[cid] = (entry, payload)
+                verified.add(key)
+                salvage[key] = (entry, payload)
             for cid, _loc in indexed_in.get(pack_id, []):
                 if bytes(cid) not in salvage:
                     lost.add(bytes(cid))

@@ -270,9 +270,9 @@ def stats(ctx: Context, as_json: bool) -> None:
         console.print(codecs)
     if report.per_snapshot:
         table = Table("snapshot", "tag", "logical", "added")
-        for row in report.per_snapshot:
-            table.add_row(row["id"][:12], row["tag"] or "", human_bytes(row["logical_bytes"]),
-                          human_bytes(row["bytes_added"]))
+        for snap_row in report.per_snapshot:
+            table.add_row(snap_row["id"][:12], snap_row["tag"] or "", human_bytes(snap_row["logical_bytes"]),
+                          human_bytes(snap_row["bytes_added"]))
         console.print(table)
 
 
@@ -308,7 +308,7 @@ def rm_cmd(ctx: Context, tags: tuple[str, ...]) -> None:
 @click.option("--prune", is_flag=True, help="Run gc afterwards.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def forget(ctx: Context, dry_run: bool, save_policy: bool, prune: bool, as_json: bool, **rules: Any) -> None:
+def forget(ctx: Context, /, dry_run: bool, save_policy: bool, prune: bool, as_json: bool, **rules: Any) -> None:
     """Apply retention rules (union); with no rules, the policy stored in the repository."""
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in rules.items()
              if v not in (0, None, ()) and not (k == "mode" and v == "min")}
@@ -316,7 +316,7 @@ def forget(ctx: Context, dry_run: bool, save_policy: bool, prune: bool, as_json:
         if save_policy:
             if not given:
                 raise UsageError("--save-policy needs at least one --keep-* rule")
-            repo.set_retention_policy(**given)
+            repo.set_retention_policy(None, **given)
         report = repo.forget(dry_run=dry_run, **given)
         gc_report = repo.gc() if prune and not dry_run else None
     if as_json:

@@ -33,7 +33,8 @@ class TinyLM(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = x + block(x)
-        return self.head(self.norm(x))
+        out: torch.Tensor = self.head(self.norm(x))
+        return out
 
 
 def _state(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def run_demo(directory: Path | None, steps: int = 40, every: int = 10) -> int:
             tokens = (torch.randint(0, 4096, (8, 1)) + torch.arange(33)) % 4096
             loss = nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             if step % every == 0:
                 state = _state(model, opt, step)

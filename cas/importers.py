@@ -20,7 +20,8 @@ SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
 #: what a weights_only load may rebuild besides tensors: numpy arrays and dtypes (no code runs)
 NUMPY_SAFE_GLOBALS: list[Any] = [
-    np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+    np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
+    np.ndarray, np.dtype, type(np.dtype(np.uint32)),
     *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},
 ]
 

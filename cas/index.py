@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import xxhash
@@ -53,7 +53,8 @@ def _seal(key: bytes, value: bytes) -> bytes:
     return value + _checksum(key, value)
 
 
-def _unseal(key: bytes, stored: bytes, size: int, what: str) -> bytes:
+def _unseal(key: bytes, value: bytes | memoryview, size: int, what: str) -> bytes:
+    stored = bytes(value)
     if len(stored) != size or _checksum(key, stored[:-CHECKSUM.size]) != stored[-CHECKSUM.size:]:
         raise IndexCorruptError(
             f"the index entry of {what} {key.hex()[:12]} is damaged (checksum); "
@@ -93,7 +94,7 @@ class ChunkLocation:
         return cls(pack_id, entry.offset, entry.stored_length, entry.raw_length, entry.codec, entry.kind, entry.base_id)
 
 
-def decode_location(key: bytes, stored: bytes) -> ChunkLocation:
+def decode_location(key: bytes, stored: bytes | memoryview) -> ChunkLocation:
     """A checked chunk location (its checksum covers the chunk id it is stored under)."""
     return ChunkLocation.decode(_unseal(key, stored, LOCATION_VALUE, "chunk"))
 
@@ -215,7 +216,7 @@ class Index:
             self._closed = True
             _release_env(self._path)
 
-    def _read(self, doing: str, fn: Callable[[lmdb.Transaction], T], db: object = None) -> T:
+    def _read(self, doing: str, fn: Callable[[lmdb.Transaction], T], db: Any = None) -> T:
         with _lmdb_errors(self._path, doing), self._env.begin(db=db) as txn:
             return fn(txn)
 

@@ -86,7 +86,11 @@ class PackWriter:
         self._file = open(temp_path, "xb", buffering=0)  # noqa: SIM115 - closed in seal/abort
         self._entries: list[PackEntry] = []
         self._size = 0
-        self._write(HEADER.pack(HEADER_MAGIC, PACK_VERSION))
+        try:
+            self._write(HEADER.pack(HEADER_MAGIC, PACK_VERSION))
+        except BaseException:  # a full disk refuses even the header: leave no file and no descriptor
+            self.abort()
+            raise
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)

@@ -143,7 +143,7 @@ class ChunkReader:
         if dest is not None and len(dest) == loc.raw_length and not dest.readonly:
             buf = dest
         else:
-            buf = memoryview(np.empty(loc.raw_length, np.uint8))  # every byte is written below
+            buf = memoryview(np.empty(loc.raw_length, np.uint8))  # type: ignore[arg-type]  # every byte is written
         try:
             self._rebuild(links, cached, buf, stored)
             if hash_bytes(buf) == chunk_id:
@@ -269,7 +269,7 @@ class ChunkReader:
             buf: np.ndarray | None = getattr(self._local, "scratch", None)
             if buf is None or len(buf) < loc.raw_length:
                 buf = self._local.scratch = np.empty(max(loc.raw_length, 1 << 20), np.uint8)
-            dest = memoryview(buf[: loc.raw_length])
+            dest = memoryview(buf[: loc.raw_length])  # type: ignore[arg-type]
         try:
             raw = self._decode(base_id, loc, base_where, dest)  # no copy: the buffer is this call's own
         except CorruptionError as exc:
@@ -388,7 +388,7 @@ class ChunkReader:
         lookup = self.index.reader()
         try:
             for read in reads:
-                chain = []
+                chain: list[ChunkId] = []
                 loc: ChunkLocation | None = read.location
                 while loc is not None and needs_base(loc.codec) and loc.base_id is not None:
                     base_id = loc.base_id

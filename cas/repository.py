@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cas.check import CheckReport, check_repository
 from cas.codec import check_compression, codec_name
@@ -57,6 +57,7 @@ MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 256 << 20
 Progress = Callable[[int, int], None]
 log = logging.getLogger("cas")
+T = TypeVar("T")
 
 
 def _default_threads() -> int:
@@ -244,6 +245,25 @@ class Repository:
         fingerprint did not change without a BLAKE3 pass (FORMAT.md §4); ``rehash=True``
         hashes every chunk (for tensors from a source that might craft XXH3 collisions).
         """
+        return self._with_index_recovery(lambda: self._save(
+            state_dict, tag, metadata, allow_pickle=allow_pickle, compression=compression, parent=parent,
+            keyframe=keyframe, replace=replace, rehash=rehash, progress=progress,
+        ))
+
+    def _save(
+        self,
+        state_dict: Any,
+        tag: str | None,
+        metadata: dict[str, Any] | None,
+        *,
+        allow_pickle: bool,
+        compression: str | None,
+        parent: str | None,
+        keyframe: bool,
+        replace: bool,
+        rehash: bool,
+        progress: Progress | None,
+    ) -> Snapshot:
         if tag is not None:
             check_tag(tag)
             if not replace and self._store.has_ref(tag):
@@ -507,7 +527,7 @@ class Repository:
 
         return self._with_index_recovery(run)
 
-    def _with_index_recovery(self, run: Callable[[], Any]) -> Any:
+    def _with_index_recovery(self, run: Callable[[], T]) -> T:
         """Run ``run``; if it fails on the index (a damaged entry, or a chunk missing while the packs
         hold more than the index knows: a stale or lost index), bring the index in line with the
         packs and run it once more. The index is a cache: its gaps are never the last word."""
@@ -620,6 +640,9 @@ class Repository:
         return report
 
     def stats(self) -> StatsReport:
+        return self._with_index_recovery(self._stats)
+
+    def _stats(self) -> StatsReport:
         snaps = self.snapshots()
         unique = 0
         chunks = 0
@@ -656,7 +679,8 @@ class Repository:
         ``snapshots`` limits the check to those snapshots (tags or ids) and the packs they use.
         """
         only = {self.resolve(s).id for s in snapshots} if snapshots is not None else None
-        return verify_repository(self, read_data=read_data, progress=progress, only=only)
+        return self._with_index_recovery(
+            lambda: verify_repository(self, read_data=read_data, progress=progress, only=only))
 
     # retention and gc ---------------------------------------------------------
     def retention_policy(self) -> RetentionPolicy | None:
@@ -701,11 +725,12 @@ class Repository:
 
     def gc(self, *, repack_below: float = 0.5, dry_run: bool = False) -> GcReport:
         """Delete what no snapshot reaches; repack packs whose live share is under ``repack_below``."""
-        return collect_garbage(self, repack_below=repack_below, dry_run=dry_run)
+        return self._with_index_recovery(
+            lambda: collect_garbage(self, repack_below=repack_below, dry_run=dry_run))
 
     def check(self, *, repair: bool = False) -> CheckReport:
         """Find damaged packs; with ``repair``, keep what is readable and unindex what is lost."""
-        return check_repository(self, repair=repair)
+        return self._with_index_recovery(lambda: check_repository(self, repair=repair))
 
     # index recovery -----------------------------------------------------------
     def rebuild_index(self) -> RebuildReport:

@@ -55,7 +55,7 @@ class PackSink:
             self._writer = PackWriter(self._new_temp_path())
             self.stored_bytes += HEADER.size + TRAILER.size  # what the pack adds besides its records
         before = self._writer.size
-        self._writer.add(chunk_id, kind, codec, payload, raw_length, base_id)
+        self._writer.add(chunk_id, kind, codec, memoryview(payload), raw_length, base_id)
         self.stored_bytes += self._writer.size - before + FOOTER_ENTRY.size
         if self._writer.size >= self._target_size:
             self._seal()
@@ -113,7 +113,7 @@ def chain_extremes(bases: dict[bytes, tuple[bytes | None, float]]) -> tuple[int,
     """(most links, highest estimated restore cost) over chains given as chunk -> (base, link cost)."""
     known: dict[bytes, tuple[int, float]] = {}
     for start in bases:
-        path = []
+        path: list[bytes] = []
         cursor: bytes | None = start
         while cursor is not None and cursor in bases and cursor not in known and len(path) <= len(bases):
             path.append(cursor)

@@ -101,7 +101,7 @@ def _rebuild(obj: Any, key: Key, staged: dict[Key, torch.Tensor]) -> Any:
     if type(obj) in (dict, OrderedDict):
         out = type(obj)((k, _rebuild(v, (*key, k), staged)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
-            out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
+            out._metadata = copy.deepcopy(obj._metadata)
         return out
     if type(obj) is list:
         return [_rebuild(v, (*key, i), staged) for i, v in enumerate(obj)]

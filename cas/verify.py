@@ -37,7 +37,7 @@ def verify_repository(
     pack_sizes: dict[PackId, int | None] = {}
     bad_packs: dict[PackId, str] = {}
 
-    for pack_id, (size, _count) in (index.packs().items() if only is None else ()):
+    for pack_id, (indexed_size, _count) in (index.packs().items() if only is None else ()):
         path = pack_path(packs_dir, pack_id)
         try:
             actual = path.stat().st_size
@@ -49,8 +49,8 @@ def verify_repository(
         pack_sizes[pack_id] = actual
         report.packs_checked += 1
         problem = None
-        if actual != size:
-            problem = f"pack is {actual} bytes, the index recorded {size}"
+        if actual != indexed_size:
+            problem = f"pack is {actual} bytes, the index recorded {indexed_size}"
         elif read_data:
             try:
                 check_structure(path, pack_id)  # footer, record headers, reserved bytes; payloads below
