@@ -9,12 +9,13 @@ As a script it runs one recovery command on a repository and reports on stdout, 
 a line, each written with a single ``os.write`` and stamped with ``"t"`` (``time.monotonic()``,
 one clock for every process of the machine)::
 
-    {"event": "ready", "pid": P}            repository open, the command starts right after
-    {"event": "done", "seconds": S, "report": {...}}   the command returned
+    {"event": "ready", "pid": P}            about to open the repository and run the command
+    {"event": "done", "seconds": S, "report": {...}}   the command returned (S: since "ready")
     {"event": "error", "error": TEXT, "cas_error": BOOL}   the command raised (exit status 1)
 
 A job is a JSON object ``{"repo": PATH, "command": C, "repack_below": X, "crash_at": SPEC or null}``
-with ``C`` one of ``rebuild_index``, ``check_repair``, ``gc``.
+with ``C`` one of ``open`` (open and close: a lost index is rebuilt then), ``rebuild_index``,
+``check_repair``, ``gc``.
 
 ``python recovery_worker.py run JOB``
     one process, one job (``CAS_CRASH_AT`` from the environment).
@@ -221,12 +222,14 @@ def emit(**event: Any) -> None:
 
 def run_job(job: dict[str, Any]) -> int:
     try:
-        with cas.Repository.open(job["repo"], threads=2) as repo:
-            emit(event="ready", pid=os.getpid())
-            t0 = time.monotonic()
+        emit(event="ready", pid=os.getpid())
+        t0 = time.monotonic()
+        with cas.Repository.open(job["repo"], threads=2) as repo:  # opening may recover (a lost index)
             command = job["command"]
-            if command == "rebuild_index":
-                report: Any = {"chunks": repo.rebuild_index()}
+            if command == "open":
+                report: Any = {}
+            elif command == "rebuild_index":
+                report = {"chunks": repo.rebuild_index()}
             elif command == "check_repair":
                 report = repo.check(repair=True).to_dict()
             elif command == "gc":

@@ -1,11 +1,12 @@
-"""Recovery commands killed by SIGKILL lose nothing: rebuild_index, check --repair, and gc beside them.
+"""Recovery commands killed by SIGKILL lose nothing: rebuild_index, check --repair, the rebuild an open
+of a repository without an index does, and gc (alone and on a stale index) beside them.
 
 A worker process (``tests/recovery_worker.py``, a child of a fork server that imports cas and torch
 once) opens a prepared repository and runs one command; this process SIGKILLs it
 
-* at random instants, drawn uniformly between 0 and the command's measured duration (one
-  uninterrupted run on a copy of the same repository), counted from the moment the worker says
-  the repository is open and the command starts; and
+* at random instants, drawn uniformly between 0 and the command's measured duration (open and
+  command, one uninterrupted run on a copy of the same repository), counted from the moment the
+  worker says it starts to open the repository; and
 * at the named crash points of ``cas.faults`` the command passes (``CAS_CRASH_AT``; a point the
   command never reaches lets it finish, which is checked the same way).
 
@@ -15,7 +16,9 @@ that afterwards those snapshots still load and ``verify(read_data=True)`` names 
 
 ``check --repair`` runs on a repository with damage to repair: one flipped bit in a chunk's payload
 (that snapshot cannot load before, and need not after) and one flipped bit in another pack's footer
-(every chunk of it still verifies: what used it must load before and after).
+(every chunk of it still verifies: what used it must load before and after). The lost-index and
+stale-index repositories hold every chunk of every snapshot, so every snapshot must load after
+the command, whatever loaded before it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ SEED = 3
 TRIALS = 8
 EVENT_TIMEOUT = 120.0
 CRASH_POINTS = {
+    "open": [],
     "rebuild_index": [],
     "check_repair": ["chunk_written:1", "pack_sealed:1"],
     "gc": ["gc_repacked", "gc_index_committed", "gc_unlinked"],
@@ -261,6 +265,33 @@ def damaged(clean: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Prepar
     return Prepared(path, loads)
 
 
+@pytest.fixture(scope="module")
+def lost_index(clean: Prepared, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    """The clean repository without its index: opening it rebuilds the index."""
+    path = tmp_path_factory.mktemp("lost-index") / "repo"
+    shutil.copytree(clean.path, path)
+    shutil.rmtree(path / "index")
+    return Prepared(path, clean.loads)
+
+
+@pytest.fixture(scope="module")
+def stale_index(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    """The clean repository's history with an index copied before the last two saves and the deletes."""
+    path = tmp_path_factory.mktemp("stale-index") / "repo"
+    with cas.Repository.init(path, chunk_size=CHUNK, pack_size=PACK, threads=2) as repo:
+        for i in range(SNAPSHOTS - 2):
+            repo.save(expected(f"k{i}"), f"k{i}")
+    shutil.copytree(path / "index", path.parent / "old-index")
+    with cas.Repository.open(path, threads=2) as repo:
+        for i in range(SNAPSHOTS - 2, SNAPSHOTS):
+            repo.save(expected(f"k{i}"), f"k{i}")
+        for i in range(DELETED):
+            repo.delete(f"k{i}")
+    shutil.rmtree(path / "index")
+    shutil.copytree(path.parent / "old-index", path / "index")
+    return Prepared(path, frozenset(f"k{i}" for i in range(DELETED, SNAPSHOTS)))
+
+
 def flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -276,28 +307,34 @@ def job(path: Path, command: str, crash_at: str | None = None) -> dict[str, Any]
     return {"repo": str(path), "command": command, "repack_below": 0.9, "crash_at": crash_at}
 
 
-def assert_done(out: Outcome, what: str) -> dict[str, Any]:
+def assert_done(out: Outcome, what: str, may_refuse: bool = False) -> dict[str, Any]:
+    """The command returned; with ``may_refuse``, a ``cas.CasError`` refusal counts (as a stale index
+    may be refused rather than rebuilt)."""
+    error = out.event("error")
+    if may_refuse and out.returncode == 1 and error is not None and error["cas_error"]:
+        return {"seconds": error["t"] - out.events[0]["t"], "refused": error["error"]}
     assert out.returncode == 0, f"{what}: {out}"
     done = out.event("done")
     assert done is not None, f"{what}: {out}"
     return done
 
 
-def check_after(server: ForkServer, prepared: Prepared, path: Path, command: str, what: str) -> None:
+def check_after(server: ForkServer, prepared: Prepared, path: Path, command: str, what: str,
+                may_refuse: bool = False) -> None:
     """Everything that loaded before loads; a second run completes; then it all still holds."""
     with open_repo(path) as repo:
         for tag in sorted(prepared.loads):
             try:
                 assert_state(repo.load(tag), expected(tag), tag)
             except cas.CasError as exc:
-                raise AssertionError(f"{what}: {tag} loaded before, not after the kill: {exc!r}") from exc
-    assert_done(server.run(job(path, command)), f"{what}: the second run")
+                raise AssertionError(f"{what}: {tag} must load (it loaded before), not after it: {exc!r}") from exc
+    assert_done(server.run(job(path, command)), f"{what}: the second run", may_refuse)
     with open_repo(path) as repo:
         for tag in sorted(prepared.loads):
             try:
                 assert_state(repo.load(tag), expected(tag), tag)
             except cas.CasError as exc:
-                raise AssertionError(f"{what}: {tag} loaded before, not after the second run: {exc!r}") from exc
+                raise AssertionError(f"{what}: {tag} must load, not after the second run: {exc!r}") from exc
         report = repo.verify(read_data=True)
         named = {p.snapshot.split(" (")[0] for p in report.problems if p.snapshot}
         assert named.isdisjoint(prepared.loads), f"{what}: verify after the second run: {report.problems}"
@@ -305,17 +342,18 @@ def check_after(server: ForkServer, prepared: Prepared, path: Path, command: str
             assert report.ok, f"{what}: verify after the second run: {report.problems}"
 
 
-def measured_seconds(server: ForkServer, prepared: Prepared, tmp: Path, command: str) -> float:
+def measured_seconds(server: ForkServer, prepared: Prepared, tmp: Path, command: str, may_refuse: bool) -> float:
     path = tmp / "measure"
     shutil.copytree(prepared.path, path)
-    done = assert_done(server.run(job(path, command)), f"uninterrupted {command}")
-    check_after(server, prepared, path, command, f"uninterrupted {command}")
+    done = assert_done(server.run(job(path, command)), f"uninterrupted {command}", may_refuse)
+    check_after(server, prepared, path, command, f"uninterrupted {command}", may_refuse)
     shutil.rmtree(path)
     return float(done["seconds"])
 
 
-def kill_trials(server: ForkServer, prepared: Prepared, tmp: Path, command: str, seed: int) -> None:
-    duration = measured_seconds(server, prepared, tmp, command)
+def kill_trials(server: ForkServer, prepared: Prepared, tmp: Path, command: str, seed: int,
+                may_refuse: bool = False) -> None:
+    duration = measured_seconds(server, prepared, tmp, command, may_refuse)
     rng = random.Random(seed)
     outcomes = []
     for trial in range(TRIALS):
@@ -330,10 +368,10 @@ def kill_trials(server: ForkServer, prepared: Prepared, tmp: Path, command: str,
             os.kill(pid, signal.SIGKILL)
         server.wait(out)
         what = f"{command} killed after {delay * 1000:.1f} of {duration * 1000:.1f} ms"
-        assert out.returncode in (0, -signal.SIGKILL), f"{what}: {out}"
-        assert out.event("error") is None, f"{what}: {out}"
+        if out.returncode != -signal.SIGKILL:
+            assert_done(out, what, may_refuse)
         outcomes.append(out.returncode)
-        check_after(server, prepared, path, command, what)
+        check_after(server, prepared, path, command, what, may_refuse)
         shutil.rmtree(path)
     assert -signal.SIGKILL in outcomes, f"every {command} finished before its kill: {outcomes}"
 
@@ -355,6 +393,18 @@ def crash_point_trials(server: ForkServer, prepared: Prepared, tmp: Path, comman
 
 def test_rebuild_index_killed_at_random_instants(server: ForkServer, clean: Prepared, tmp_path: Path) -> None:
     kill_trials(server, clean, tmp_path, "rebuild_index", seed=1)
+
+
+def test_open_rebuilding_a_lost_index_killed_at_random_instants(
+    server: ForkServer, lost_index: Prepared, tmp_path: Path
+) -> None:
+    kill_trials(server, lost_index, tmp_path, "open", seed=4)
+
+
+def test_gc_with_a_stale_index_killed_at_random_instants(
+    server: ForkServer, stale_index: Prepared, tmp_path: Path
+) -> None:
+    kill_trials(server, stale_index, tmp_path, "gc", seed=5, may_refuse=True)
 
 
 def test_check_repair_killed_at_random_instants(server: ForkServer, damaged: Prepared, tmp_path: Path) -> None:
