@@ -2,6 +2,7 @@
 
 Run from the repository root::
 
+    .venv/bin/pip install obstore   # the contender; not a cas dependency (boto3 comes with moto)
     .venv/bin/python bench/backends.py [--rounds 5] [--put-mib 64] [--range-mib 1] [--parallel 16]
 
 Starts moto's S3 server as a subprocess on 127.0.0.1 (a free port), makes a bucket,
@@ -51,8 +52,11 @@ if str(ROOT) not in sys.path:
 import boto3  # noqa: E402
 import botocore.config  # noqa: E402
 import botocore.exceptions  # noqa: E402
-import obstore  # noqa: E402
-from obstore.store import S3Store  # noqa: E402
+try:
+    import obstore
+    from obstore.store import S3Store
+except ImportError:
+    raise SystemExit("bench/backends.py compares against obstore: .venv/bin/pip install obstore") from None
 
 from cas.backends import S3Backend  # noqa: E402
 from cas.errors import CasError  # noqa: E402
