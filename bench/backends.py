@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:
 import boto3  # noqa: E402
 import botocore.config  # noqa: E402
 import botocore.exceptions  # noqa: E402
+
 try:
     import obstore
     from obstore.store import S3Store
