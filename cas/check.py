@@ -16,20 +16,17 @@ Recovery never makes things worse (DESIGN.md invariant 9):
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cas.codec import needs_base
-from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
+from cas.errors import CorruptionError, FormatVersionError, MissingChunkError, ObjectNotFoundError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation
 from cas.pack import PackEntry, check_structure, salvage_candidates
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
-from cas.store import fsync_dir
 from cas.storeview import reconcile, scan_store
 
 if TYPE_CHECKING:
@@ -84,7 +81,7 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
     report = CheckReport(repaired=repair)
     store = repo.store
     with store.lock(exclusive=True):
-        view = scan_store(store.packs_dir)
+        view = scan_store(store)
         if reconcile(repo.index, view, repo.reader).changed:
             report.changed = True
         damaged: dict[PackId, str] = dict(view.unreadable)
@@ -92,9 +89,8 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
             report.packs_checked += 1
             if pack_id in damaged:
                 continue
-            path = view.paths[pack_id]
             try:
-                entries = check_structure(path, pack_id)
+                entries = check_structure(view.sources[pack_id], pack_id)
             except (CorruptionError, FormatVersionError, OSError) as exc:
                 damaged[pack_id] = str(exc)
                 continue
@@ -113,8 +109,7 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
             if loc.pack_id in damaged:
                 indexed_in.setdefault(loc.pack_id, []).append((cid, loc))
         for pack_id in sorted(damaged):
-            path = view.paths[pack_id]
-            candidates = list(salvage_candidates(path))
+            candidates = list(salvage_candidates(view.sources[pack_id]))
             candidates += [_entry_of(cid, loc) for cid, loc in indexed_in.get(pack_id, [])]
             verified: set[bytes] = set()
             for entry in candidates:
@@ -135,7 +130,7 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
         report.salvaged_chunks = len(salvage)
 
         if repair and damaged:
-            _repair(repo, damaged, view.paths, salvage, lost, report)
+            _repair(repo, damaged, salvage, lost, report)
 
         # Which snapshots and tensors reach what is gone (lost now, or missing from the index)?
         for name in store.ref_names():
@@ -168,26 +163,17 @@ def _entry_of(cid: ChunkId, loc: ChunkLocation) -> PackEntry:
 def _repair(
     repo: Repository,
     damaged: dict[PackId, str],
-    paths: dict[PackId, Path],
     salvage: dict[bytes, tuple[PackEntry, bytes]],
     lost: set[bytes],
     report: CheckReport,
 ) -> None:
-    """Salvaged chunks into new packs (durable, indexed), a copy of each damaged file in
-    ``quarantine/``, and only then the damaged files out of ``packs/``."""
+    """Salvaged chunks into new packs (durable, indexed), a copy of each damaged pack in
+    ``quarantine/``, and only then the damaged packs out of ``packs/``."""
     store = repo.store
-    quarantine = store.root / "quarantine"
-    quarantine.mkdir(exist_ok=True)
     for pack_id in damaged:
-        path = paths[pack_id]
-        target = quarantine / path.name
-        if path.exists() and not target.exists():
-            shutil.copy2(path, target)
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
-        report.quarantined.append(str(target))
-    fsync_dir(quarantine)
-    sink = PackSink(lambda: store.new_temp_path("repair"), store.packs_dir, int(repo.config["pack_size"]))
+        with contextlib.suppress(ObjectNotFoundError):
+            report.quarantined.append(store.quarantine_pack(pack_id))
+    sink = PackSink(lambda: store.new_temp_path("repair"), store.publish_pack, int(repo.config["pack_size"]))
     try:
         for cid, (entry, payload) in salvage.items():
             sink.add(ChunkId(cid), entry.kind, entry.codec, payload, entry.raw_length, entry.base_id)  # type: ignore[arg-type]
@@ -204,6 +190,5 @@ def _repair(
     )
     repo.reader.close()
     for pack_id in gone:
-        paths[pack_id].unlink(missing_ok=True)
-    fsync_dir(store.packs_dir)
+        store.delete_pack(pack_id)
     report.changed = True

@@ -69,28 +69,39 @@ def emit_json(value: Any) -> None:
 
 
 class Context:
-    def __init__(self, repo_path: str | None) -> None:
+    def __init__(self, repo_path: str | None, storage_options: dict[str, Any]) -> None:
         self.repo_path = repo_path
+        self.storage_options = storage_options
 
-    def path(self) -> Path:
+    def path(self) -> str:
+        """The repository: a directory, ``file://...`` or ``s3://BUCKET/PREFIX``."""
         if not self.repo_path:
-            raise UsageError("no repository given: pass --repo PATH or set CAS_REPO")
-        return Path(self.repo_path)
+            raise UsageError("no repository given: pass --repo PATH_OR_URL or set CAS_REPO")
+        return self.repo_path
 
     def open(self) -> Repository:
-        return Repository.open(self.path())
+        return Repository.open(self.path(), storage_options=self.storage_options or None)
 
 
 pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--repo", "repo_path", envvar="CAS_REPO", metavar="PATH", help="Repository directory (or $CAS_REPO).")
+@click.option("--repo", "repo_path", envvar="CAS_REPO", metavar="PATH|URL",
+              help="Repository: a directory or s3://BUCKET/PREFIX (or $CAS_REPO).")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="S3-compatible endpoint, http:// allowed (default: $AWS_ENDPOINT_URL).")
+@click.option("--region", default=None, help="S3 region (default: $AWS_REGION).")
+@click.option("--timeout", type=float, default=None, help="Seconds before an unreachable store is an error.")
 @click.version_option(package_name="cas")
 @click.pass_context
-def cli(ctx: click.Context, repo_path: str | None) -> None:
+def cli(ctx: click.Context, repo_path: str | None, endpoint: str | None, region: str | None,
+        timeout: float | None) -> None:
     """cas: a content-addressed, deduplicating store for training checkpoints."""
-    ctx.obj = Context(repo_path)
+    options = {k: v for k, v in {"endpoint": endpoint, "region": region, "timeout": timeout}.items() if v is not None}
+    if options and (not repo_path or not repo_path.startswith("s3://")):
+        raise UsageError("--endpoint, --region and --timeout apply to s3:// repositories only")
+    ctx.obj = Context(repo_path, options)
 
 
 @cli.command()
@@ -108,8 +119,8 @@ def init(ctx: Context, chunk_size: str, pack_size: str, compression: str, max_de
     """Create a new repository in an empty directory."""
     with Repository.init(ctx.path(), chunk_size=parse_size(chunk_size), pack_size=parse_size(pack_size),
                          compression=compression, max_delta_depth=max_delta_depth,
-                         max_chain_cost=max_chain_cost) as repo:
-        click.echo(f"created cas repository at {repo.path} (chunk size {human_bytes(repo.chunk_size)})")
+                         max_chain_cost=max_chain_cost, storage_options=ctx.storage_options or None) as repo:
+        click.echo(f"created cas repository at {repo.url} (chunk size {human_bytes(repo.chunk_size)})")
 
 
 @cli.command()

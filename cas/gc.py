@@ -31,15 +31,17 @@ from cas.errors import CorruptionError, FormatVersionError, GcRefusedError, Stor
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, SealedPack
-from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, pack_path
+from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
-from cas.store import fsync_dir
 from cas.storeview import StoreView, reconcile, scan_store
 
 log = logging.getLogger("cas")
+#: an unfinished multipart upload older than this belongs to a saver that died (none runs beside gc)
+INCOMPLETE_UPLOAD_AGE_S = 3600.0
 
 if TYPE_CHECKING:
+    from cas.layout import Store
     from cas.repository import Repository
 
 
@@ -58,6 +60,7 @@ class GcReport:
     #: pack files whose footer does not check: gc never deletes them (run `cas check --repair`)
     unreadable_packs: list[str] = field(default_factory=list)
     repack_skipped: bool = False
+    incomplete_uploads_aborted: int = 0
     mark_seconds: float = 0.0
     sweep_seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -132,7 +135,7 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         _reset_peak_rss()
         t0 = time.perf_counter()
         # What is stored comes from the packs, never from the index alone (it may be stale or lost).
-        view = scan_store(store.packs_dir)
+        view = scan_store(store)
         unindexed_before = set(view.packs) - set(repo.index.packs())
         if not dry_run:
             reconcile(repo.index, view)
@@ -207,13 +210,15 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             # first (a crash now leaves index entries of dead chunks in missing packs: opening
             # detects that and drops them, and saves never dedup against a missing pack), then
             # the commit is tried again.
-            _unlink_packs(store.packs_dir, [p for p in delete if p not in rewritten])
+            _unlink_packs(store, [p for p in delete if p not in rewritten])
             commit()
         crash_point("gc_index_committed")
         # 3. unlink what nothing refers to any more
-        _unlink_packs(store.packs_dir, removed_packs)
+        _unlink_packs(store, removed_packs)
         for temp in temps:
             temp.unlink(missing_ok=True)
+        # uploads a killed saver left unfinished (multipart, on object stores): no save is in flight now
+        report.incomplete_uploads_aborted = store.backend.cleanup_incomplete(older_than_s=INCOMPLETE_UPLOAD_AGE_S)
         report.bytes_freed = freed - sum(view.sizes[p] for p in keep_old if p in view.sizes) - sum(
             p.size for p in new_packs
         )
@@ -229,14 +234,10 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _unlink_packs(packs_dir: Path, pack_ids: list[PackId]) -> None:
+def _unlink_packs(store: Store, pack_ids: list[PackId]) -> None:
     for pid in pack_ids:
-        pack_path(packs_dir, pid).unlink(missing_ok=True)
+        store.delete_pack(pid)  # durable when it returns (the local backend fsyncs the directory)
         crash_point("gc_unlinked")
-    fsync_dir(packs_dir)
-    for sub in packs_dir.iterdir():
-        if sub.is_dir() and not sub.is_symlink():
-            fsync_dir(sub)
 
 
 def _guard_duplicates(
@@ -279,7 +280,7 @@ def _repack(
     if not repack:
         return [], set()
     store = repo.store
-    sink = PackSink(lambda: store.new_temp_path("gc"), store.packs_dir, int(repo.config["pack_size"]))
+    sink = PackSink(lambda: store.new_temp_path("gc"), store.publish_pack, int(repo.config["pack_size"]))
     keep_old: set[PackId] = set()
     moving: dict[PackId, list[tuple[ChunkId, ChunkLocation]]] = defaultdict(list)
     repack_set = set(repack)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Protocol
 
 import blake3
 
-from cas.errors import FormatVersionError, PackCorruptError
+from cas.errors import CasError, FormatVersionError, PackCorruptError
 from cas.faults import crash_point
 from cas.ids import ZERO_DIGEST, ChunkId, PackId
 
@@ -68,14 +69,6 @@ class PackEntry:
             self.chunk_id, self.base_id or ZERO_DIGEST, self.offset, self.stored_length,
             self.raw_length, self.codec, self.kind, flags,
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PackWriter:
@@ -139,8 +132,9 @@ class PackWriter:
         self._file.close()
         return PackId(digest)
 
-    def publish(self, pack_id: PackId, packs_dir: Path) -> Path:
-        """fsync, re-read the footer, rename into place, fsync the directories: the pack is durable."""
+    def publish(self, pack_id: PackId, store: Callable[[Path, PackId], None]) -> None:
+        """fsync, re-read the footer, then hand the file to ``store`` (which moves it into the
+        repository, or uploads it): the pack is durable when this returns."""
         fd = os.open(self.temp_path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -149,22 +143,25 @@ class PackWriter:
         # Re-read what reached the disk before calling it done (catches a torn write now).
         if read_footer(self.temp_path, pack_id) != self._entries:
             raise PackCorruptError(f"pack {pack_id.short()} does not read back as written")
-        final = pack_path(packs_dir, pack_id)
-        new_dir = not final.parent.is_dir()
-        if new_dir:
-            final.parent.mkdir(parents=True, exist_ok=True)
         crash_point("pack_before_rename")
-        os.replace(self.temp_path, final)
-        _fsync_dir(final.parent)
-        if new_dir:
-            _fsync_dir(packs_dir)
+        store(self.temp_path, pack_id)
         crash_point("pack_sealed")
-        return final
 
-    def seal(self, packs_dir: Path) -> tuple[PackId, Path]:
-        """``finish`` then ``publish``."""
+    def seal(self, target: Path | Callable[[Path, PackId], None]) -> tuple[PackId, Path | None]:
+        """``finish`` then ``publish``: into a local ``packs/`` directory (tools and tests that build
+        packs by hand), or through a store's publish function."""
         pack_id = self.finish()
-        return pack_id, self.publish(pack_id, packs_dir)
+        if callable(target):
+            self.publish(pack_id, target)
+            return pack_id, None
+        final = pack_path(target, pack_id)
+
+        def move(temp: Path, _pid: PackId) -> None:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+
+        self.publish(pack_id, move)
+        return pack_id, final
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -177,30 +174,71 @@ def pack_path(packs_dir: Path, pack_id: PackId) -> Path:
     return packs_dir / name[:2] / f"{name}.pack"
 
 
-def read_footer(path: Path, expect_id: PackId | None = None) -> list[PackEntry]:
+class PackSource(Protocol):
+    """Where a sealed pack's bytes are read from: a local file, or an object in a backend."""
+
+    name: str
+
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def read_all(self) -> bytes: ...
+
+
+class FileSource:
+    """A pack file on local disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+
+    def size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            raise PackCorruptError(f"pack {self.name} is missing") from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise PackCorruptError(f"pack {self.name} is missing") from None
+
+    def read_all(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            raise PackCorruptError(f"pack {self.name} is missing") from None
+
+
+def as_source(pack: Path | PackSource) -> PackSource:
+    return FileSource(pack) if isinstance(pack, Path) else pack
+
+
+def read_footer(pack: Path | PackSource, expect_id: PackId | None = None) -> list[PackEntry]:
     """Parse and check a pack's header, trailer and footer (not the payloads); with ``expect_id``
-    the footer must also hash to that name."""
-    name = path.name
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < HEADER.size + TRAILER.size:
-                raise PackCorruptError(f"pack {name} is truncated ({size} bytes)")
-            magic, version = HEADER.unpack(f.read(HEADER.size))
-            if magic != HEADER_MAGIC:
-                raise PackCorruptError(f"{name} is not a cas pack (bad header magic)")
-            if version != PACK_VERSION:
-                raise FormatVersionError(f"pack {name} has format version {version}; this cas reads {PACK_VERSION}")
-            f.seek(size - TRAILER.size)
-            footer_offset, count, footer_hash, t_version, t_magic = TRAILER.unpack(f.read(TRAILER.size))
-            if t_magic != TRAILER_MAGIC or t_version != version:
-                raise PackCorruptError(f"pack {name} is truncated or damaged (bad trailer)")
-            if footer_offset + count * FOOTER_ENTRY.size + TRAILER.size != size or footer_offset < HEADER.size:
-                raise PackCorruptError(f"pack {name} footer does not fit the file (truncated or damaged)")
-            f.seek(footer_offset)
-            footer = f.read(count * FOOTER_ENTRY.size)
-    except FileNotFoundError:
-        raise PackCorruptError(f"pack {name} is missing") from None
+    the footer must also hash to that name. Three small reads: header, trailer, footer."""
+    source = as_source(pack)
+    name = source.name
+    size = source.size()
+    if size < HEADER.size + TRAILER.size:
+        raise PackCorruptError(f"pack {name} is truncated ({size} bytes)")
+    magic, version = HEADER.unpack(source.read(0, HEADER.size))
+    if magic != HEADER_MAGIC:
+        raise PackCorruptError(f"{name} is not a cas pack (bad header magic)")
+    if version != PACK_VERSION:
+        raise FormatVersionError(f"pack {name} has format version {version}; this cas reads {PACK_VERSION}")
+    trailer = source.read(size - TRAILER.size, TRAILER.size)
+    if len(trailer) != TRAILER.size:
+        raise PackCorruptError(f"pack {name} is truncated (short trailer)")
+    footer_offset, count, footer_hash, t_version, t_magic = TRAILER.unpack(trailer)
+    if t_magic != TRAILER_MAGIC or t_version != version:
+        raise PackCorruptError(f"pack {name} is truncated or damaged (bad trailer)")
+    if footer_offset + count * FOOTER_ENTRY.size + TRAILER.size != size or footer_offset < HEADER.size:
+        raise PackCorruptError(f"pack {name} footer does not fit the file (truncated or damaged)")
+    footer = source.read(footer_offset, count * FOOTER_ENTRY.size)
     digest = blake3.blake3(footer).digest()
     if digest != footer_hash:
         raise PackCorruptError(f"pack {name} footer checksum mismatch")
@@ -229,7 +267,7 @@ def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:
                 yield PackId(bytes.fromhex(path.stem)), path
 
 
-def scan_records(path: Path) -> list[PackEntry]:
+def scan_records(pack: Path | PackSource) -> list[PackEntry]:
     """Salvage: walk the record headers from the front (for a pack whose footer is damaged).
 
     The file header is not trusted (damage there must not hide intact records): the walk
@@ -240,8 +278,8 @@ def scan_records(path: Path) -> list[PackEntry]:
     """
     entries: list[PackEntry] = []
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = as_source(pack).read_all()
+    except (OSError, CasError):
         return entries
     size = len(data)
     pos = HEADER.size
@@ -262,21 +300,20 @@ def scan_records(path: Path) -> list[PackEntry]:
     return entries
 
 
-def read_footer_lenient(path: Path) -> list[PackEntry]:
+def read_footer_lenient(pack: Path | PackSource) -> list[PackEntry]:
     """The footer's entries from the trailer alone (the file header is not checked): candidates
     for salvage when only the header is damaged. Empty if the trailer or footer does not check."""
+    source = as_source(pack)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < HEADER.size + TRAILER.size:
-                return []
-            f.seek(size - TRAILER.size)
-            footer_offset, count, footer_hash, _version, t_magic = TRAILER.unpack(f.read(TRAILER.size))
-            if t_magic != TRAILER_MAGIC or footer_offset + count * FOOTER_ENTRY.size + TRAILER.size != size:
-                return []
-            f.seek(footer_offset)
-            footer = f.read(count * FOOTER_ENTRY.size)
-    except OSError:
+        size = source.size()
+        if size < HEADER.size + TRAILER.size:
+            return []
+        footer_offset, count, footer_hash, _version, t_magic = TRAILER.unpack(source.read(size - TRAILER.size,
+                                                                                           TRAILER.size))
+        if t_magic != TRAILER_MAGIC or footer_offset + count * FOOTER_ENTRY.size + TRAILER.size != size:
+            return []
+        footer = source.read(footer_offset, count * FOOTER_ENTRY.size)
+    except (OSError, CasError, struct.error):
         return []
     if blake3.blake3(footer).digest() != footer_hash:
         return []
@@ -290,12 +327,13 @@ def read_footer_lenient(path: Path) -> list[PackEntry]:
     return entries
 
 
-def salvage_candidates(path: Path) -> list[PackEntry]:
+def salvage_candidates(pack: Path | PackSource) -> list[PackEntry]:
     """Every place a chunk may sit in a damaged pack: the footer (read from the trailer, even with
     a damaged header) and a forward scan of the record headers, without duplicates."""
     seen: set[tuple[bytes, int]] = set()
     out: list[PackEntry] = []
-    for entry in (*read_footer_lenient(path), *scan_records(path)):
+    source = as_source(pack)
+    for entry in (*read_footer_lenient(source), *scan_records(source)):
         key = (bytes(entry.chunk_id), entry.offset)
         if key not in seen:
             seen.add(key)
@@ -306,7 +344,7 @@ def salvage_candidates(path: Path) -> list[PackEntry]:
 KNOWN_KINDS = frozenset(int(k) for k in ChunkKind)
 
 
-def check_structure(path: Path, pack_id: PackId) -> list[PackEntry]:
+def check_structure(pack: Path | PackSource, pack_id: PackId) -> list[PackEntry]:
     """Everything about a pack but its payloads: ``read_footer`` (magics, versions, footer hash
     against the name) plus the reserved zero bytes of header, trailer and footer entries, and
     every record header, which must sit right before its payload, agree with its footer entry
@@ -315,40 +353,37 @@ def check_structure(path: Path, pack_id: PackId) -> list[PackEntry]:
     Record headers matter although readers go by the footer: salvage of a pack whose footer
     is damaged depends on them. Raises :class:`PackCorruptError` naming the first problem.
     """
-    entries = read_footer(path, pack_id)
-    name = path.name
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(HEADER.size)
-        if head[10:16] != bytes(6):
-            raise PackCorruptError(f"pack {name} header has non-zero reserved bytes")
-        f.seek(size - TRAILER.size)
-        trailer = f.read(TRAILER.size)
-        if trailer[50:56] != bytes(6):
-            raise PackCorruptError(f"pack {name} trailer has non-zero reserved bytes")
-        footer_offset = int.from_bytes(trailer[0:8], "little")
-        f.seek(footer_offset)
-        footer = f.read(len(entries) * FOOTER_ENTRY.size)
-        pos = HEADER.size
-        for i, entry in enumerate(entries):
-            raw_entry = footer[i * FOOTER_ENTRY.size:(i + 1) * FOOTER_ENTRY.size]
-            if raw_entry[91:96] != bytes(5):
-                raise PackCorruptError(f"pack {name} footer entry {i} has non-zero reserved bytes")
-            flags = raw_entry[90]
-            if flags & ~FLAG_HAS_BASE or entry.kind not in KNOWN_KINDS:
-                raise PackCorruptError(f"pack {name} footer entry {i} has unknown flags or kind")
-            if not flags & FLAG_HAS_BASE and raw_entry[32:64] != ZERO_DIGEST:
-                raise PackCorruptError(f"pack {name} footer entry {i} names a base without its flag")
-            if entry.offset != pos + RECORD_HEADER.size:
-                raise PackCorruptError(f"pack {name} record {i} is not where the previous one ends")
-            f.seek(pos)
-            expected = RECORD_HEADER.pack(
-                RECORD_MAGIC, entry.codec, entry.kind, flags, entry.raw_length, entry.stored_length,
-                entry.chunk_id, entry.base_id or ZERO_DIGEST,
-            )
-            if f.read(RECORD_HEADER.size) != expected:
-                raise PackCorruptError(f"pack {name} record header {i} does not match its footer entry")
-            pos = entry.offset + entry.stored_length
-        if pos != footer_offset:
-            raise PackCorruptError(f"pack {name} has {footer_offset - pos} unaccounted bytes before its footer")
+    source = as_source(pack)
+    entries = read_footer(source, pack_id)
+    name = source.name
+    data = source.read_all()
+    size = len(data)
+    if data[10:16] != bytes(6):
+        raise PackCorruptError(f"pack {name} header has non-zero reserved bytes")
+    trailer = data[size - TRAILER.size:]
+    if trailer[50:56] != bytes(6):
+        raise PackCorruptError(f"pack {name} trailer has non-zero reserved bytes")
+    footer_offset = int.from_bytes(trailer[0:8], "little")
+    footer = data[footer_offset:footer_offset + len(entries) * FOOTER_ENTRY.size]
+    pos = HEADER.size
+    for i, entry in enumerate(entries):
+        raw_entry = footer[i * FOOTER_ENTRY.size:(i + 1) * FOOTER_ENTRY.size]
+        if raw_entry[91:96] != bytes(5):
+            raise PackCorruptError(f"pack {name} footer entry {i} has non-zero reserved bytes")
+        flags = raw_entry[90]
+        if flags & ~FLAG_HAS_BASE or entry.kind not in KNOWN_KINDS:
+            raise PackCorruptError(f"pack {name} footer entry {i} has unknown flags or kind")
+        if not flags & FLAG_HAS_BASE and raw_entry[32:64] != ZERO_DIGEST:
+            raise PackCorruptError(f"pack {name} footer entry {i} names a base without its flag")
+        if entry.offset != pos + RECORD_HEADER.size:
+            raise PackCorruptError(f"pack {name} record {i} is not where the previous one ends")
+        expected = RECORD_HEADER.pack(
+            RECORD_MAGIC, entry.codec, entry.kind, flags, entry.raw_length, entry.stored_length,
+            entry.chunk_id, entry.base_id or ZERO_DIGEST,
+        )
+        if data[pos:pos + RECORD_HEADER.size] != expected:
+            raise PackCorruptError(f"pack {name} record header {i} does not match its footer entry")
+        pos = entry.offset + entry.stored_length
+    if pos != footer_offset:
+        raise PackCorruptError(f"pack {name} has {footer_offset - pos} unaccounted bytes before its footer")
     return entries

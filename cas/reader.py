@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cas.backends import ShortReadError
 from cas.codec import DECODES_IN_PLACE, Buffer, Codec, decode, needs_base, patch
 from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, Index
-from cas.pack import pack_path
 
-MAX_OPEN_PACKS = 256
+if TYPE_CHECKING:
+    from cas.layout import Store
+
 BASE_CACHE_BYTES = 256 << 20  # decoded delta bases kept for reuse within and across loads
 MAX_CHAIN_LINKS = 1024  # a longer chain is damage (the saver never builds one): refuse, do not loop
 
@@ -33,11 +33,11 @@ class ChunkRead:
 
 
 class ChunkReader:
-    def __init__(self, packs_dir: Path, index: Index) -> None:
-        self.packs_dir = packs_dir
+    """Verified reads of chunks, through the store's backend (ranged reads straight into tensors)."""
+
+    def __init__(self, store: Store, index: Index) -> None:
+        self.store = store
         self.index = index
-        self._fds: dict[PackId, int] = {}
-        self._in_use: dict[PackId, int] = {}
         self._lock = threading.Lock()
         self._bases: OrderedDict[bytes, Buffer] = OrderedDict()
         self._local = threading.local()
@@ -45,61 +45,20 @@ class ChunkReader:
         self.base_cache_bytes = BASE_CACHE_BYTES
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-            self._in_use.clear()
+        """Nothing stays open between reads (every read opens its object): kept for callers."""
 
     def drop_unlinked(self) -> None:
-        """Close the descriptors of packs that were deleted (another process's gc) so their space
-        returns to the file system; called at the start of every save and load."""
-        with self._lock:
-            for pack_id, fd in list(self._fds.items()):
-                if self._in_use.get(pack_id):
-                    continue
-                try:
-                    gone = os.fstat(fd).st_nlink == 0
-                except OSError:
-                    gone = True
-                if gone:
-                    os.close(self._fds.pop(pack_id))
-                    self._in_use.pop(pack_id, None)
+        """Packs are not held open between reads, so another process's gc frees their space at once."""
 
     def pack_size(self, pack_id: PackId) -> int | None:
-        """The size of a pack file, or None if it is not there."""
-        try:
-            return os.stat(pack_path(self.packs_dir, pack_id)).st_size
-        except FileNotFoundError:
-            return None
+        """The size of a pack, or None if it is not there."""
+        return self.store.pack_size(pack_id)
 
     def clear_cache(self) -> None:
         """Forget cached delta bases (verify reads everything from disk)."""
         with self._lock:
             self._bases.clear()
             self._bases_bytes = 0
-
-    @contextmanager
-    def _open(self, pack_id: PackId) -> Iterator[int]:
-        """A file descriptor of the pack, kept open for later reads; never closed while in use."""
-        with self._lock:
-            fd = self._fds.get(pack_id)
-            if fd is None:
-                if len(self._fds) >= MAX_OPEN_PACKS:
-                    idle = [p for p in self._fds if not self._in_use.get(p)]
-                    for old in idle[: MAX_OPEN_PACKS // 2]:
-                        os.close(self._fds.pop(old))
-                try:
-                    fd = os.open(pack_path(self.packs_dir, pack_id), os.O_RDONLY)
-                except FileNotFoundError:
-                    raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
-                self._fds[pack_id] = fd
-            self._in_use[pack_id] = self._in_use.get(pack_id, 0) + 1
-        try:
-            yield fd
-        finally:
-            with self._lock:
-                self._in_use[pack_id] -= 1
 
     def locate(self, chunk_id: ChunkId, where: str) -> ChunkLocation:
         loc = self.index.get(chunk_id)
@@ -109,8 +68,7 @@ class ChunkReader:
 
     def payload(self, loc: ChunkLocation) -> bytes:
         """The stored (encoded) bytes of a chunk, unverified."""
-        with self._open(loc.pack_id) as fd:
-            data = os.pread(fd, loc.stored_length, loc.offset)
+        data = self.store.read_pack_range(loc.pack_id, loc.offset, loc.stored_length) if loc.stored_length else b""
         if len(data) != loc.stored_length:
             raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
         return data
@@ -304,10 +262,12 @@ class ChunkReader:
                     f"chunk {job.chunk_id.short()} has {loc.raw_length} bytes, expected {len(job.dest)}"
                 )
             if loc.codec == Codec.RAW:
-                with self._open(loc.pack_id) as fd:
-                    got = os.preadv(fd, [job.dest], loc.offset)
-                if got != loc.stored_length:
-                    raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
+                if loc.stored_length != len(job.dest):
+                    raise ChunkCorruptError(f"chunk {job.chunk_id.short()} is raw but not stored at its length")
+                try:
+                    self.store.read_pack_into(loc.pack_id, loc.offset, job.dest)
+                except ShortReadError:
+                    raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated") from None
                 if hash_bytes(job.dest) != job.chunk_id:
                     raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
                 return

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +21,7 @@ from cas.errors import (
     IndexCorruptError,
     ManifestCorruptError,
     MissingChunkError,
+    NotARepositoryError,
     ShapeMismatchError,
     SnapshotNotFoundError,
     StorageError,
@@ -31,13 +32,14 @@ from cas.faults import crash_point
 from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
 from cas.index import Index, drop_env
+from cas.layout import Store, create_store, open_store
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
-from cas.pack import ChunkKind, PackEntry, iter_pack_files
+from cas.pack import ChunkKind, PackEntry
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
 from cas.saver import ChunkStorer, Fingerprints, PackSink, chain_extremes, link_cost
-from cas.store import LocalStore, check_tag
+from cas.store import check_tag, validate_config
 from cas.storeview import reconcile, scan_store
 from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
 from cas.verify import verify_repository
@@ -67,14 +69,18 @@ def _default_threads() -> int:
 class Repository:
     """A cas repository on local disk. Use ``Repository.init`` or ``Repository.open``."""
 
-    def __init__(self, store: LocalStore, config: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(self, store: Store, config: dict[str, Any], threads: int | None = None) -> None:
         self._store = store
         self.config = config
-        self.path = store.root
+        #: where the repository is: a directory, or an object-store URL (``s3://BUCKET/PREFIX``)
+        self.url = store.url
+        #: the local directory: the repository itself, or for a remote one its cache (index, temp packs)
+        self.path = store.local_dir
         self._threads = threads or _default_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._fingerprints: tuple[SnapshotId, Fingerprints] | None = None  # of this process's last save
         self.last_rebuild: RebuildReport | None = None
+        self._probed = False  # conditional writes of a remote store checked (at the first save)
         try:
             self.index = Index(store.index_dir)
             damaged_index = False
@@ -82,7 +88,7 @@ class Repository:
             log.warning("cas: %s; rebuilding it from the packs", exc)
             self.index = self._fresh_index()
             damaged_index = True
-        self.reader = ChunkReader(store.packs_dir, self.index)
+        self.reader = ChunkReader(store, self.index)
         try:
             self._check_index(damaged_index)
         except BaseException:
@@ -109,7 +115,7 @@ class Repository:
         packs. Packs it does not know yet are normal (a save in flight has not committed) and are
         taken in by gc, check and rebuild, or when a read misses.
         """
-        on_disk = {pid for pid, _ in iter_pack_files(self._store.packs_dir)}
+        on_disk = set(self._store.list_packs())
         try:
             if not rebuild:
                 rebuild = self.index.chunk_count() == 0 and bool(on_disk)
@@ -131,11 +137,11 @@ class Repository:
     def _reconcile(self) -> bool:
         """Bring the index in line with the packs (under the shared lock: savers may go on, gc may not)."""
         with self._store.lock(exclusive=False):
-            return reconcile(self.index, scan_store(self._store.packs_dir)).changed
+            return reconcile(self.index, scan_store(self._store)).changed
 
     def _unknown_packs(self) -> bool:
         known = self.index.packs()
-        return any(pid not in known for pid, _ in iter_pack_files(self._store.packs_dir))
+        return any(pid not in known for pid in self._store.list_packs())
 
     # lifecycle ------------------------------------------------------------
     @classmethod
@@ -149,9 +155,13 @@ class Repository:
         max_delta_depth: int = DEFAULT_MAX_DELTA_DEPTH,
         max_chain_cost: float = DEFAULT_MAX_CHAIN_COST,
         threads: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> Repository:
-        """Create a repository in a new or empty directory.
+        """Create a repository in a new or empty directory, or under an empty object-store prefix.
 
+        ``path`` is a directory or a URL: ``file:///dir``, ``s3://BUCKET/PREFIX`` (credentials,
+        endpoint and region from the ``AWS_*`` environment variables or ``storage_options``:
+        endpoint, region, access_key_id, secret_access_key, timeout).
         ``max_delta_depth``: most delta links below a chunk (0: no deltas).
         ``max_chain_cost``: most estimated restore time of a chunk at the end of its
         chain, in keyframe restores (dense deltas count ~0.45 each, sparse ones little).
@@ -167,17 +177,18 @@ class Repository:
         if not isinstance(pack_size, int) or pack_size < chunk_size:
             raise UsageError(f"pack size {pack_size} must be at least the chunk size {chunk_size}")
         check_compression(compression)
-        store = LocalStore.create(
-            Path(path), {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression,
-                         "max_delta_depth": max_delta_depth, "max_chain_cost": float(max_chain_cost)}
+        store, config = create_store(
+            path, storage_options, {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression,
+                                    "max_delta_depth": max_delta_depth, "max_chain_cost": float(max_chain_cost)}
         )
-        _, config = LocalStore.open(store.root)
         return cls(store, config, threads)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, threads: int | None = None) -> Repository:
-        """Open an existing repository; a clear error if ``path`` is not one."""
-        store, config = LocalStore.open(Path(path))
+    def open(
+        cls, path: str | os.PathLike[str], *, threads: int | None = None, storage_options: dict[str, Any] | None = None
+    ) -> Repository:
+        """Open an existing repository (a directory or a URL, as ``init``); a clear error if it is not one."""
+        store, config = open_store(path, storage_options)
         return cls(store, config, threads)
 
     def close(self) -> None:
@@ -186,6 +197,7 @@ class Repository:
             self._pool = None
         self.reader.close()
         self.index.close()
+        self._store.backend.close()
 
     def __enter__(self) -> Repository:
         return self
@@ -202,7 +214,7 @@ class Repository:
         return self._pool
 
     @property
-    def store(self) -> LocalStore:
+    def store(self) -> Store:
         """Where packs, refs and temp files live (for the repository's own modules: gc, check, verify)."""
         return self._store
 
@@ -264,9 +276,15 @@ class Repository:
         rehash: bool,
         progress: Progress | None,
     ) -> Snapshot:
+        if not self._store.is_local and not self._probed:
+            # a store that accepts conditional writes and ignores them would break tags: refused here
+            self._store.backend.probe_conditional_writes()
+            self._probed = True
+        ref_version: str | None = None  # the tag's version when it is moved: the ref write is a compare-and-swap
         if tag is not None:
             check_tag(tag)
-            if not replace and self._store.has_ref(tag):
+            ref_version = self._store.ref_version(tag)
+            if not replace and ref_version is not None:
                 raise TagExistsError(f"tag {tag!r} already names a snapshot; pick another tag or `rm` it first")
         metadata = dict(metadata or {})
         check_metadata(metadata)
@@ -290,7 +308,7 @@ class Repository:
             # under the lock: no gc can remove the parent's manifest while we read it
             parent_id = self._resolve_id(parent) if parent is not None and self._store.ref_names() else None
             sink = PackSink(
-                lambda: self._store.new_temp_path("pack"), self._store.packs_dir, int(self.config["pack_size"])
+                lambda: self._store.new_temp_path("pack"), self._store.publish_pack, int(self.config["pack_size"])
             )
             lookup = self.index.reader()
             bases = None
@@ -325,9 +343,9 @@ class Repository:
                 self.index.commit(packs, [(snap_id, node_bytes)], replace=storer.replaced)
                 crash_point("before_ref")
                 ref = tag or snap_id.hex()
-                if tag is not None and not replace and self._store.has_ref(tag):
-                    raise TagExistsError(f"tag {tag!r} was taken by another save while this one ran; nothing tagged")
-                self._store.write_ref(ref, snap_id)
+                # a new tag is created by exactly one save; a moved one only if no other save moved it meanwhile
+                self._store.write_ref(ref, snap_id, create=tag is not None and ref_version is None,
+                                      if_version=ref_version if tag is not None else None)
                 # the next save, a child of this one, need not re-hash what did not change
                 self._fingerprints = (snap_id, storer.fingerprints)
                 crash_point("after_ref")
@@ -693,7 +711,7 @@ class Repository:
         if policy is None and rules:
             policy = RetentionPolicy(**rules)
         with self._store.lock(exclusive=False):
-            _, config = LocalStore.open(self.path)
+            config = self._reload_config()
             if policy is None or policy.empty:
                 config.pop("retention", None)
             else:
@@ -701,6 +719,16 @@ class Repository:
             self._store.write_config(config)
             self.config = config
         return policy
+
+    def _reload_config(self) -> dict[str, Any]:
+        raw = self._store.read_config_bytes()
+        if raw is None:
+            raise NotARepositoryError(f"{self._store.describe()}: config.json is gone")
+        try:
+            config = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NotARepositoryError(f"{self._store.describe()}: config.json is unreadable: {exc}") from None
+        return validate_config(config, self.path / "config.json")
 
     def forget(self, *, dry_run: bool = False, **rules: Any) -> ForgetReport:
         """Apply retention rules (union; see ``RetentionPolicy``) and drop the refs of the rest.
@@ -744,7 +772,7 @@ class Repository:
         with self._store.lock(exclusive=True):
             self.reader.close()
             self.reader.clear_cache()
-            view = scan_store(self._store.packs_dir)
+            view = scan_store(self._store)
             hints: dict[PackId, list[PackEntry]] = {}
             try:  # what the old index knew of damaged packs: candidates for salvage, verified there
                 for cid, loc in self.index.iter_chunks():

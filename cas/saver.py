@@ -33,9 +33,11 @@ class PackSink:
     hashing and encoding go on meanwhile; ``finish`` returns once every pack is durable.
     """
 
-    def __init__(self, new_temp_path: Callable[[], Path], packs_dir: Path, target_size: int) -> None:
+    def __init__(
+        self, new_temp_path: Callable[[], Path], publish: Callable[[Path, PackId], None], target_size: int
+    ) -> None:
         self._new_temp_path = new_temp_path
-        self._packs_dir = packs_dir
+        self._publish = publish
         self._target_size = target_size
         self._writer: PackWriter | None = None
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="cas-seal")
@@ -68,7 +70,7 @@ class PackSink:
         size = writer.size
 
         def publish() -> SealedPack:
-            writer.publish(pack_id, self._packs_dir)
+            writer.publish(pack_id, self._publish)
             return SealedPack(pack_id, size, writer.entries)
 
         self._publishing.append(self._publisher.submit(publish))

@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cas.codec import needs_base
-from cas.errors import CorruptionError, FormatVersionError
+from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, Index
-from cas.pack import PackEntry, iter_pack_files, read_footer, salvage_candidates
+from cas.pack import PackEntry, PackSource, read_footer, salvage_candidates
 from cas.reader import MAX_CHAIN_LINKS, ChunkReader
+
+if TYPE_CHECKING:
+    from cas.layout import Store
 
 log = logging.getLogger("cas")
 
@@ -31,13 +34,13 @@ Copy = tuple[PackId, PackEntry]
 
 @dataclass
 class StoreView:
-    """Every pack file under ``packs/``: the footers that check, and the files that do not."""
+    """Every pack object in the store: the footers that check, and the packs that do not."""
 
     packs: dict[PackId, list[PackEntry]] = field(default_factory=dict)
     sizes: dict[PackId, int] = field(default_factory=dict)
-    #: pack files whose footer does not check (damaged, truncated, foreign): kept, never deleted
+    #: packs whose footer does not check (damaged, truncated, foreign): kept, never deleted
     unreadable: dict[PackId, str] = field(default_factory=dict)
-    paths: dict[PackId, Path] = field(default_factory=dict)
+    sources: dict[PackId, PackSource] = field(default_factory=dict)
 
     def copies(self) -> dict[bytes, list[Copy]]:
         out: dict[bytes, list[Copy]] = {}
@@ -47,17 +50,18 @@ class StoreView:
         return out
 
 
-def scan_store(packs_dir: Path) -> StoreView:
+def scan_store(store: Store) -> StoreView:
+    """List the packs and read every footer (two small ranged reads each)."""
     view = StoreView()
-    for pack_id, path in iter_pack_files(packs_dir):
-        view.paths[pack_id] = path
+    for pack_id, size in store.list_packs().items():
+        source = store.pack_source(pack_id, size)
+        view.sources[pack_id] = source
+        view.sizes[pack_id] = size
         try:
-            view.sizes[pack_id] = path.stat().st_size
-            view.packs[pack_id] = read_footer(path, pack_id)
-        except FileNotFoundError:
-            view.paths.pop(pack_id, None)  # deleted while we listed
-            view.sizes.pop(pack_id, None)
-        except (CorruptionError, FormatVersionError, OSError) as exc:
+            view.packs[pack_id] = read_footer(source, pack_id)
+        except MissingChunkError:  # deleted while we listed
+            del view.sources[pack_id], view.sizes[pack_id]
+        except (CorruptionError, FormatVersionError) as exc:
             view.unreadable[pack_id] = str(exc)
     return view
 
@@ -243,7 +247,7 @@ def salvage(
     decodes to its chunk id. Deltas are retried after their bases are in; returns their ids."""
     total: set[bytes] = set()
     for pack_id in pack_ids:
-        candidates = [*hints.get(pack_id, []), *salvage_candidates(view.paths[pack_id])]
+        candidates = [*hints.get(pack_id, []), *salvage_candidates(view.sources[pack_id])]
         pending = [e for e in candidates if bytes(e.chunk_id) not in indexed]
         kept: list[tuple[bytes, ChunkLocation]] = []
         while pending:

@@ -12,7 +12,7 @@ from cas.codec import needs_base
 from cas.errors import CorruptionError, FormatVersionError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, Index
-from cas.pack import check_structure, pack_path
+from cas.pack import check_structure
 from cas.reach import reached_chunks, snapshot_label
 from cas.reports import Problem, VerifyReport
 
@@ -31,30 +31,28 @@ def verify_repository(
 ) -> VerifyReport:
     report = VerifyReport(read_data=read_data)
     repo.reader.clear_cache()  # every chunk, delta bases included, is read from disk
-    repo.reader.drop_unlinked()
-    packs_dir = repo.store.packs_dir
+    store = repo.store
     index = repo.index
-    pack_sizes: dict[PackId, int | None] = {}
+    listed = store.list_packs()
+    pack_sizes: dict[PackId, int | None] = dict(listed)
     bad_packs: dict[PackId, str] = {}
 
     for pack_id, (indexed_size, _count) in (index.packs().items() if only is None else ()):
-        path = pack_path(packs_dir, pack_id)
-        try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
+        actual = listed.get(pack_id)
+        if actual is None:
             pack_sizes[pack_id] = None
             bad_packs[pack_id] = "missing-pack"
-            report.problems.append(Problem("missing-pack", f"pack file {path.name} is missing", pack=pack_id.hex()))
+            report.problems.append(Problem("missing-pack", f"pack {pack_id.hex()}.pack is missing",
+                                           pack=pack_id.hex()))
             continue
-        pack_sizes[pack_id] = actual
         report.packs_checked += 1
         problem = None
         if actual != indexed_size:
             problem = f"pack is {actual} bytes, the index recorded {indexed_size}"
         elif read_data:
-            try:
-                check_structure(path, pack_id)  # footer, record headers, reserved bytes; payloads below
-            except (CorruptionError, FormatVersionError, OSError) as exc:
+            try:  # footer, record headers, reserved bytes; payloads below
+                check_structure(store.pack_source(pack_id, actual), pack_id)
+            except (CorruptionError, FormatVersionError) as exc:
                 problem = str(exc)
         if problem:
             bad_packs[pack_id] = "corrupt-pack"
@@ -89,10 +87,7 @@ def verify_repository(
                     chunk=cid.hex(),
                 ))
             continue
-        size = pack_sizes.get(loc.pack_id, -1)
-        if size == -1:
-            path = pack_path(packs_dir, loc.pack_id)
-            size = pack_sizes[loc.pack_id] = path.stat().st_size if path.exists() else None
+        size = pack_sizes.get(loc.pack_id)
         if size is None or loc.offset + loc.stored_length > size:
             for snap, tensor in reached_by:
                 report.problems.append(Problem(

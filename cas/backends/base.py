@@ -236,6 +236,11 @@ class Backend(abc.ABC):
     def _copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         return self._write(dst_key, memoryview(self._read_range(src_key, 0, None)), "overwrite", None)
 
+    def _write_file(self, key: str, path: Path) -> ObjectInfo:
+        info = self._write(key, memoryview(path.read_bytes()), "overwrite", None)
+        path.unlink(missing_ok=True)
+        return info
+
     def _empty_read(self, key: str) -> bytes:
         self._stat(key)  # a zero-length read of a missing object is still an error
         return b""
@@ -302,6 +307,11 @@ class Backend(abc.ABC):
             if mode == "create":
                 raise UsageError("write: mode='create' and if_version exclude each other")
         return self._write(key, as_byte_view(data), mode, if_version)
+
+    def write_file(self, key: str, path: Path) -> ObjectInfo:
+        """Store the local file at ``path`` under ``key`` (overwrite), atomically; the file is consumed
+        (a local backend on the same file system moves it into place: no copy)."""
+        return self._write_file(validate_key(key), path)
 
     def stat(self, key: str) -> ObjectInfo:
         """Size, version and mtime; :class:`~cas.errors.ObjectNotFoundError` if absent."""

@@ -346,6 +346,23 @@ class LocalBackend(Backend):
                         os.unlink(tmp)
         return self._info(key, st)
 
+    def _write_file(self, key: str, path: Path) -> ObjectInfo:
+        with self._errors("write", key):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = self._seal_temp(fd)
+            finally:
+                os.close(fd)
+            try:
+                self._publish(key, os.fspath(path), "overwrite", None)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                info = self._write(key, memoryview(path.read_bytes()), "overwrite", None)  # another file system
+                path.unlink(missing_ok=True)
+                return info
+        return self._info(key, st)
+
     def _copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         tmp = ""
         with self._errors("copy", f"{src_key} -> {dst_key}"):

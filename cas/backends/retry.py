@@ -24,6 +24,7 @@ import builtins
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from cas.backends.base import Backend, Capabilities, ObjectInfo, WriteMode
@@ -103,6 +104,12 @@ class RetryingBackend(Backend):
 
     def _stat(self, key: str) -> ObjectInfo:
         return self._retry(lambda: self.inner._stat(key))
+
+    def _write_file(self, key: str, path: Path) -> ObjectInfo:
+        data = memoryview(path.read_bytes())
+        info = self._write(key, data, "overwrite", None)
+        path.unlink(missing_ok=True)
+        return info
 
     def _delete(self, key: str) -> None:
         self._retry(lambda: self.inner._delete(key))

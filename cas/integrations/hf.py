@@ -328,7 +328,7 @@ class CasCallback(TrainerCallback):
         if isinstance(repo_or_path, Repository):
             self._repo: Repository | None = repo_or_path
             self._owns_repo = False
-            self._path = str(repo_or_path.path)
+            self._path = repo_or_path.url
         else:
             self._repo, self._owns_repo = None, True
             self._path = os.fspath(repo_or_path)

@@ -184,7 +184,7 @@ class CasCheckpointIO(CheckpointIO):
         self._owns_repo = True
         if isinstance(repo_or_path, Repository):
             self._repo, self._owns_repo = repo_or_path, False
-            self._path = str(repo_or_path.path)
+            self._path = repo_or_path.url
         else:
             self._path = os.fspath(repo_or_path)
         self.allow_pickle = allow_pickle
@@ -366,7 +366,7 @@ class CasCheckpointIO(CheckpointIO):
 
     def _pointer_bytes(self, snap: Snapshot, path: _PATH) -> bytes:
         pointer = {
-            "format": POINTER_FORMAT, "version": POINTER_VERSION, "repository": os.fspath(self.repo.path),
+            "format": POINTER_FORMAT, "version": POINTER_VERSION, "repository": self.repo.url,
             "snapshot": snap.id, "tag": snap.tag, "lightning_path": normalize_path(path),
             "step": snap.metadata.get("step"),
         }

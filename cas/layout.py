@@ -1,0 +1,407 @@
+"""A repository's objects over a storage backend: config, packs, refs, quarantine, locks.
+
+    config.json                  the repository config (FORMAT.md §2)
+    packs/<xx>/<id>.pack         immutable pack files (§3)
+    refs/<name>                  one line: a snapshot id (§6)
+    quarantine/<id>.pack         copies of damaged packs kept by `check --repair`
+    locks/<uuid>.json            lock objects of remote repositories (§9)
+
+Every byte goes through a :class:`~cas.backends.Backend`; nothing here opens a file of the
+store by path. What lives on the local machine only is kept apart: packs are written in a
+local temp directory before they are stored, and the index (a cache) lives in the repository
+directory for a local repository and under ``CAS_CACHE_DIR`` (default ``~/.cache/cas``), keyed
+by the repository id, for a remote one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cas.backends import Backend, BucketNotFoundError, open_backend
+from cas.errors import (
+    LockedError,
+    ManifestCorruptError,
+    MissingChunkError,
+    NotARepositoryError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    RepositoryExistsError,
+    TagExistsError,
+)
+from cas.ids import PackId, SnapshotId
+from cas.store import REPO_FORMAT_NAME, REPO_VERSION, validate_config
+
+CONFIG_KEY = "config.json"
+PACKS = "packs/"
+REFS = "refs/"
+QUARANTINE = "quarantine/"
+LOCKS = "locks/"
+HEX_ID = re.compile(r"[0-9a-f]{64}")
+PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/([0-9a-f]{64})\.pack")
+#: a lock object not refreshed for this long belongs to a dead process (FORMAT.md §9)
+LOCK_STALE_S = 600.0
+LOCK_REFRESH_S = 120.0
+LOCK_WAIT_S = 300.0
+
+
+def pack_key(pack_id: PackId) -> str:
+    name = pack_id.hex()
+    return f"{PACKS}{name[:2]}/{name}.pack"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAS_CACHE_DIR") or Path.home() / ".cache" / "cas")
+
+
+class BackendSource:
+    """A pack object, read through the backend (a ``cas.pack.PackSource``)."""
+
+    def __init__(self, backend: Backend, pack_id: PackId, size: int | None = None) -> None:
+        self._backend = backend
+        self._key = pack_key(pack_id)
+        self._size = size
+        self.name = f"{pack_id.hex()}.pack"
+
+    def size(self) -> int:
+        if self._size is None:
+            try:
+                self._size = self._backend.stat(self._key).size
+            except ObjectNotFoundError:
+                raise MissingChunkError(f"pack {self.name[:12]} is missing") from None
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            return self._backend.read_range(self._key, offset, length)
+        except ObjectNotFoundError:
+            raise MissingChunkError(f"pack {self.name[:12]} is missing") from None
+
+    def read_all(self) -> bytes:
+        try:
+            return self._backend.read(self._key)
+        except ObjectNotFoundError:
+            raise MissingChunkError(f"pack {self.name[:12]} is missing") from None
+
+
+def _dead_here(body: dict[str, Any]) -> bool:
+    """A lock of a process on this host that no longer runs (killed): stale at once, no timeout."""
+    if body.get("host") != socket.gethostname() or not isinstance(body.get("pid"), int):
+        return False
+    try:
+        os.kill(body["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Store:
+    """The objects of one repository in one backend, plus the local directories that serve it."""
+
+    def __init__(self, backend: Backend, url: str, local_dir: Path) -> None:
+        self.backend = backend
+        self.url = url
+        #: the repository directory of a local repository; for a remote one its cache directory
+        self.local_dir = local_dir
+        self.is_local = backend.capabilities.local_path is not None
+        self.tmp_dir = local_dir / "tmp"
+        self.index_dir = local_dir / "index"
+        self.locks_dir = local_dir / "locks"
+        for d in (self.tmp_dir, self.index_dir, self.locks_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    # config ---------------------------------------------------------------
+    def read_config_bytes(self) -> bytes | None:
+        try:
+            return self.backend.read(CONFIG_KEY)
+        except ObjectNotFoundError:
+            return None
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.backend.write(CONFIG_KEY, json.dumps(config, indent=2).encode() + b"\n")
+
+    def create_config(self, config: dict[str, Any]) -> None:
+        """Write the config of a new repository; another repository already there wins (typed error)."""
+        self.backend.write(CONFIG_KEY, json.dumps(config, indent=2).encode() + b"\n", mode="create")
+
+    # packs ----------------------------------------------------------------
+    def list_packs(self) -> dict[PackId, int]:
+        """Every pack object and its size; objects whose names are not pack keys are skipped."""
+        out: dict[PackId, int] = {}
+        for info in self.backend.list(PACKS):
+            m = PACK_KEY.fullmatch(info.key)
+            if m and m.group(2).startswith(m.group(1)):
+                out[PackId(bytes.fromhex(m.group(2)))] = info.size
+        return out
+
+    def pack_source(self, pack_id: PackId, size: int | None = None) -> BackendSource:
+        return BackendSource(self.backend, pack_id, size)
+
+    def pack_size(self, pack_id: PackId) -> int | None:
+        try:
+            return self.backend.stat(pack_key(pack_id)).size
+        except ObjectNotFoundError:
+            return None
+
+    def read_pack_range(self, pack_id: PackId, offset: int, length: int) -> bytes:
+        try:
+            return self.backend.read_range(pack_key(pack_id), offset, length)
+        except ObjectNotFoundError:
+            raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
+
+    def read_pack_into(self, pack_id: PackId, offset: int, dest: memoryview) -> None:
+        try:
+            self.backend.read_into(pack_key(pack_id), offset, dest)
+        except ObjectNotFoundError:
+            raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
+
+    def publish_pack(self, temp_path: Path, pack_id: PackId) -> None:
+        """Store a sealed, fsynced temp pack under its name (moved into place on a local repository)."""
+        self.backend.write_file(pack_key(pack_id), temp_path)
+
+    def delete_pack(self, pack_id: PackId) -> None:
+        self.backend.delete(pack_key(pack_id))
+
+    def quarantine_pack(self, pack_id: PackId) -> str:
+        """Keep a copy of a damaged pack under ``quarantine/`` (never read, never deleted by gc)."""
+        key = f"{QUARANTINE}{pack_id.hex()}.pack"
+        if not self.backend.exists(key):
+            self.backend.copy(pack_key(pack_id), key)
+        return key
+
+    # refs -----------------------------------------------------------------
+    def ref_names(self) -> list[str]:
+        return sorted(info.key[len(REFS):] for info in self.backend.list(REFS) if "/" not in info.key[len(REFS):])
+
+    def read_ref(self, name: str) -> SnapshotId:
+        """The snapshot id a ref holds; FileNotFoundError if it is gone (listing races a delete)."""
+        try:
+            text = self.backend.read(REFS + name).decode(errors="replace").strip()
+        except ObjectNotFoundError:
+            raise FileNotFoundError(name) from None
+        if not HEX_ID.fullmatch(text):
+            raise ManifestCorruptError(f"ref {name!r} is damaged (holds {text[:80]!r}, not a snapshot id)")
+        return SnapshotId(bytes.fromhex(text))
+
+    def ref_version(self, name: str) -> str | None:
+        try:
+            return self.backend.stat(REFS + name).version
+        except ObjectNotFoundError:
+            return None
+
+    def has_ref(self, name: str) -> bool:
+        return self.backend.exists(REFS + name)
+
+    def write_ref(self, name: str, snap_id: SnapshotId, *, create: bool = False, if_version: str | None = None) -> None:
+        """Write a ref atomically. ``create``: only if no ref of that name exists (a tag is created by
+        exactly one save); ``if_version``: only if the ref still has that version (moving a tag is a
+        compare-and-swap, so two savers never both think they moved it)."""
+        data = snap_id.hex().encode() + b"\n"
+        try:
+            if create:
+                self.backend.write(REFS + name, data, mode="create")
+            else:
+                self.backend.write(REFS + name, data, if_version=if_version)
+        except PreconditionFailedError:
+            raise TagExistsError(
+                f"tag {name!r} was taken or moved by another save while this one ran; nothing tagged"
+            ) from None
+
+    def delete_ref(self, name: str) -> None:
+        self.backend.delete(REFS + name)
+
+    # temp files -----------------------------------------------------------
+    def new_temp_path(self, prefix: str) -> Path:
+        return self.tmp_dir / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}.tmp"
+
+    # locks ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        """Savers and loads hold the repository lock shared; gc, check and rebuild exclusive.
+
+        Local repositories use flock(2) with a turnstile (``gate.lock``) so a stream of savers
+        cannot starve gc. Remote repositories use lock objects (FORMAT.md §9): no lock server,
+        and a process that died holding one stops counting once its object goes stale.
+        """
+        if self.is_local:
+            with self._flock(exclusive):
+                yield
+        else:
+            with self._object_lock(exclusive):
+                yield
+
+    @contextlib.contextmanager
+    def _flock(self, exclusive: bool) -> Iterator[None]:
+        with open(self.locks_dir / "gate.lock", "a+b") as gate, open(self.locks_dir / "repo.lock", "a+b") as f:
+            if exclusive:
+                fcntl.flock(gate.fileno(), fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                finally:
+                    fcntl.flock(gate.fileno(), fcntl.LOCK_UN)
+            else:
+                fcntl.flock(gate.fileno(), fcntl.LOCK_SH)
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                finally:
+                    fcntl.flock(gate.fileno(), fcntl.LOCK_UN)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _live_locks(self, own: str) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        for info in self.backend.list(LOCKS):
+            if info.key == own:
+                continue
+            try:
+                body = json.loads(self.backend.read(info.key))
+            except (ObjectNotFoundError, ValueError):
+                continue
+            if not isinstance(body, dict) or now - float(body.get("time", 0)) > LOCK_STALE_S or _dead_here(body):
+                continue  # stale: its process died without removing it
+            out.append(body)
+        return out
+
+    @contextlib.contextmanager
+    def _object_lock(self, exclusive: bool) -> Iterator[None]:
+        """Write our lock object, then look at the others: an exclusive lock waits for every other
+        live lock to go, a shared one for every live exclusive lock. Both back off (remove their
+        object, wait a random while) on conflict, so two contenders never both proceed."""
+        key = f"{LOCKS}{uuid.uuid4().hex}.json"
+        kind = "exclusive" if exclusive else "shared"
+        deadline = time.monotonic() + LOCK_WAIT_S
+        body = {"kind": kind, "host": socket.gethostname(), "pid": os.getpid()}
+        delay = 0.05
+        while True:
+            self.backend.write(key, json.dumps({**body, "time": time.time()}).encode())
+            others = self._live_locks(key)
+            blocking = others if exclusive else [o for o in others if o.get("kind") == "exclusive"]
+            if not blocking:
+                break
+            self.backend.delete(key)
+            if time.monotonic() > deadline:
+                who = ", ".join(f"{o.get('kind')} by {o.get('host')}:{o.get('pid')}" for o in blocking[:3])
+                raise LockedError(f"{self.describe()} is locked ({who}); try again later")
+            time.sleep(delay * (0.5 + uuid.uuid4().int % 1000 / 1000))
+            delay = min(delay * 2, 5.0)
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while not stop.wait(LOCK_REFRESH_S):
+                with contextlib.suppress(Exception):
+                    self.backend.write(key, json.dumps({**body, "time": time.time()}).encode())
+
+        refresher = threading.Thread(target=refresh, name="cas-lock-refresh", daemon=True)
+        refresher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            refresher.join()
+            with contextlib.suppress(Exception):
+                self.backend.delete(key)
+
+
+def _location(url: str | os.PathLike[str]) -> str:
+    text = os.fspath(url)
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def _local_dir(backend: Backend, repository_id: str) -> Path:
+    root = backend.capabilities.local_path
+    return root if root is not None else cache_root() / repository_id
+
+
+def create_store(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None, settings: dict[str, Any]
+) -> tuple[Store, dict[str, Any]]:
+    """A new, empty repository at ``url`` (a directory, or an object-store prefix)."""
+    text = os.fspath(url)
+    if not _is_remote(text):
+        root = Path(_location(text))
+        if root.exists():
+            if not root.is_dir():
+                raise RepositoryExistsError(f"{root} exists and is not a directory")
+            if (root / CONFIG_KEY).exists():
+                raise RepositoryExistsError(f"{root} is already a cas repository")
+            if any(root.iterdir()):
+                raise RepositoryExistsError(f"{root} is not empty; cas init needs a new or empty directory")
+    backend = open_backend(text, storage_options)
+    try:
+        if _is_remote(text):
+            if backend.exists(CONFIG_KEY):
+                raise RepositoryExistsError(f"{backend.describe()} is already a cas repository")
+            if next(iter(backend.list("")), None) is not None:
+                raise RepositoryExistsError(f"{backend.describe()} is not empty; cas init needs an empty prefix")
+        config = {"format": REPO_FORMAT_NAME, "version": REPO_VERSION, "repository_id": uuid.uuid4().hex, **settings}
+        store = Store(backend, text, _local_dir(backend, config["repository_id"]))
+        try:
+            store.create_config(config)
+        except PreconditionFailedError:
+            raise RepositoryExistsError(f"{backend.describe()} was made a repository by another process") from None
+        return store, validate_config(config, f"{backend.describe()}/{CONFIG_KEY}")
+    except BaseException:
+        backend.close()
+        raise
+
+
+def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> tuple[Store, dict[str, Any]]:
+    """The store and checked config of an existing repository; a typed error if ``url`` is not one."""
+    text = os.fspath(url)
+    where = text
+    if not _is_remote(text):
+        root = Path(_location(text))
+        if not root.is_dir():
+            raise NotARepositoryError(f"{root} is not a cas repository (no such directory); create one with `cas init`")
+        options = {"create": False, **(storage_options or {})}
+    else:
+        options = dict(storage_options or {})
+    backend = open_backend(text, options)
+    try:
+        where = backend.describe()
+        try:
+            raw = backend.read(CONFIG_KEY)
+        except BucketNotFoundError as exc:
+            raise NotARepositoryError(f"{where} is not a cas repository: {exc}") from None
+        except ObjectNotFoundError:
+            raise NotARepositoryError(
+                f"{where} is not a cas repository (no {CONFIG_KEY}); create one with `cas init`"
+            ) from None
+        try:
+            config = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NotARepositoryError(f"{where} is not a cas repository ({CONFIG_KEY} is unreadable: {exc})") from None
+        if not isinstance(config, dict):
+            raise NotARepositoryError(f"{where} is not a cas repository ({CONFIG_KEY} is not a cas config)")
+        location = Path(_location(text)) / CONFIG_KEY if not _is_remote(text) else f"{where}/{CONFIG_KEY}"
+        config = validate_config(config, location)
+        return Store(backend, text, _local_dir(backend, str(config["repository_id"]))), config
+    except BaseException:
+        backend.close()
+        raise
