@@ -735,3 +735,97 @@ def test_n_long_lived_repository_releases_packs_another_gc_deleted(tmp_path: Pat
         held = deleted_pack_fds(path)
         assert not held, f"after a save, {len(held)} descriptors still hold deleted packs"
         assert_loads(repo, {"s2": states["s2"], "s3": series_state(3)})
+
+
+# beyond the issue's reproductions: found while writing these tests ----------------------------------------
+
+
+def test_extra_truncated_index_file_does_not_kill_the_process(tmp_path: Path) -> None:
+    """``index/data.mdb`` cut short (a full disk, a bad copy): LMDB maps pages past the end of the file
+    and the first read of one raises SIGBUS, killing the process. Every command must instead
+    recover or refuse with advice, and ``cas index rebuild`` must work. (Subprocesses only: a
+    SIGBUS here would kill pytest.)"""
+    path = tmp_path / "repo"
+    with new_repo(path) as repo:
+        for i in range(3):
+            repo.save(series_state(i), f"s{i}")
+    mdb = path / "index" / "data.mdb"
+    os.truncate(mdb, mdb.stat().st_size // 2)
+    listed = cli(path, "ls")
+    assert listed.returncode >= 0, f"`cas ls` was killed by signal {-listed.returncode}"
+    if listed.returncode != 0:
+        one_line_error(listed, listed.returncode)
+        assert "rebuild" in listed.stderr, listed.stderr
+    rebuilt = cli(path, "index", "rebuild")
+    assert rebuilt.returncode in (0, 1), f"`cas index rebuild`: exit {rebuilt.returncode}: {rebuilt.stderr[-2000:]}"
+    out = ok(cli(path, "ls"))
+    assert all(f"s{i}" in out for i in range(3)), out
+    ok(cli(path, "verify", "--read-data"))  # every chunk re-hashed against its id
+
+
+def test_extra_repair_uses_an_intact_copy_in_another_pack(tmp_path: Path) -> None:
+    """A chunk stored twice (a dead record kept in a live pack by gc, then written again by a later
+    save); the copy the index points to is damaged. The intact copy is still in the store, so after
+    check --repair the snapshot must load."""
+    path = tmp_path / "repo"
+    c = dense(1, 4096)  # exactly one chunk
+    s1 = {"c": c, "big": dense(2, 32768)}
+    s3 = {"c": c.clone(), "x": dense(3)}
+    with new_repo(path) as repo:
+        repo.save(s1, "s1")
+        repo.save({"big": s1["big"]}, "s2")
+        repo.delete("s1")
+        repo.gc()  # c is dead; its pack stays (big is live)
+        cid = chunk_ids(c, CHUNK)[0]
+        old = packs_holding(path, {cid})
+        assert old, "test setup: gc removed the pack holding the first copy"
+        repo.save(s3, "s3")  # c written again
+        new = packs_holding(path, {cid}) - old
+        assert len(new) == 1, "test setup: the second copy was not written"
+        second = pack_files(path)[new.pop()]
+        entry = next(e for e in read_footer(second) if e.chunk_id == cid)
+        flip(second, entry.offset + entry.stored_length // 2)
+        repo.check(repair=True)
+    reopened_loads(path, {"s3": s3, "s2": {"big": s1["big"]}})
+
+
+def test_extra_repair_keeps_a_snapshot_node_the_index_holds_verified(tmp_path: Path) -> None:
+    """The record of a snapshot node is damaged in its pack while the index's cached copy (checked
+    against the snapshot id) still serves loads. What loads before check --repair and rebuild_index
+    must load after them: the verified copy must not vanish with the cache."""
+    path = tmp_path / "repo"
+    states = {f"s{i}": series_state(i) for i in range(2)}
+    with new_repo(path) as repo:
+        for tag, state in states.items():
+            repo.save(state, tag)
+    sid = ref_id(path, "s1")
+    name = pack_of(path, sid)
+    entry = next(e for e in footers(path)[name] if e.chunk_id == sid)
+    flip(pack_files(path)[name], entry.offset + entry.stored_length // 2)
+    with open_repo(path) as repo:
+        try:
+            assert_state(repo.load("s1"), states["s1"], "s1")
+            loaded = True
+        except cas.CasError:
+            loaded = False  # the engine does not serve nodes from its cache: nothing more to hold it to
+        repo.check(repair=True)
+    if loaded:
+        reopened_loads(path, states, verify=False)
+        with open_repo(path) as repo:
+            repo.rebuild_index()
+        reopened_loads(path, states, verify=False)
+
+
+def test_extra_save_when_every_snapshot_is_damaged(tmp_path: Path) -> None:
+    """The only snapshot's manifest is gone (pack truncated, index lost): listings leave it out, and a
+    save with the default parent ("latest") must fall back to keyframes, not fail for want of one."""
+    path = tmp_path / "repo"
+    with new_repo(path) as repo:
+        repo.save(series_state(0), "s0")
+    damaged = pack_files(path)[pack_of(path, ref_id(path, "s0"))]
+    os.truncate(damaged, damaged.stat().st_size // 2)
+    shutil.rmtree(path / "index")
+    with open_repo(path) as repo:
+        repo.save(series_state(1), "s1")
+        assert_loads(repo, {"s1": series_state(1)})
+    reopened_loads(path, {"s1": series_state(1)}, verify=False)
