@@ -9,6 +9,7 @@ chunk ids the repository fills in after hashing.
 from __future__ import annotations
 
 import pickle
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from cas.errors import ManifestCorruptError, PickleRequiredError, UnsupportedObjectError
 from cas.ids import ChunkId
 from cas.manifest import split_chunk_ids
-from cas.tree import Blob, KeyPath, format_path
+from cas.tree import ARRAY_DTYPES, Blob, KeyPath, check_tree, format_path
 
 INLINE_BYTES_MAX = 4096
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
@@ -103,7 +104,15 @@ class _Encoder:
         if obj is True or obj is False:
             return ["b", obj]
         if type(obj) is int:
-            return ["i", obj] if INT64_MIN <= obj <= UINT64_MAX else ["I", str(obj)]
+            if INT64_MIN <= obj <= UINT64_MAX:
+                return ["i", obj]
+            try:
+                return ["I", str(obj)]
+            except ValueError:  # beyond sys.get_int_max_str_digits(): no reader could parse it back either
+                raise UnsupportedObjectError(
+                    f"int at {format_path(path)} has more than {sys.get_int_max_str_digits()} digits; "
+                    "store it as bytes (int.to_bytes) or raise sys.set_int_max_str_digits"
+                ) from None
         if type(obj) is float:
             return ["f", obj]
         if type(obj) is complex:
@@ -324,6 +333,19 @@ class _Decoder:
             t.requires_grad_(True)
         return t
 
+    def unpickle(self, data: bytes, path: KeyPath) -> Any:
+        try:
+            return pickle.loads(data)  # noqa: S301 - explicit opt-in
+        except (ImportError, AttributeError) as exc:
+            raise UnsupportedObjectError(
+                f"value at {format_path(path)} in {self.name} was pickled from a class this process cannot "
+                f"import: {type(exc).__name__}: {exc}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - unpickling runs the stored object's code
+            raise ManifestCorruptError(
+                f"{self.name}: the pickled value at {format_path(path)} does not unpickle: {type(exc).__name__}: {exc}"
+            ) from None
+
     def value(self, enc: Any, path: KeyPath) -> Any:
         tag = enc[0]
         if tag == "N":
@@ -348,12 +370,12 @@ class _Decoder:
         if tag in ("T", "V"):
             return self.tensor(enc, path)
         if tag == "A":
-            arr = np.empty(tuple(int(d) for d in enc[2]), dtype=np.dtype(enc[1]))
+            arr = np.empty(tuple(int(d) for d in enc[2]), dtype=ARRAY_DTYPES[enc[1]])
             if arr.size:
                 self.fills.append(FillJob(memoryview(arr.reshape(-1).view(np.uint8)), self.chunks(enc[3]), path))
             return arr
         if tag == "n":
-            return np.frombuffer(enc[2], dtype=np.dtype(enc[1]))[0]
+            return np.frombuffer(enc[2], dtype=ARRAY_DTYPES[enc[1]])[0]
         if tag == "Z":
             return torch.Size(int(d) for d in enc[1])
         if tag == "D":
@@ -380,7 +402,7 @@ class _Decoder:
                     f"value at {format_path(path)} in {self.name} was stored with pickle; "
                     "pass allow_pickle=True to load it (only for snapshots you trust)"
                 )
-            return pickle.loads(self.read_blob(self.chunks(enc[1]), path))  # noqa: S301 - explicit opt-in
+            return self.unpickle(self.read_blob(self.chunks(enc[1]), path), path)
         raise ManifestCorruptError(f"{self.name}: unknown value tag {tag!r} at {format_path(path)}")
 
 
@@ -392,14 +414,21 @@ def decode_state(
     read_blob: Callable[[list[ChunkId], KeyPath], bytes],
     name: str,
     targets: dict[KeyPath, torch.Tensor] | None = None,
+    chunk_size: int | None = None,
 ) -> Decoded:
-    """Rebuild the value; tensor bytes are not read here but returned as fill jobs."""
+    """Rebuild the value; tensor bytes are not read here but returned as fill jobs.
+
+    The tree is checked in full first (``cas.tree.check_tree``, at the snapshot's ``chunk_size``
+    when given), so nothing is allocated from a size its chunk list does not bear out.
+    """
+    check_tree(tree, storages, name, chunk_size)
     dec = _Decoder(storages, allow_pickle, read_blob, targets, name)
     try:
         value = dec.value(tree, ())
-    except (PickleRequiredError, ManifestCorruptError):
+    except (PickleRequiredError, ManifestCorruptError, UnsupportedObjectError):
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError,
+            OverflowError) as exc:
         raise ManifestCorruptError(f"{name} is malformed: {type(exc).__name__}: {exc}") from None
     return Decoded(value, dec.fills, dec.copies)
 
