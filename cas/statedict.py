@@ -55,7 +55,7 @@ def byte_view(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     # as_strided, not reshape: a contiguous tensor may still carry an odd stride on a size-1 dim
     flat = t.as_strided((t.numel(),), (1,))
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def _storage_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -153,7 +153,7 @@ class _Encoder:
         if arr.dtype.kind not in "biufc":
             return self.fallback(arr, path)
         contiguous = np.ascontiguousarray(arr)
-        view = memoryview(contiguous.reshape(-1).view(np.uint8)) if contiguous.size else memoryview(b"")
+        view = memoryview(contiguous.reshape(-1).view(np.uint8)) if contiguous.size else memoryview(b"")  # type: ignore[arg-type]  # numpy arrays are buffers
         blob = self.blob(view, path)
         part = arr.dtype.itemsize // 2 if arr.dtype.kind == "c" else arr.dtype.itemsize
         blob.element_size = part if part in (1, 2, 4, 8) else 1
@@ -229,7 +229,7 @@ def encode_state(obj: Any, allow_pickle: bool = False) -> Encoded:
             if leader not in storage_index:
                 st = t.detach().untyped_storage()
                 if st.device.type != "cpu":
-                    st = st.cpu()
+                    st = st.cpu()  # type: ignore[no-untyped-call]
                 storage_index[leader] = len(storages)
                 blob = Blob(byte_view(_storage_bytes(st)), path, signature=("S", dtype, st.nbytes()))
                 blob.element_size, blob.is_float = scalar_info(t.dtype)
@@ -372,7 +372,7 @@ class _Decoder:
         if tag == "A":
             arr = np.empty(tuple(int(d) for d in enc[2]), dtype=ARRAY_DTYPES[enc[1]])
             if arr.size:
-                self.fills.append(FillJob(memoryview(arr.reshape(-1).view(np.uint8)), self.chunks(enc[3]), path))
+                self.fills.append(FillJob(memoryview(arr.reshape(-1).view(np.uint8)), self.chunks(enc[3]), path))  # type: ignore[arg-type]  # numpy arrays are buffers
             return arr
         if tag == "n":
             return np.frombuffer(enc[2], dtype=ARRAY_DTYPES[enc[1]])[0]
