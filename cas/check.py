@@ -20,14 +20,14 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cas.codec import needs_base
+from cas.codec import Codec, needs_base
 from cas.errors import CorruptionError, FormatVersionError, MissingChunkError, ObjectNotFoundError
-from cas.ids import ChunkId, PackId
+from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation
-from cas.pack import PackEntry, check_structure, salvage_candidates
+from cas.pack import ChunkKind, PackEntry, check_structure, salvage_candidates
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
-from cas.storeview import reconcile, scan_store
+from cas.storeview import StoreView, reconcile, scan_store
 
 if TYPE_CHECKING:
     from cas.repository import Repository
@@ -126,8 +126,12 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
             for cid, _loc in indexed_in.get(pack_id, []):
                 if bytes(cid) not in salvage:
                     lost.add(bytes(cid))
+        elsewhere = _recover_elsewhere(repo, view, damaged, lost, salvage)
         report.lost_chunks = sorted(ChunkId(c).hex() for c in lost)
-        report.salvaged_chunks = len(salvage)
+        report.salvaged_chunks = len(salvage) + len(elsewhere)
+        if repair and elsewhere:
+            repo.index.apply(put_chunks=elsewhere.items())
+            report.changed = True
 
         if repair and damaged:
             _repair(repo, damaged, salvage, lost, report)
@@ -154,6 +158,40 @@ def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
                     hit.setdefault(tensor)
             report.affected.extend({"snapshot": label, "tensor": t} for t in hit)
     return report
+
+
+def _recover_elsewhere(
+    repo: Repository,
+    view: StoreView,
+    damaged: dict[PackId, str],
+    lost: set[bytes],
+    salvage: dict[bytes, tuple[PackEntry, bytes]],
+) -> dict[bytes, ChunkLocation]:
+    """Chunks lost from their indexed copy that survive somewhere else, verified: another copy in
+    an intact pack (a dead record gc kept, a racing saver's duplicate) is indexed instead; a
+    snapshot node whose only good copy is the index's cache (checked against its id) is written
+    into the salvage packs. Both are taken out of ``lost``."""
+    found: dict[bytes, ChunkLocation] = {}
+    copies = view.copies()
+    for cid in sorted(lost):
+        for pack_id, entry in copies.get(cid, []):
+            if pack_id in damaged:
+                continue
+            loc = ChunkLocation.of(pack_id, entry)
+            try:
+                repo.reader.verified_payload(ChunkId(cid), f"check of pack {pack_id.short()}", loc)
+            except (CorruptionError, FormatVersionError):
+                continue
+            found[cid] = loc
+            break
+        if cid in found:
+            lost.discard(cid)
+            continue
+        cached = repo.index.snapshot_node(cid)
+        if cached is not None and hash_bytes(cached) == cid:
+            salvage[cid] = (PackEntry(ChunkId(cid), 0, len(cached), len(cached), Codec.RAW, ChunkKind.NODE), cached)
+            lost.discard(cid)
+    return found
 
 
 def _entry_of(cid: ChunkId, loc: ChunkLocation) -> PackEntry:

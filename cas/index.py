@@ -26,7 +26,7 @@ import xxhash
 
 from cas.errors import IndexCorruptError, LockedError, RepositoryError, StorageError
 from cas.ids import ZERO_DIGEST, ChunkId, PackId
-from cas.pack import FLAG_HAS_BASE, PackEntry
+from cas.pack import FLAG_HAS_BASE, PackEntry, raw_length_ok
 
 INDEX_VERSION = b"2"  # 2: every value ends with an XXH3-64 checksum of key and value
 # pack id, payload offset, stored length, raw length, codec, kind, flags, base id
@@ -85,7 +85,7 @@ class ChunkLocation:
         if len(raw) != LOCATION.size:
             raise IndexCorruptError(f"an index location has {len(raw)} bytes, not {LOCATION.size}")
         pack, offset, stored, rawlen, codec, kind, flags, base = LOCATION.unpack(raw)
-        if rawlen > MAX_RAW_LENGTH or stored > MAX_RAW_LENGTH or flags & ~FLAG_HAS_BASE:
+        if not raw_length_ok(kind, rawlen) or stored > MAX_RAW_LENGTH or flags & ~FLAG_HAS_BASE:
             raise IndexCorruptError("an index location holds impossible lengths or flags")
         return cls(PackId(pack), offset, stored, rawlen, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None)
 
@@ -157,8 +157,25 @@ def _acquire_env(path: Path) -> lmdb.Environment:
                 key, map_size=_map_size(path), max_dbs=8, subdir=True, max_readers=512, metasync=True, sync=True,
             )
             env.reader_check()  # free the reader slots of processes that died (SIGKILL) holding them
+            _check_file_length(env, path)
         _open_envs[key] = (env, 1)
         return env
+
+
+def _check_file_length(env: lmdb.Environment, path: Path) -> None:
+    """An index file cut short (a bad copy, a full disk) holds fewer pages than its meta page
+    says: LMDB would map the missing ones and the first read of one kills the process (SIGBUS).
+    Such a file is damage, found before any read."""
+    try:
+        size = os.stat(path / "data.mdb").st_size
+    except FileNotFoundError:
+        return
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    if size < needed:
+        env.close()
+        raise IndexCorruptError(
+            f"the index file {path / 'data.mdb'} is truncated ({size} of {needed} bytes); it is rebuilt from the packs"
+        )
 
 
 def _release_env(path: Path) -> None:

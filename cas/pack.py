@@ -43,6 +43,15 @@ FOOTER_ENTRY = struct.Struct("<32s32sQQQBBB5x")
 TRAILER = struct.Struct("<QQ32sH6x8s")
 
 FLAG_HAS_BASE = 0x01
+#: the largest raw length a record may claim: a data chunk is at most the largest chunk size, a
+#: manifest node (a tree of a huge model) at most 1 GiB. A larger claim is damage, refused before
+#: anything that size is allocated.
+MAX_DATA_RAW_LENGTH = 256 << 20
+MAX_NODE_RAW_LENGTH = 1 << 30
+
+
+def raw_length_ok(kind: int, raw_length: int) -> bool:
+    return raw_length <= (MAX_NODE_RAW_LENGTH if kind == 1 else MAX_DATA_RAW_LENGTH)
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -249,6 +258,8 @@ def read_footer(pack: Path | PackSource, expect_id: PackId | None = None) -> lis
         cid, base, offset, stored, raw, codec, kind, flags = FOOTER_ENTRY.unpack_from(footer, i * FOOTER_ENTRY.size)
         if offset < HEADER.size + RECORD_HEADER.size or offset + stored > footer_offset:
             raise PackCorruptError(f"pack {name} entry {i} points outside the records")
+        if not raw_length_ok(kind, raw):
+            raise PackCorruptError(f"pack {name} entry {i} claims an impossible raw length ({raw} bytes)")
         entries.append(PackEntry(
             ChunkId(cid), offset, stored, raw, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None,
         ))
@@ -286,7 +297,7 @@ def scan_records(pack: Path | PackSource) -> list[PackEntry]:
     while pos + RECORD_HEADER.size <= size:
         magic, codec, kind, flags, raw_length, stored, cid, base = RECORD_HEADER.unpack_from(data, pos)
         offset = pos + RECORD_HEADER.size
-        if magic == RECORD_MAGIC and offset + stored <= size:
+        if magic == RECORD_MAGIC and offset + stored <= size and raw_length_ok(kind, raw_length):
             entries.append(PackEntry(
                 ChunkId(cid), offset, stored, raw_length, codec, kind,
                 ChunkId(base) if flags & FLAG_HAS_BASE else None,
@@ -320,7 +331,7 @@ def read_footer_lenient(pack: Path | PackSource) -> list[PackEntry]:
     entries = []
     for i in range(count):
         cid, base, offset, stored, raw, codec, kind, flags = FOOTER_ENTRY.unpack_from(footer, i * FOOTER_ENTRY.size)
-        if HEADER.size + RECORD_HEADER.size <= offset and offset + stored <= footer_offset:
+        if HEADER.size + RECORD_HEADER.size <= offset and offset + stored <= footer_offset and raw_length_ok(kind, raw):
             entries.append(PackEntry(
                 ChunkId(cid), offset, stored, raw, codec, kind, ChunkId(base) if flags & FLAG_HAS_BASE else None,
             ))

@@ -306,7 +306,7 @@ class Repository:
         self.reader.drop_unlinked()
         with self._store.lock(exclusive=False):
             # under the lock: no gc can remove the parent's manifest while we read it
-            parent_id = self._resolve_id(parent) if parent is not None and self._store.ref_names() else None
+            parent_id = self._parent_id(parent)
             sink = PackSink(
                 lambda: self._store.new_temp_path("pack"), self._store.publish_pack, int(self.config["pack_size"])
             )
@@ -361,6 +361,19 @@ class Repository:
             finally:
                 lookup.close()
         return self._snapshot(ref, snap_id, node)
+
+    def _parent_id(self, parent: str | None) -> SnapshotId | None:
+        """The snapshot a save names as its parent: ``latest`` is the newest readable one, and none
+        when every snapshot is damaged (the save then stores keyframes; a warning says why)."""
+        if parent is None or not self._store.ref_names():
+            return None
+        try:
+            return self._resolve_id(parent)
+        except SnapshotNotFoundError:
+            if parent != "latest":
+                raise
+            log.warning("cas: no snapshot can be read; this save has no parent and stores keyframes")
+            return None
 
     def _delta_parent(self, parent_id: SnapshotId) -> tuple[SnapshotId | None, Any]:
         """The snapshot a save takes delta bases from, and its base map: the parent, or when its
@@ -761,6 +774,33 @@ class Repository:
         return self._with_index_recovery(lambda: check_repository(self, repair=repair))
 
     # index recovery -----------------------------------------------------------
+    def _verified_cached_nodes(self) -> dict[bytes, bytes]:
+        """Snapshot nodes the index caches that still hash to their ids (a damaged index gives none)."""
+        out: dict[bytes, bytes] = {}
+        try:
+            for sid in self.index.snapshot_ids():
+                node = self.index.snapshot_node(sid)
+                if node is not None and hash_bytes(node) == sid:
+                    out[sid] = node
+        except IndexCorruptError:
+            return {}
+        return out
+
+    def _store_nodes(self, nodes: dict[bytes, bytes]) -> None:
+        """Write verified manifest nodes into a new pack and index them (what a recovery found only
+        in a cache goes back into the store, so it no longer depends on the cache)."""
+        sink = PackSink(lambda: self._store.new_temp_path("nodes"), self._store.publish_pack,
+                        int(self.config["pack_size"]))
+        try:
+            for cid, node in nodes.items():
+                sink.add(ChunkId(cid), ChunkKind.NODE, 0, node, len(node))
+            packs = sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        self.index.commit(packs, replace=set(nodes))
+        log.warning("cas: %d snapshot nodes found only in the index cache were stored again", len(nodes))
+
     def rebuild_index(self) -> RebuildReport:
         """Recreate the index from pack footers and snapshot nodes.
 
@@ -781,6 +821,7 @@ class Repository:
                             cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))
             except IndexCorruptError:
                 hints.clear()
+            kept_nodes = self._verified_cached_nodes()
             try:
                 self.index.clear()
             except IndexCorruptError as exc:  # its pages are damaged: a new one (it is only a cache)
@@ -793,11 +834,18 @@ class Repository:
                 salvaged_chunks=found.salvaged_chunks,
             )
             snapshots = []
+            restore: dict[bytes, bytes] = {}
             for name, sid in self.refs():
                 try:
                     snapshots.append((sid, self.reader.read(sid, f"ref {name}")))
                 except (CorruptionError, FormatVersionError) as exc:
-                    report.unreadable_snapshots[name] = str(exc)
+                    if sid in kept_nodes:  # its pack lost it, the old cache held it verified: store it again
+                        restore[sid] = kept_nodes[sid]
+                        snapshots.append((sid, kept_nodes[sid]))
+                    else:
+                        report.unreadable_snapshots[name] = str(exc)
+            if restore:
+                self._store_nodes(restore)
             self.index.apply(put_snapshots=snapshots)
             report.snapshots = len(snapshots)
             self.last_rebuild = report
