@@ -26,7 +26,7 @@ def reached_chunks(reader: ChunkReader, sid: SnapshotId, label: str) -> list[tup
     """
     node = SnapshotNode.decode(reader.read(sid, f"snapshot {label}"), f"snapshot {label}")
     name = f"tree of snapshot {label}"
-    tree = unpack_node(reader.read(node.tree, name), "tree", name)
+    tree = unpack_node(reader.read(node.tree, name), "tree", name, chunk_size=node.chunk_size or None)
     root, storages = tree.get("root"), tree.get("storages")
     if root is None or not isinstance(storages, list):
         raise ManifestCorruptError(f"{name} is malformed")

@@ -514,7 +514,7 @@ class Repository:
     def _tree_of(self, snap_id: SnapshotId) -> tuple[Any, list[Any], SnapshotNode]:
         node = self._snapshot_node(snap_id)
         name = f"tree of snapshot {snap_id.short()}"
-        tree = unpack_node(self.reader.read(node.tree, name), "tree", name)
+        tree = unpack_node(self.reader.read(node.tree, name), "tree", name, chunk_size=node.chunk_size or None)
         if "root" not in tree or not isinstance(tree.get("storages"), list):
             raise ManifestCorruptError(f"{name} is malformed")
         return tree["root"], tree["storages"], node
@@ -548,10 +548,10 @@ class Repository:
         def run() -> Any:
             with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
                 snap = self.resolve(snapshot)
-                root, storages, _ = self._tree(snap)
+                root, storages, node = self._tree(snap)
                 decoded = decode_state(
                     root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
-                    name=f"snapshot {snap.short_id}",
+                    name=f"snapshot {snap.short_id}", chunk_size=node.chunk_size or None,
                 )
                 self._fill(snap, decoded, progress)
                 return decoded.value
@@ -603,7 +603,7 @@ class Repository:
 
         from cas.statedict import collect_targets, decode_state  # noqa: PLC0415
         snap = self.resolve(snapshot)
-        root, storages, _ = self._tree(snap)
+        root, storages, snap_node = self._tree(snap)
         if key:
             try:
                 root = subtree(root, tuple(key.strip("/").split("/")), f"snapshot {snap.short_id}")
@@ -629,7 +629,7 @@ class Repository:
             raise ShapeMismatchError(f"snapshot {snap.short_id} does not fit the target: {listed}")
         decoded = decode_state(
             root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
-            name=f"snapshot {snap.short_id}", targets=targets,
+            name=f"snapshot {snap.short_id}", targets=targets, chunk_size=snap_node.chunk_size or None,
         )
         self._fill(snap, decoded, progress)
         with torch.no_grad():
