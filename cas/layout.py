@@ -121,6 +121,9 @@ class Store:
         self.locks_dir = local_dir / "locks"
         for d in (self.tmp_dir, self.index_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
+        #: lock objects this process holds -> when each was last written (refreshed)
+        self._held: dict[str, float] = {}
+        self._held_lock = threading.Lock()
 
     def describe(self) -> str:
         return self.backend.describe()
@@ -281,37 +284,60 @@ class Store:
                 continue
             if not isinstance(body, dict) or now - float(body.get("time", 0)) > LOCK_STALE_S or _dead_here(body):
                 continue  # stale: its process died without removing it
-            out.append(body)
+            out.append({**body, "key": info.key})
         return out
 
     @contextlib.contextmanager
     def _object_lock(self, exclusive: bool) -> Iterator[None]:
-        """Write our lock object, then look at the others: an exclusive lock waits for every other
-        live lock to go, a shared one for every live exclusive lock. Both back off (remove their
-        object, wait a random while) on conflict, so two contenders never both proceed."""
+        """Write our lock object, then look at the others. A shared locker goes on when no live
+        exclusive lock exists, else it removes its object and retries later. An exclusive locker
+        keeps its object while it waits (so new shared lockers queue behind it, as the local
+        turnstile does), goes on once no other live lock exists, and yields to an older waiting
+        exclusive one (ordered by when each began to wait). Both write before they look, so two
+        contenders never both go on."""
         key = f"{LOCKS}{uuid.uuid4().hex}.json"
         kind = "exclusive" if exclusive else "shared"
         deadline = time.monotonic() + LOCK_WAIT_S
-        body = {"kind": kind, "host": socket.gethostname(), "pid": os.getpid()}
+        body: dict[str, Any] = {"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         delay = 0.05
+        written = False
         while True:
             self.backend.write(key, json.dumps({**body, "time": time.time()}).encode())
+            written = True
             others = self._live_locks(key)
-            blocking = others if exclusive else [o for o in others if o.get("kind") == "exclusive"]
-            if not blocking:
-                break
-            self.backend.delete(key)
+            if exclusive:
+                mine = (body["since"], key)
+                older = [o for o in others if o.get("kind") == "exclusive" and (o.get("since", 0), o["key"]) < mine]
+                blocking = older or others
+                if not blocking:
+                    break
+                if older:  # an older exclusive waiter goes first: step aside
+                    self.backend.delete(key)
+                    written = False
+                    body["since"] = time.time()
+            else:
+                blocking = [o for o in others if o.get("kind") == "exclusive"]
+                if not blocking:
+                    break
+                self.backend.delete(key)
+                written = False
             if time.monotonic() > deadline:
+                if written:
+                    self.backend.delete(key)
                 who = ", ".join(f"{o.get('kind')} by {o.get('host')}:{o.get('pid')}" for o in blocking[:3])
                 raise LockedError(f"{self.describe()} is locked ({who}); try again later")
             time.sleep(delay * (0.5 + uuid.uuid4().int % 1000 / 1000))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 0.5 if not exclusive else 2.0)
         stop = threading.Event()
+        with self._held_lock:
+            self._held[key] = time.monotonic()
 
         def refresh() -> None:
             while not stop.wait(LOCK_REFRESH_S):
                 with contextlib.suppress(Exception):
                     self.backend.write(key, json.dumps({**body, "time": time.time()}).encode())
+                    with self._held_lock:
+                        self._held[key] = time.monotonic()
 
         refresher = threading.Thread(target=refresh, name="cas-lock-refresh", daemon=True)
         refresher.start()
@@ -320,8 +346,21 @@ class Store:
         finally:
             stop.set()
             refresher.join()
+            with self._held_lock:
+                self._held.pop(key, None)
             with contextlib.suppress(Exception):
                 self.backend.delete(key)
+
+    def check_locks(self) -> None:
+        """Raise :class:`LockedError` if a lock object this process holds has gone too long without
+        a refresh: others may take it for stale, so a writer stops before it commits anything."""
+        with self._held_lock:
+            ages = [time.monotonic() - t for t in self._held.values()]
+        if ages and max(ages) > LOCK_STALE_S * 0.8:
+            raise LockedError(
+                f"{self.describe()}: this process could not refresh its lock for {max(ages):.0f} s, so another "
+                "host may have taken the repository; nothing was committed. Check the connection and save again"
+            )
 
 
 def _location(url: str | os.PathLike[str]) -> str:

@@ -339,6 +339,7 @@ class Repository:
                 node_bytes = node.encode()
                 snap_id = SnapshotId(storer.store_node(node_bytes))
                 packs = sink.finish()
+                self._store.check_locks()  # a writer whose lock may have gone stale commits nothing
                 crash_point("before_index_commit")
                 self.index.commit(packs, [(snap_id, node_bytes)], replace=storer.replaced)
                 crash_point("before_ref")

@@ -608,7 +608,7 @@ def test_huge_declared_sizes_do_not_allocate(crafted_repo: Path) -> None:
     assert lines["exit-huge-storage"] == lines["exit-huge-tensor"] == "7", (out, err)
     errors = err.strip().splitlines()
     assert len(errors) == 2 and all(e.startswith("cas: error: ") and "3000000000 bytes" in e for e in errors), err
-    assert int(lines["maxrss_mb"]) < 500, out
+    assert int(lines["maxrss_mb"]) < 1536, out  # far below the 2.8 GB a trusted size would take (torch alone ~0.4 GB)
     assert not list(crafted_repo.parent.glob("*.pt"))
 
 

@@ -4,6 +4,7 @@ as create-only / compare-and-swap writes, a fresh cache, the CLI, and a saver ki
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -256,3 +257,65 @@ def test_saver_killed_mid_upload_loses_nothing_and_gc_reclaims(where: str) -> No
 
 def _packs_reached(repo: cas.Repository) -> set[Any]:
     return {loc.pack_id for _cid, loc in repo.index.iter_chunks()}
+
+
+CONCURRENT_SAVER = textwrap.dedent("""
+    import json, sys, torch, cas
+    url, worker, count, log = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    with cas.Repository.open(url) as repo:
+        for i in range(count):
+            seed = worker * 1000 + i
+            g = torch.Generator().manual_seed(seed)
+            repo.save({"w": torch.randn(40_000, generator=g), "shared": torch.arange(20_000.0)},
+                      tag=f"w{worker}-{i}")
+            with open(log, "a") as f:
+                f.write(json.dumps({"tag": f"w{worker}-{i}", "seed": seed}) + "\\n")
+""")
+
+GC_LOOP = textwrap.dedent("""
+    import json, os, sys, time, cas
+    url, stop, log = sys.argv[1], sys.argv[2], sys.argv[3]
+    with cas.Repository.open(url) as repo:
+        while not os.path.exists(stop):  # until every saver returned, then once more
+            report = repo.forget(keep_last=4)
+            with open(log, "a") as f:
+                f.write(json.dumps({"forgot": [s.ref for s in report.removed]}) + "\\n")
+            repo.gc()
+            time.sleep(0.5)
+        report = repo.forget(keep_last=4)
+        with open(log, "a") as f:
+            f.write(json.dumps({"forgot": [s.ref for s in report.removed]}) + "\\n")
+        repo.gc()
+""")
+
+
+def test_three_savers_and_a_gc_loop_share_one_repository(where: str, tmp_path: Path) -> None:
+    """Several processes save while forget + gc run beside them (flock locally, lock objects on S3):
+    every snapshot whose save returned and that forget did not remove restores bit-identically."""
+    with cas.Repository.init(where, chunk_size=CHUNK, pack_size=256 * 1024):
+        pass
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**os.environ}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SAVER, where, str(w), "5", str(logs / f"s{w}")],
+                              env=env) for w in range(3)]
+    gc_loop = subprocess.Popen([sys.executable, "-c", GC_LOOP, where, str(logs / "stop"), str(logs / "gc")], env=env)
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    (logs / "stop").touch()
+    assert gc_loop.wait(timeout=600) == 0
+    saved = {}
+    for w in range(3):
+        for line in (logs / f"s{w}").read_text().splitlines():
+            entry = json.loads(line)
+            saved[entry["tag"]] = entry["seed"]
+    forgotten = {t for line in (logs / "gc").read_text().splitlines() for t in json.loads(line)["forgot"]}
+    assert len(saved) == 15 and forgotten, (len(saved), forgotten)
+    with cas.Repository.open(where) as repo:
+        present = {s.tag for s in repo.snapshots()}
+        assert present == set(saved) - forgotten
+        for tag in present:
+            g = torch.Generator().manual_seed(saved[tag])
+            assert_same(repo.load(tag), {"w": torch.randn(40_000, generator=g), "shared": torch.arange(20_000.0)})
+        repo.gc()
+        assert repo.verify(read_data=True).ok
