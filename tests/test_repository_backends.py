@@ -319,3 +319,50 @@ def test_three_savers_and_a_gc_loop_share_one_repository(where: str, tmp_path: P
             assert_same(repo.load(tag), {"w": torch.randn(40_000, generator=g), "shared": torch.arange(20_000.0)})
         repo.gc()
         assert repo.verify(read_data=True).ok
+
+
+def test_s3_server_frozen_mid_save_is_a_typed_error_and_nothing_half_visible(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The S3 server stops answering (SIGSTOP) in the middle of a save: the save fails with a typed
+    StorageError within its timeout and retries, no snapshot of it is visible, and once the server
+    answers again (SIGCONT) the repository is intact and the same save succeeds."""
+    import boto3
+
+    with MotoServer() as server:
+        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
+                     aws_secret_access_key=SECRET).create_bucket(Bucket="frozen")
+        for k, v in s3_env(server, tmp_path / "cache").items():
+            monkeypatch.setenv(k, v)
+        url = "s3://frozen/r"
+        options = {"timeout": 2, "retry_attempts": 2, "retry_base_delay": 0.1, "retry_max_delay": 0.5}
+        with cas.Repository.init(url, chunk_size=CHUNK, pack_size=256 * 1024, storage_options=options) as repo:
+            repo.save(state(1), tag="before")
+            big = {"w": torch.randn(2_000_000, generator=torch.Generator().manual_seed(9))}
+            errors: list[BaseException] = []
+
+            def save() -> None:
+                try:
+                    repo.save(big, tag="during", compression="none")
+                except BaseException as exc:  # noqa: BLE001 - recorded and asserted below
+                    errors.append(exc)
+
+            saver = threading.Thread(target=save)
+            saver.start()
+            time.sleep(0.8)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                saver.join(timeout=120)
+                assert not saver.is_alive(), "the save hung on a frozen server"
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            if errors:  # the usual case; a save that finished before the freeze is fine too
+                assert isinstance(errors[0], cas.StorageError), repr(errors[0])
+                assert "Traceback" not in str(errors[0])
+                assert not repo.store.has_ref("during")
+            assert [s.tag for s in repo.snapshots()] in (["before"], ["before", "during"])
+            assert_same(repo.load("before"), state(1))
+            if not repo.store.has_ref("during"):
+                repo.save(big, tag="during", compression="none")
+            assert_same(repo.load("during"), big)
+            repo.gc()
+            assert repo.verify(read_data=True).ok
