@@ -31,7 +31,7 @@ from cas.errors import CorruptionError, FormatVersionError, GcRefusedError, Stor
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, SealedPack
-from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER
+from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, PackEntry
 from cas.reach import reached_chunks, snapshot_label
 from cas.saver import PackSink
 from cas.storeview import StoreView, reconcile, scan_store
@@ -213,7 +213,17 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             _unlink_packs(store, [p for p in delete if p not in rewritten])
             commit()
         crash_point("gc_index_committed")
-        # 3. unlink what nothing refers to any more
+        # 3. on an object store, one index object for the packs that remain replaces the old ones
+        #    (written before they go: a crash leaves duplicates, which readers take either way)
+        if not store.is_local and (removed_packs or new_packs or len(view.index_objects) > 1):
+            gone = set(removed_packs)
+            remaining = [(pid, view.sizes[pid], _footer_bytes(entries)) for pid, entries in view.packs.items()
+                         if pid not in gone]
+            remaining += [(p.pack_id, p.size, _footer_bytes(p.entries)) for p in new_packs
+                          if p.pack_id not in view.packs]
+            written = store.write_index_object(remaining)
+            store.delete_index_objects([k for k in view.index_objects if k != written])
+        # 4. unlink what nothing refers to any more
         _unlink_packs(store, removed_packs)
         for temp in temps:
             temp.unlink(missing_ok=True)
@@ -225,6 +235,10 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         report.sweep_seconds = time.perf_counter() - t1
         report.peak_rss_bytes = _peak_rss()
     return report
+
+
+def _footer_bytes(entries: list[PackEntry]) -> bytes:
+    return b"".join(e.footer_bytes() for e in entries)
 
 
 def _size(path: Path) -> int:

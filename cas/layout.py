@@ -18,15 +18,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import blake3
 
 from cas.backends import Backend, BucketNotFoundError, open_backend
 from cas.errors import (
@@ -47,12 +51,20 @@ PACKS = "packs/"
 REFS = "refs/"
 QUARANTINE = "quarantine/"
 LOCKS = "locks/"
+INDEXES = "indexes/"
+INDEX_MAGIC = b"CASIDX\x00\x00"
+INDEX_VERSION = 1
+INDEX_HEADER = struct.Struct("<8sH6xI")  # magic, version, pack count
+INDEX_PACK = struct.Struct("<32sQQ")  # pack id, pack size, footer length
 HEX_ID = re.compile(r"[0-9a-f]{64}")
 PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/([0-9a-f]{64})\.pack")
 #: a lock object not refreshed for this long belongs to a dead process (FORMAT.md §9)
 LOCK_STALE_S = 600.0
 LOCK_REFRESH_S = 120.0
 LOCK_WAIT_S = 300.0
+
+
+log = logging.getLogger("cas")
 
 
 def pack_key(pack_id: PackId) -> str:
@@ -186,6 +198,53 @@ class Store:
         if not self.backend.exists(key):
             self.backend.copy(pack_key(pack_id), key)
         return key
+
+    # index objects ----------------------------------------------------------
+    def write_index_object(self, packs: list[tuple[PackId, int, bytes]]) -> str | None:
+        """Store the footers of ``packs`` (id, size, footer bytes) in one object under ``indexes/``,
+        so a machine with an empty cache learns what the packs hold in one read instead of three
+        per pack. Each footer proves itself (a pack's name is its footer's hash)."""
+        if not packs:
+            return None
+        body = [INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, len(packs))]
+        for pack_id, size, footer in packs:
+            body += [INDEX_PACK.pack(pack_id, size, len(footer)), footer]
+        data = b"".join(body)
+        key = f"{INDEXES}{blake3.blake3(data).hexdigest()}.idx"
+        self.backend.write(key, data + blake3.blake3(data).digest())
+        return key
+
+    def read_index_objects(self) -> tuple[dict[PackId, tuple[int, bytes]], list[str]]:
+        """Every footer the index objects hold (pack id -> size, footer bytes), and their keys. An
+        object that does not check is skipped (the packs it covers are read directly)."""
+        found: dict[PackId, tuple[int, bytes]] = {}
+        keys = []
+        for info in self.backend.list(INDEXES):
+            keys.append(info.key)
+            try:
+                data = self.backend.read(info.key)
+            except ObjectNotFoundError:
+                continue
+            body, digest = data[:-32], data[-32:]
+            if len(data) < INDEX_HEADER.size + 32 or blake3.blake3(body).digest() != digest:
+                log.warning("cas: index object %s is damaged; the packs it covers are read directly", info.key)
+                continue
+            magic, version, count = INDEX_HEADER.unpack_from(body, 0)
+            if magic != INDEX_MAGIC or version != INDEX_VERSION:
+                continue
+            pos = INDEX_HEADER.size
+            for _ in range(count):
+                if pos + INDEX_PACK.size > len(body):
+                    break
+                pack_id, size, length = INDEX_PACK.unpack_from(body, pos)
+                pos += INDEX_PACK.size
+                found[PackId(pack_id)] = (size, body[pos:pos + length])
+                pos += length
+        return found, keys
+
+    def delete_index_objects(self, keys: list[str]) -> None:
+        for key in keys:
+            self.backend.delete(key)
 
     # refs -----------------------------------------------------------------
     def ref_names(self) -> list[str]:

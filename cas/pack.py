@@ -251,8 +251,23 @@ def read_footer(pack: Path | PackSource, expect_id: PackId | None = None) -> lis
     digest = blake3.blake3(footer).digest()
     if digest != footer_hash:
         raise PackCorruptError(f"pack {name} footer checksum mismatch")
-    if expect_id is not None and digest != expect_id:
-        raise PackCorruptError(f"pack {name} is not the pack its name says (footer hash {digest.hex()[:12]})")
+    return parse_footer(footer, size, name, expect_id)
+
+
+def parse_footer(footer: bytes, size: int, name: str, expect_id: PackId | None = None) -> list[PackEntry]:
+    """The entries of a pack's footer bytes, for a pack of ``size`` bytes; with ``expect_id`` the
+    footer must hash to that name (a pack's name is the hash of its footer, so a footer kept
+    elsewhere, in an index object, proves itself)."""
+    if len(footer) % FOOTER_ENTRY.size:
+        raise PackCorruptError(f"pack {name} footer has a partial entry")
+    count = len(footer) // FOOTER_ENTRY.size
+    footer_offset = size - TRAILER.size - len(footer)
+    if footer_offset < HEADER.size:
+        raise PackCorruptError(f"pack {name} footer does not fit the file (truncated or damaged)")
+    if expect_id is not None:
+        digest = blake3.blake3(footer).digest()
+        if digest != expect_id:
+            raise PackCorruptError(f"pack {name} is not the pack its name says (footer hash {digest.hex()[:12]})")
     entries = []
     for i in range(count):
         cid, base, offset, stored, raw, codec, kind, flags = FOOTER_ENTRY.unpack_from(footer, i * FOOTER_ENTRY.size)

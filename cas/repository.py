@@ -31,7 +31,7 @@ from cas.errors import (
 from cas.faults import crash_point
 from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
-from cas.index import Index, drop_env
+from cas.index import Index, SealedPack, drop_env
 from cas.layout import Store, create_store, open_store
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
 from cas.pack import ChunkKind, PackEntry
@@ -339,6 +339,8 @@ class Repository:
                 node_bytes = node.encode()
                 snap_id = SnapshotId(storer.store_node(node_bytes))
                 packs = sink.finish()
+                if not self._store.is_local:  # what a fresh cache reads instead of every pack's footer
+                    self._store.write_index_object(_footers(packs))
                 self._store.check_locks()  # a writer whose lock may have gone stale commits nothing
                 crash_point("before_index_commit")
                 self.index.commit(packs, [(snap_id, node_bytes)], replace=storer.replaced)
@@ -856,6 +858,11 @@ class Repository:
                     "--repair`", len(report.unreadable_packs), len(report.unreadable_snapshots),
                 )
             return report
+
+
+def _footers(packs: list[SealedPack]) -> list[tuple[PackId, int, bytes]]:
+    """(id, size, footer bytes) of sealed packs: what an index object holds."""
+    return [(p.pack_id, p.size, b"".join(e.footer_bytes() for e in p.entries)) for p in packs]
 
 
 def _blob_chunks(obj: Any) -> Any:

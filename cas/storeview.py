@@ -21,7 +21,7 @@ from cas.codec import needs_base
 from cas.errors import CorruptionError, FormatVersionError, MissingChunkError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, Index
-from cas.pack import PackEntry, PackSource, read_footer, salvage_candidates
+from cas.pack import PackEntry, PackSource, parse_footer, read_footer, salvage_candidates
 from cas.reader import MAX_CHAIN_LINKS, ChunkReader
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ class StoreView:
     #: packs whose footer does not check (damaged, truncated, foreign): kept, never deleted
     unreadable: dict[PackId, str] = field(default_factory=dict)
     sources: dict[PackId, PackSource] = field(default_factory=dict)
+    #: keys of the index objects read (gc replaces them with one covering what remains)
+    index_objects: list[str] = field(default_factory=list)
 
     def copies(self) -> dict[bytes, list[Copy]]:
         out: dict[bytes, list[Copy]] = {}
@@ -51,12 +53,22 @@ class StoreView:
 
 
 def scan_store(store: Store) -> StoreView:
-    """List the packs and read every footer (two small ranged reads each)."""
+    """List the packs and read every footer: from the index objects where they hold it (one read
+    per save; each footer proves itself against its pack's name), else from the pack (three small
+    ranged reads)."""
     view = StoreView()
+    known, view.index_objects = store.read_index_objects()
     for pack_id, size in store.list_packs().items():
         source = store.pack_source(pack_id, size)
         view.sources[pack_id] = source
         view.sizes[pack_id] = size
+        kept = known.get(pack_id)
+        if kept is not None and kept[0] == size:
+            try:
+                view.packs[pack_id] = parse_footer(kept[1], size, source.name, pack_id)
+                continue
+            except (CorruptionError, FormatVersionError):
+                pass  # read the pack itself
         try:
             view.packs[pack_id] = read_footer(source, pack_id)
         except MissingChunkError:  # deleted while we listed

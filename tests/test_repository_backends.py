@@ -366,3 +366,42 @@ def test_s3_server_frozen_mid_save_is_a_typed_error_and_nothing_half_visible(tmp
             assert_same(repo.load("during"), big)
             repo.gc()
             assert repo.verify(read_data=True).ok
+
+
+def test_a_fresh_cache_reads_index_objects_not_every_pack(moto_server: MotoServer, s3_bucket: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On S3 each save stores the footers of its packs in one index object: a machine with an empty
+    cache reads those (one GET per save) and no pack footer; gc folds them into one."""
+    for k, v in s3_env(moto_server, tmp_path / "cache").items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{s3_bucket}/run7"
+    with cas.Repository.init(url, chunk_size=CHUNK, pack_size=128 * 1024) as repo:
+        for i in range(3):
+            repo.save(state(i), tag=f"s{i}")
+        packs = len(repo.store.list_packs())
+    assert packs >= 6
+    assert sum(k.startswith("indexes/") for k in stored_objects(url)) == 3
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "empty"))
+    reads: list[str] = []
+    from cas.backends.base import Backend
+
+    original = Backend.read_range
+
+    def counting(self: Backend, key: str, offset: int, length: int) -> bytes:
+        reads.append(key)
+        return original(self, key, offset, length)
+
+    monkeypatch.setattr(Backend, "read_range", counting)
+    with cas.Repository.open(url) as repo:
+        assert [s.tag for s in repo.snapshots()] == ["s0", "s1", "s2"]
+        footer_reads = [k for k in reads if k.startswith("packs/")]
+        # no footer was read from a pack (only the snapshot nodes' records, to list them)
+        assert len(footer_reads) <= 3, footer_reads
+        assert_same(repo.load("s2"), state(2))
+        repo.forget(keep_last=1)
+        repo.gc()
+        assert sum(k.startswith("indexes/") for k in stored_objects(url)) == 1
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "empty-again"))
+    with cas.Repository.open(url) as repo:
+        assert_same(repo.load("s2"), state(2))
+        assert repo.verify(read_data=True).ok
