@@ -26,7 +26,6 @@ from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation
 from cas.pack import ChunkKind, PackEntry, check_structure, salvage_candidates
 from cas.reach import reached_chunks, snapshot_label
-from cas.saver import PackSink
 from cas.storeview import StoreView, reconcile, scan_store
 
 if TYPE_CHECKING:
@@ -211,7 +210,7 @@ def _repair(
     for pack_id in damaged:
         with contextlib.suppress(ObjectNotFoundError):
             report.quarantined.append(store.quarantine_pack(pack_id))
-    sink = PackSink(lambda: store.new_temp_path("repair"), store.publish_pack, int(repo.config["pack_size"]))
+    sink = repo.pack_sinks("repair")
     try:
         for cid, (entry, payload) in salvage.items():
             sink.add(ChunkId(cid), entry.kind, entry.codec, payload, entry.raw_length, entry.base_id)  # type: ignore[arg-type]

@@ -33,7 +33,6 @@ from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, SealedPack
 from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, PackEntry
 from cas.reach import reached_chunks, snapshot_label
-from cas.saver import PackSink
 from cas.storeview import StoreView, reconcile, scan_store
 
 log = logging.getLogger("cas")
@@ -293,8 +292,7 @@ def _repack(
     disk nothing is repacked (deleting whole dead packs still frees space)."""
     if not repack:
         return [], set()
-    store = repo.store
-    sink = PackSink(lambda: store.new_temp_path("gc"), store.publish_pack, int(repo.config["pack_size"]))
+    sink = repo.pack_sinks("gc")
     keep_old: set[PackId] = set()
     moving: dict[PackId, list[tuple[ChunkId, ChunkLocation]]] = defaultdict(list)
     repack_set = set(repack)

@@ -142,6 +142,7 @@ def _lmdb_errors(path: Path, doing: str) -> Iterator[None]:
 # LMDB allows one environment per file per process: Repository objects that open the
 # same repository in one process share it (reference-counted).
 _open_envs: dict[str, tuple[lmdb.Environment, int]] = {}
+_open_dbs: dict[str, dict[bytes, Any]] = {}
 _open_envs_lock = threading.Lock()
 
 
@@ -158,6 +159,9 @@ def _acquire_env(path: Path) -> lmdb.Environment:
             )
             env.reader_check()  # free the reader slots of processes that died (SIGKILL) holding them
             _check_file_length(env, path)
+            # the named databases are opened once per environment, here, under the lock: two threads
+            # opening them at once can deadlock (LMDB's write mutex against the GIL)
+            _open_dbs[key] = {name: env.open_db(name) for name in (b"chunks", b"packs", b"snapshots", b"meta")}
         _open_envs[key] = (env, 1)
         return env
 
@@ -186,6 +190,7 @@ def _release_env(path: Path) -> None:
             _open_envs[key] = (env, count - 1)
         else:
             del _open_envs[key]
+            _open_dbs.pop(key, None)
             env.close()
 
 
@@ -194,6 +199,7 @@ def drop_env(path: Path) -> None:
     key = os.path.realpath(path)
     with _open_envs_lock:
         found = _open_envs.pop(key, None)
+    _open_dbs.pop(key, None)
     if found is not None:
         with contextlib.suppress(lmdb.Error):
             found[0].close()
@@ -205,14 +211,15 @@ class Index:
         self._env = _acquire_env(path)
         self._closed = False
         try:
-            with _lmdb_errors(path, "opening it"):
-                self._chunks = self._env.open_db(b"chunks")
-                self._packs = self._env.open_db(b"packs")
-                self._snapshots = self._env.open_db(b"snapshots")
-                self._meta = self._env.open_db(b"meta")
-                with self._env.begin(db=self._meta) as txn:
-                    version = txn.get(b"version")
-                    empty = txn.stat(self._chunks)["entries"] == 0 and txn.stat(self._snapshots)["entries"] == 0
+            with _open_envs_lock:
+                dbs = _open_dbs[os.path.realpath(path)]
+            self._chunks: Any = dbs[b"chunks"]
+            self._packs: Any = dbs[b"packs"]
+            self._snapshots: Any = dbs[b"snapshots"]
+            self._meta: Any = dbs[b"meta"]
+            with _lmdb_errors(path, "opening it"), self._env.begin(db=self._meta) as txn:
+                version = txn.get(b"version")
+                empty = txn.stat(self._chunks)["entries"] == 0 and txn.stat(self._snapshots)["entries"] == 0
             if version is None and empty:
                 with _lmdb_errors(path, "opening it"), self._env.begin(write=True, db=self._meta) as txn:
                     txn.put(b"version", INDEX_VERSION)

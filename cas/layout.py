@@ -57,7 +57,9 @@ INDEX_VERSION = 1
 INDEX_HEADER = struct.Struct("<8sH6xI")  # magic, version, pack count
 INDEX_PACK = struct.Struct("<32sQQ")  # pack id, pack size, footer length
 HEX_ID = re.compile(r"[0-9a-f]{64}")
-PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/([0-9a-f]{64})\.pack")
+PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/([0-9a-f]{64})(\.pack|\.meta)")
+DATA_SUFFIX = ".pack"
+META_SUFFIX = ".meta"
 #: a lock object not refreshed for this long belongs to a dead process (FORMAT.md §9)
 LOCK_STALE_S = 600.0
 LOCK_REFRESH_S = 120.0
@@ -67,9 +69,10 @@ LOCK_WAIT_S = 300.0
 log = logging.getLogger("cas")
 
 
-def pack_key(pack_id: PackId) -> str:
+def pack_key(pack_id: PackId, meta: bool = False) -> str:
+    """``packs/xx/<id>.pack`` for data, ``packs/xx/<id>.meta`` for manifest nodes (version 2)."""
     name = pack_id.hex()
-    return f"{PACKS}{name[:2]}/{name}.pack"
+    return f"{PACKS}{name[:2]}/{name}{META_SUFFIX if meta else DATA_SUFFIX}"
 
 
 def cache_root() -> Path:
@@ -79,11 +82,11 @@ def cache_root() -> Path:
 class BackendSource:
     """A pack object, read through the backend (a ``cas.pack.PackSource``)."""
 
-    def __init__(self, backend: Backend, pack_id: PackId, size: int | None = None) -> None:
+    def __init__(self, backend: Backend, pack_id: PackId, size: int | None = None, key: str | None = None) -> None:
         self._backend = backend
-        self._key = pack_key(pack_id)
+        self._key = key or pack_key(pack_id)
         self._size = size
-        self.name = f"{pack_id.hex()}.pack"
+        self.name = self._key.rsplit("/", 1)[-1]
 
     def size(self) -> int:
         if self._size is None:
@@ -133,6 +136,9 @@ class Store:
         self.locks_dir = local_dir / "locks"
         for d in (self.tmp_dir, self.index_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
+        #: the key of every pack seen (data packs end in .pack, manifest packs in .meta)
+        self._pack_keys: dict[PackId, str] = {}
+        self._keys_lock = threading.Lock()
         #: lock objects this process holds -> when each was last written (refreshed)
         self._held: dict[str, float] = {}
         self._held_lock = threading.Lock()
@@ -158,45 +164,75 @@ class Store:
     def list_packs(self) -> dict[PackId, int]:
         """Every pack object and its size; objects whose names are not pack keys are skipped."""
         out: dict[PackId, int] = {}
+        keys: dict[PackId, str] = {}
         for info in self.backend.list(PACKS):
             m = PACK_KEY.fullmatch(info.key)
             if m and m.group(2).startswith(m.group(1)):
-                out[PackId(bytes.fromhex(m.group(2)))] = info.size
+                pid = PackId(bytes.fromhex(m.group(2)))
+                out[pid] = info.size
+                keys[pid] = info.key
+        with self._keys_lock:
+            self._pack_keys.update(keys)
         return out
 
+    def pack_key_of(self, pack_id: PackId) -> str:
+        """The key of a pack: known from a listing or a write, else found (data first, then nodes)."""
+        with self._keys_lock:
+            key = self._pack_keys.get(pack_id)
+        if key is not None:
+            return key
+        for meta in (False, True):
+            candidate = pack_key(pack_id, meta)
+            if self.backend.exists(candidate):
+                with self._keys_lock:
+                    self._pack_keys[pack_id] = candidate
+                return candidate
+        return pack_key(pack_id)
+
     def pack_source(self, pack_id: PackId, size: int | None = None) -> BackendSource:
-        return BackendSource(self.backend, pack_id, size)
+        return BackendSource(self.backend, pack_id, size, self.pack_key_of(pack_id))
 
     def pack_size(self, pack_id: PackId) -> int | None:
         try:
-            return self.backend.stat(pack_key(pack_id)).size
+            return self.backend.stat(self.pack_key_of(pack_id)).size
         except ObjectNotFoundError:
             return None
 
     def read_pack_range(self, pack_id: PackId, offset: int, length: int) -> bytes:
         try:
-            return self.backend.read_range(pack_key(pack_id), offset, length)
+            return self.backend.read_range(self.pack_key_of(pack_id), offset, length)
         except ObjectNotFoundError:
+            self._forget_key(pack_id)
             raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
 
     def read_pack_into(self, pack_id: PackId, offset: int, dest: memoryview) -> None:
         try:
-            self.backend.read_into(pack_key(pack_id), offset, dest)
+            self.backend.read_into(self.pack_key_of(pack_id), offset, dest)
         except ObjectNotFoundError:
+            self._forget_key(pack_id)
             raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
 
-    def publish_pack(self, temp_path: Path, pack_id: PackId) -> None:
+    def _forget_key(self, pack_id: PackId) -> None:
+        with self._keys_lock:
+            self._pack_keys.pop(pack_id, None)
+
+    def publish_pack(self, temp_path: Path, pack_id: PackId, meta: bool = False) -> None:
         """Store a sealed, fsynced temp pack under its name (moved into place on a local repository)."""
-        self.backend.write_file(pack_key(pack_id), temp_path)
+        key = pack_key(pack_id, meta)
+        self.backend.write_file(key, temp_path)
+        with self._keys_lock:
+            self._pack_keys[pack_id] = key
 
     def delete_pack(self, pack_id: PackId) -> None:
-        self.backend.delete(pack_key(pack_id))
+        self.backend.delete(self.pack_key_of(pack_id))
+        self._forget_key(pack_id)
 
     def quarantine_pack(self, pack_id: PackId) -> str:
         """Keep a copy of a damaged pack under ``quarantine/`` (never read, never deleted by gc)."""
-        key = f"{QUARANTINE}{pack_id.hex()}.pack"
+        source = self.pack_key_of(pack_id)
+        key = f"{QUARANTINE}{source.rsplit('/', 1)[-1]}"
         if not self.backend.exists(key):
-            self.backend.copy(pack_key(pack_id), key)
+            self.backend.copy(source, key)
         return key
 
     # index objects ----------------------------------------------------------

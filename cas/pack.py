@@ -179,8 +179,12 @@ class PackWriter:
 
 
 def pack_path(packs_dir: Path, pack_id: PackId) -> Path:
+    """The file of a pack in a local ``packs/`` directory (for tools and tests: the engine reads
+    packs through the store): ``<id>.pack`` for data, ``<id>.meta`` for manifest nodes."""
     name = pack_id.hex()
-    return packs_dir / name[:2] / f"{name}.pack"
+    data = packs_dir / name[:2] / f"{name}.pack"
+    meta = data.with_suffix(".meta")
+    return meta if not data.exists() and meta.exists() else data
 
 
 class PackSource(Protocol):
@@ -288,7 +292,7 @@ def iter_pack_files(packs_dir: Path) -> Iterator[tuple[PackId, Path]]:
     for sub in sorted(packs_dir.iterdir()):
         if not sub.is_dir():
             continue
-        for path in sorted(sub.glob("*.pack")):
+        for path in sorted([*sub.glob("*.pack"), *sub.glob("*.meta")]):
             if HEX64.fullmatch(path.stem):  # a stray file is not a pack
                 yield PackId(bytes.fromhex(path.stem)), path
 

@@ -38,7 +38,7 @@ from cas.pack import ChunkKind, PackEntry
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
-from cas.saver import ChunkStorer, Fingerprints, PackSink, chain_extremes, link_cost
+from cas.saver import ChunkStorer, Fingerprints, PackSinks, chain_extremes, link_cost
 from cas.store import check_tag, validate_config
 from cas.storeview import reconcile, scan_store
 from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
@@ -219,6 +219,16 @@ class Repository:
         return self._store
 
     @property
+    def splits_metadata(self) -> bool:
+        """Version 2 repositories keep manifest nodes in packs of their own (``.meta``)."""
+        return int(self.config["version"]) >= 2
+
+    def pack_sinks(self, prefix: str) -> PackSinks:
+        """Where new chunks go: packs sealed at the configured size, nodes apart from data (version 2)."""
+        return PackSinks(lambda: self._store.new_temp_path(prefix), self._store.publish_pack,
+                         int(self.config["pack_size"]), split=self.splits_metadata)
+
+    @property
     def chunk_size(self) -> int:
         return int(self.config["chunk_size"])
 
@@ -307,9 +317,7 @@ class Repository:
         with self._store.lock(exclusive=False):
             # under the lock: no gc can remove the parent's manifest while we read it
             parent_id = self._parent_id(parent)
-            sink = PackSink(
-                lambda: self._store.new_temp_path("pack"), self._store.publish_pack, int(self.config["pack_size"])
-            )
+            sink = self.pack_sinks("pack")
             lookup = self.index.reader()
             bases = None
             if parent_id is not None and not keyframe and self.max_delta_depth:
@@ -792,8 +800,7 @@ class Repository:
     def _store_nodes(self, nodes: dict[bytes, bytes]) -> None:
         """Write verified manifest nodes into a new pack and index them (what a recovery found only
         in a cache goes back into the store, so it no longer depends on the cache)."""
-        sink = PackSink(lambda: self._store.new_temp_path("nodes"), self._store.publish_pack,
-                        int(self.config["pack_size"]))
+        sink = self.pack_sinks("nodes")
         try:
             for cid, node in nodes.items():
                 sink.add(ChunkId(cid), ChunkKind.NODE, 0, node, len(node))

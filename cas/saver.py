@@ -90,6 +90,39 @@ class PackSink:
         self._publisher.shutdown(wait=True)  # packs already published stay: unreferenced, gc removes them
 
 
+class PackSinks:
+    """Data chunks and manifest nodes in packs of their own (repository version 2), so data packs
+    can move to a cold tier while what lists, diffs, verifies structure and plans a restore stays
+    hot. With ``split=False`` (version 1) one sink takes both."""
+
+    def __init__(
+        self, new_temp_path: Callable[[], Path], publish: Callable[[Path, PackId, bool], None], target_size: int,
+        *, split: bool,
+    ) -> None:
+        self.data = PackSink(new_temp_path, lambda temp, pid: publish(temp, pid, False), target_size)
+        self.nodes = PackSink(new_temp_path, lambda temp, pid: publish(temp, pid, True), target_size) if split \
+            else self.data
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.data.stored_bytes + (self.nodes.stored_bytes if self.nodes is not self.data else 0)
+
+    def add(
+        self, chunk_id: ChunkId, kind: ChunkKind, codec: int, payload: Buffer, raw_length: int,
+        base_id: ChunkId | None = None,
+    ) -> None:
+        (self.nodes if kind == ChunkKind.NODE else self.data).add(chunk_id, kind, codec, payload, raw_length, base_id)
+
+    def finish(self) -> list[SealedPack]:
+        packs = self.data.finish()
+        return packs + self.nodes.finish() if self.nodes is not self.data else packs
+
+    def abort(self) -> None:
+        self.data.abort()
+        if self.nodes is not self.data:
+            self.nodes.abort()
+
+
 BaseMap = dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]
 #: (blob path, chunk index) -> (XXH3-128 of the chunk's bytes, its id), from one save
 Fingerprints = dict[tuple[KeyPath, int], tuple[bytes, ChunkId]]
@@ -142,7 +175,7 @@ class ChunkStorer:
 
     def __init__(
         self,
-        sink: PackSink,
+        sink: PackSinks,
         lookup: ChunkLookup,
         pool: Executor,
         compression: str,

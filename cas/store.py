@@ -28,7 +28,8 @@ from cas.errors import (
 )
 
 REPO_FORMAT_NAME = "cas-repository"
-REPO_VERSION = 1
+REPO_VERSION = 2  # 2: manifest nodes in packs of their own (FORMAT.md §1); 1 still opens
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]{0,127}")
 HEX_ID = re.compile(r"[0-9a-f]{64}")
@@ -126,10 +127,10 @@ def validate_config(config: dict[str, Any], root: Path | str) -> dict[str, Any]:
     version = config.get("version")
     if not _is_int(version):
         raise bad("version", f"it must be the integer format version {REPO_VERSION}")
-    if version != REPO_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FormatVersionError(
-            f"{where} has repository format version {version!r}; this cas reads version {REPO_VERSION}"
-            + ("; upgrade cas" if version > REPO_VERSION else "")
+            f"{where} has repository format version {version!r}; this cas reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}" + ("; upgrade cas" if version > REPO_VERSION else "")
         )
     rid = config.get("repository_id")
     if not isinstance(rid, str) or not REPOSITORY_ID.fullmatch(rid):

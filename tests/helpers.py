@@ -80,3 +80,10 @@ def raw_bytes(t: torch.Tensor) -> bytes:
 def make_state(seed: int = 0, n: int = 4, numel: int = 50_000) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     return {f"layer{i}.weight": torch.randn(numel, generator=g) for i in range(n)} | {"step": seed}
+
+
+def pack_files(root: Path) -> list[Path]:
+    """Every pack file of a local repository (data ``.pack`` and manifest ``.meta`` packs)."""
+    from cas.pack import iter_pack_files
+
+    return [p for _, p in iter_pack_files(root / "packs")]

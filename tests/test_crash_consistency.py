@@ -43,6 +43,7 @@ import pytest
 import torch
 
 import cas
+from tests.helpers import pack_files
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 CHUNK_SIZE = 64 << 10
@@ -126,7 +127,7 @@ class DiskState:
         with cas.Repository.open(path) as repo:
             indexed = frozenset(p.hex() for p in repo.index.packs())
         return cls(
-            packs=frozenset(p.stem for p in (path / "packs").glob("*/*.pack")),
+            packs=frozenset(p.stem for p in pack_files(path)),
             indexed=indexed,
             refs=frozenset(p.name for p in (path / "refs").iterdir()),
             temps=frozenset(p.name for p in (path / "tmp").iterdir()),

@@ -31,7 +31,7 @@ import torch
 
 import cas
 from tests import gc_worker
-from tests.helpers import assert_same
+from tests.helpers import assert_same, pack_files
 
 WORKER = Path(__file__).with_name("gc_worker.py")
 EVENT_TIMEOUT = 120.0  # for a word from the fork server (its torch import can be slow on a busy machine)
@@ -152,7 +152,7 @@ def errors_of(events: list[dict[str, Any]]) -> str:
 
 
 def disk_packs(path: Path) -> set[str]:
-    return {p.stem for p in (path / "packs").glob("*/*.pack")}
+    return {p.stem for p in pack_files(path)}
 
 
 def temp_files(path: Path) -> list[Path]:
@@ -160,7 +160,7 @@ def temp_files(path: Path) -> list[Path]:
 
 
 def stored_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in (path / "packs").glob("*/*.pack"))
+    return sum(p.stat().st_size for p in pack_files(path))
 
 
 def fresh_copy_size(tmp: Path, states: list[Any], pack_size: int) -> int:

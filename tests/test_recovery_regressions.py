@@ -523,7 +523,8 @@ def test_i_cli_works_around_a_snapshot_with_a_truncated_manifest(tmp_path: Path)
     name = pack_of(path, ref_id(path, "s2"))
     damaged = pack_files(path)[name]
     entries = read_footer(damaged)
-    cut = damaged.stat().st_size // 2
+    # cut after the first record when the pack holds several (manifest nodes have packs of their own)
+    cut = entries[0].offset + entries[0].stored_length if len(entries) > 1 else damaged.stat().st_size // 2
     before_cut = {e.chunk_id for e in entries if e.offset + e.stored_length <= cut}  # still verifiable
     assert before_cut, "test setup: no record lies wholly before the cut"
     os.truncate(damaged, cut)

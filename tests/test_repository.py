@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cas
-from tests.helpers import assert_same, make_state, repo_files
+from tests.helpers import assert_same, make_state, pack_files, repo_files
 
 
 def test_init_refuses_non_empty_directory_and_existing_repo(tmp_path: Path) -> None:
@@ -128,12 +128,12 @@ def test_diff_added_removed_and_values(repo: cas.Repository) -> None:
 def test_delete_drops_ref_only(repo: cas.Repository) -> None:
     s = repo.save(make_state(1), tag="a")
     repo.save(make_state(1), tag="b")
-    packs = sorted(p.name for p in (repo.path / "packs").rglob("*.pack"))
+    packs = sorted(p.name for p in pack_files(repo.path))
     assert repo.delete("a").id == s.id
     assert [x.tag for x in repo.snapshots()] == ["b"]
     with pytest.raises(cas.SnapshotNotFoundError):
         repo.load("a")
-    assert sorted(p.name for p in (repo.path / "packs").rglob("*.pack")) == packs
+    assert sorted(p.name for p in pack_files(repo.path)) == packs
     assert_same(repo.load("b"), make_state(1))
     with pytest.raises(cas.UsageError, match="refusing to delete 'latest'"):
         repo.delete("latest")
@@ -145,8 +145,8 @@ def test_stats(repo: cas.Repository) -> None:
     st = repo.stats()
     assert st.snapshot_count == 2 and st.logical_bytes == 2 * 4 * 200_000
     assert st.unique_bytes >= 4 * 200_000 and st.dedup_ratio == pytest.approx(2.0, rel=0.01)
-    assert st.stored_bytes == sum(p.stat().st_size for p in (repo.path / "packs").rglob("*.pack"))
-    assert st.pack_count == len(list((repo.path / "packs").rglob("*.pack")))
+    assert st.stored_bytes == sum(p.stat().st_size for p in pack_files(repo.path))
+    assert st.pack_count == len(list(pack_files(repo.path)))
     assert st.ratio == st.logical_bytes / st.stored_bytes
     assert [s["bytes_added"] > 0 for s in st.per_snapshot] == [True, False]
 

@@ -348,6 +348,7 @@ class LocalBackend(Backend):
 
     def _write_file(self, key: str, path: Path) -> ObjectInfo:
         with self._errors("write", key):
+            self._ensure_hidden()  # the key locks live there
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 st = self._seal_temp(fd)
