@@ -181,8 +181,8 @@ def test_check_repairs_a_damaged_pack_in_the_store(where: str) -> None:
     assert f"quarantine/{key.rsplit('/', 1)[1]}" in objects  # the damaged copy is kept
     with open_backend(where, {"create": False} if "://" not in where else None) as backend:
         # the salvaged pack came out byte-identical to the undamaged original, under the same name
-        assert read_footer(BackendSource(backend, PackId.from_hex(key.rsplit("/", 1)[1][:64])),
-                           PackId.from_hex(key.rsplit("/", 1)[1][:64]))
+        pack_id = PackId.from_hex(key.rsplit("/", 1)[1][:64])
+        assert read_footer(BackendSource(backend, pack_id, key=key), pack_id)
 
 
 def test_cli_on_the_store(where: str, tmp_path: Path) -> None:
