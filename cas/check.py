@@ -72,8 +72,20 @@ def _check_records(repo: Repository, pack_id: PackId, entries: list[PackEntry], 
                 continue
             return str(exc)
         except (CorruptionError, FormatVersionError) as exc:
+            if needs_base(entry.codec) and entry.base_id is not None and not _verifies(repo, entry.base_id):
+                # the chain broke below this record, in its base (perhaps in another pack): that is
+                # the base's damage, reported (and salvaged) where the base lies, not this pack's
+                continue
             return str(exc)
     return None
+
+
+def _verifies(repo: Repository, chunk_id: ChunkId) -> bool:
+    try:
+        repo.reader.read(chunk_id, f"check of chunk {chunk_id.short()}")
+    except (CorruptionError, FormatVersionError):
+        return False
+    return True
 
 
 def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:

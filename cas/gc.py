@@ -136,40 +136,21 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
         # What is stored comes from the packs, never from the index alone (it may be stale or lost).
         view = scan_store(store)
         unindexed_before = set(view.packs) - set(repo.index.packs())
-        if not dry_run:
-            reconcile(repo.index, view)
+        reconcile(repo.index, view)  # the cache brought in line with the packs (dry runs too: it is a cache)
         report.unreadable_packs = sorted(p.hex() for p in view.unreadable)
-        live, report.snapshots = mark(repo)
-        report.live_chunks = len(live)
-        report.mark_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-
-        live_bytes: dict[bytes, int] = defaultdict(int)  # what the live records take in the file
-        live_count: dict[bytes, int] = defaultdict(int)
-        location: dict[bytes, bytes] = {}  # live chunk -> the pack its index entry names
-        dead: list[bytes] = []
-        per_record = RECORD_HEADER.size + FOOTER_ENTRY.size
-        for cid, pack, stored, _base in repo.index.iter_compact():
-            if cid in live:
-                live_bytes[pack] += stored + per_record
-                live_count[pack] += 1
-                location[cid] = pack
-            else:
-                dead.append(cid)
+        for attempt in range(4):
+            live, report.snapshots = mark(repo)
+            report.live_chunks = len(live)
+            report.mark_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            dead, delete, repack, location = _plan(repo, view, live, repack_below)
+            # A pack about to go may hold the only good copy of a live chunk the index places elsewhere
+            # (a duplicate): drop it only once the indexed copy verifies; else the index is pointed at
+            # the good copy, and mark and plan run again (that copy's delta bases must be live too).
+            if dry_run or attempt == 3 or not _guard_duplicates(repo, view, [*delete, *repack], live, location):
+                break
         report.dead_chunks = len(dead)
-        delete: list[PackId] = []
-        repack: list[PackId] = []
-        for pack_id, entries in view.packs.items():  # unreadable packs are never deleted nor repacked
-            size = view.sizes[pack_id]
-            if live_count.get(pack_id, 0) == 0:
-                delete.append(pack_id)
-            elif live_count[pack_id] < len(entries) and live_bytes[pack_id] < repack_below * size:
-                repack.append(pack_id)  # a fully live pack is never rewritten, whatever its overhead
-        # A pack about to go may hold the only good copy of a live chunk the index places elsewhere
-        # (a duplicate): drop it only once the indexed copy verifies; else the duplicate is kept.
-        keep_old = _guard_duplicates(repo, view, [*delete, *repack], live, location)
-        delete = [p for p in delete if p not in keep_old]
-        repack = [p for p in repack if p not in keep_old]
+        keep_old: set[PackId] = set()
         temps = temp_leftovers(store.tmp_dir)
         report.packs_deleted = len(delete)
         report.packs_repacked = len(repack)
@@ -240,6 +221,32 @@ def _footer_bytes(entries: list[PackEntry]) -> bytes:
     return b"".join(e.footer_bytes() for e in entries)
 
 
+def _plan(
+    repo: Repository, view: StoreView, live: set[bytes], repack_below: float
+) -> tuple[list[bytes], list[PackId], list[PackId], dict[bytes, bytes]]:
+    """Dead index entries, packs to delete, packs to repack, and where each live chunk is indexed."""
+    live_bytes: dict[bytes, int] = defaultdict(int)  # what the live records take in the file
+    live_count: dict[bytes, int] = defaultdict(int)
+    location: dict[bytes, bytes] = {}
+    dead: list[bytes] = []
+    per_record = RECORD_HEADER.size + FOOTER_ENTRY.size
+    for cid, pack, stored, _base in repo.index.iter_compact():
+        if cid in live:
+            live_bytes[pack] += stored + per_record
+            live_count[pack] += 1
+            location[cid] = pack
+        else:
+            dead.append(cid)
+    delete: list[PackId] = []
+    repack: list[PackId] = []
+    for pack_id, entries in view.packs.items():  # unreadable packs are never deleted nor repacked
+        if live_count.get(pack_id, 0) == 0:
+            delete.append(pack_id)
+        elif live_count[pack_id] < len(entries) and live_bytes[pack_id] < repack_below * view.sizes[pack_id]:
+            repack.append(pack_id)  # a fully live pack is never rewritten, whatever its overhead
+    return dead, delete, repack, location
+
+
 def _size(path: Path) -> int:
     try:
         return path.lstat().st_size
@@ -255,9 +262,9 @@ def _unlink_packs(store: Store, pack_ids: list[PackId]) -> None:
 
 def _guard_duplicates(
     repo: Repository, view: StoreView, going: list[PackId], live: set[bytes], location: dict[bytes, bytes]
-) -> set[PackId]:
-    """Packs among ``going`` to keep: those holding a copy of a live chunk whose indexed copy
-    (elsewhere) does not verify while this one does; the index is pointed at the good copy."""
+) -> bool:
+    """Whether a pack among ``going`` holds the good copy of a live chunk whose indexed copy
+    (elsewhere) does not verify: then the index is pointed at the good copy (and gc plans again)."""
     keep: set[PackId] = set()
     checked: dict[bytes, bool] = {}
     for pack_id in going:
@@ -281,7 +288,7 @@ def _guard_duplicates(
             repo.index.apply(put_chunks=[(cid, loc)])
             checked[cid] = True
             keep.add(pack_id)
-    return keep
+    return bool(keep)
 
 
 def _repack(

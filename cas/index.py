@@ -143,6 +143,7 @@ def _lmdb_errors(path: Path, doing: str) -> Iterator[None]:
 # same repository in one process share it (reference-counted).
 _open_envs: dict[str, tuple[lmdb.Environment, int]] = {}
 _open_dbs: dict[str, dict[bytes, Any]] = {}
+_env_refs: dict[int, int] = {}  # id(environment) -> holders
 _open_envs_lock = threading.Lock()
 
 
@@ -150,8 +151,8 @@ def _acquire_env(path: Path) -> lmdb.Environment:
     key = os.path.realpath(path)
     with _open_envs_lock:
         if key in _open_envs:
-            env, count = _open_envs[key]
-            _open_envs[key] = (env, count + 1)
+            env = _open_envs[key][0]
+            _env_refs[id(env)] += 1
             return env
         with _lmdb_errors(path, "opening it"):
             env = lmdb.open(
@@ -163,6 +164,7 @@ def _acquire_env(path: Path) -> lmdb.Environment:
             # opening them at once can deadlock (LMDB's write mutex against the GIL)
             _open_dbs[key] = {name: env.open_db(name) for name in (b"chunks", b"packs", b"snapshots", b"meta")}
         _open_envs[key] = (env, 1)
+        _env_refs[id(env)] = 1
         return env
 
 
@@ -182,27 +184,29 @@ def _check_file_length(env: lmdb.Environment, path: Path) -> None:
         )
 
 
-def _release_env(path: Path) -> None:
+def _release_env(path: Path, env: lmdb.Environment) -> None:
+    """One holder fewer of ``env``; the last one closes it (also an environment ``drop_env`` retired)."""
     key = os.path.realpath(path)
     with _open_envs_lock:
-        env, count = _open_envs[key]
-        if count > 1:
-            _open_envs[key] = (env, count - 1)
-        else:
+        left = _env_refs.get(id(env), 1) - 1
+        if left > 0:
+            _env_refs[id(env)] = left
+            return
+        _env_refs.pop(id(env), None)
+        if key in _open_envs and _open_envs[key][0] is env:
             del _open_envs[key]
             _open_dbs.pop(key, None)
-            env.close()
+    with contextlib.suppress(lmdb.Error):
+        env.close()
 
 
 def drop_env(path: Path) -> None:
-    """Forget a (damaged) environment of this process whatever its count, before its files are moved."""
+    """Retire the environment of a (damaged) index before its files are moved: new opens get a new
+    one; Repository objects still holding the old one keep it until they close."""
     key = os.path.realpath(path)
     with _open_envs_lock:
-        found = _open_envs.pop(key, None)
-    _open_dbs.pop(key, None)
-    if found is not None:
-        with contextlib.suppress(lmdb.Error):
-            found[0].close()
+        _open_envs.pop(key, None)
+        _open_dbs.pop(key, None)
 
 
 class Index:
@@ -212,7 +216,9 @@ class Index:
         self._closed = False
         try:
             with _open_envs_lock:
-                dbs = _open_dbs[os.path.realpath(path)]
+                dbs = _open_dbs.get(os.path.realpath(path)) or {}
+            if not dbs:
+                raise IndexCorruptError(f"the index at {path} was replaced while it opened; open the repository again")
             self._chunks: Any = dbs[b"chunks"]
             self._packs: Any = dbs[b"packs"]
             self._snapshots: Any = dbs[b"snapshots"]
@@ -238,7 +244,7 @@ class Index:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _release_env(self._path)
+            _release_env(self._path, self._env)
 
     def _read(self, doing: str, fn: Callable[[lmdb.Transaction], T], db: Any = None) -> T:
         with _lmdb_errors(self._path, doing), self._env.begin(db=db) as txn:

@@ -368,17 +368,30 @@ class Store:
                     fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _live_locks(self, own: str) -> list[dict[str, Any]]:
-        now = time.time()
+        """The other lock objects that still count. Age is judged on the store's clock: a lock is
+        stale when the store last wrote it more than ``LOCK_STALE_S`` before it wrote ours (just
+        now), so a holder whose clock is off is judged right; or at once when its process is gone
+        from this host. An object that is not a lock body counts as an exclusive lock of unknown
+        holder until the store says it is old (never ignored while fresh, never a raw error)."""
+        listed = list(self.backend.list(LOCKS))
+        now = next((info.mtime for info in listed if info.key == own), None)
+        if now is None:
+            now = max((info.mtime for info in listed), default=time.time())
         out = []
-        for info in self.backend.list(LOCKS):
-            if info.key == own:
+        for info in listed:
+            if info.key == own or now - info.mtime > LOCK_STALE_S:
                 continue
             try:
                 body = json.loads(self.backend.read(info.key))
-            except (ObjectNotFoundError, ValueError):
-                continue
-            if not isinstance(body, dict) or now - float(body.get("time", 0)) > LOCK_STALE_S or _dead_here(body):
-                continue  # stale: its process died without removing it
+            except ObjectNotFoundError:
+                continue  # released while we listed
+            except ValueError:
+                body = None
+            if not (isinstance(body, dict) and body.get("kind") in ("shared", "exclusive")
+                    and isinstance(body.get("since"), (int, float)) and not isinstance(body.get("since"), bool)):
+                body = {"kind": "exclusive", "host": "unknown (malformed lock object)", "pid": info.key, "since": 0.0}
+            elif _dead_here(body):
+                continue  # its process died without removing it
             out.append({**body, "key": info.key})
         return out
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import blake3
 
+from cas.codec import Codec
 from cas.errors import CasError, FormatVersionError, PackCorruptError
 from cas.faults import crash_point
 from cas.ids import ZERO_DIGEST, ChunkId, PackId
@@ -316,7 +317,8 @@ def scan_records(pack: Path | PackSource) -> list[PackEntry]:
     while pos + RECORD_HEADER.size <= size:
         magic, codec, kind, flags, raw_length, stored, cid, base = RECORD_HEADER.unpack_from(data, pos)
         offset = pos + RECORD_HEADER.size
-        if magic == RECORD_MAGIC and offset + stored <= size and raw_length_ok(kind, raw_length):
+        if (magic == RECORD_MAGIC and offset + stored <= size and raw_length_ok(kind, raw_length)
+                and codec in KNOWN_CODECS and kind in KNOWN_KINDS and not flags & ~FLAG_HAS_BASE):
             entries.append(PackEntry(
                 ChunkId(cid), offset, stored, raw_length, codec, kind,
                 ChunkId(base) if flags & FLAG_HAS_BASE else None,
@@ -372,6 +374,7 @@ def salvage_candidates(pack: Path | PackSource) -> list[PackEntry]:
 
 
 KNOWN_KINDS = frozenset(int(k) for k in ChunkKind)
+KNOWN_CODECS = frozenset(int(c) for c in Codec)
 
 
 def check_structure(pack: Path | PackSource, pack_id: PackId) -> list[PackEntry]:

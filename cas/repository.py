@@ -439,14 +439,24 @@ class Repository:
         out with a warning (``damaged_snapshots`` lists them): one damaged snapshot never hides
         the others."""
         self.reader.drop_unlinked()
-        snaps = []
-        for name, sid in self.refs():
-            try:
-                snaps.append(self._snapshot(name, sid, self._snapshot_node(sid)))
-            except (CorruptionError, FormatVersionError) as exc:
-                if self._store.has_ref(name):
-                    log.warning("cas: snapshot %s is damaged and left out (%s); `cas check` says more", name, exc)
-                # else: forgotten (and collected) by another process while we listed
+        for attempt in (0, 1):
+            snaps = []
+            missing: list[tuple[str, CorruptionError | FormatVersionError]] = []
+            for name, sid in self.refs():
+                try:
+                    snaps.append(self._snapshot(name, sid, self._snapshot_node(sid)))
+                except (CorruptionError, FormatVersionError) as exc:
+                    missing.append((name, exc))
+            # a node the index does not know while the store holds packs it does not know: the cache
+            # lags (another machine saved, an old copy was put back), not damage
+            if (attempt == 0 and any(isinstance(e, MissingChunkError) for _, e in missing)
+                    and self._unknown_packs() and self._reconcile()):
+                continue
+            break
+        for name, problem in missing:
+            if self._store.has_ref(name):
+                log.warning("cas: snapshot %s is damaged and left out (%s); `cas check` says more", name, problem)
+            # else: forgotten (and collected) by another process while we listed
         return sorted(snaps, key=lambda s: (s.time, s.id))
 
     def damaged_snapshots(self) -> list[tuple[str, str]]:
@@ -832,6 +842,17 @@ class Repository:
             except IndexCorruptError:
                 hints.clear()
             kept_nodes = self._verified_cached_nodes()
+            # nodes only the cache still holds go back into the store first: a crash after the clear
+            # below must not take them with the cache
+            cache_only = {}
+            for sid, node in kept_nodes.items():
+                try:
+                    self.reader.read(ChunkId(sid), "rebuild")
+                except (CorruptionError, FormatVersionError, IndexCorruptError):
+                    cache_only[sid] = node
+            if cache_only:
+                self._store_nodes(cache_only)
+                view = scan_store(self._store)
             try:
                 self.index.clear()
             except IndexCorruptError as exc:  # its pages are damaged: a new one (it is only a cache)

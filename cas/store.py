@@ -126,7 +126,7 @@ def validate_config(config: dict[str, Any], root: Path | str) -> dict[str, Any]:
         raise NotARepositoryError(f"{where} is not a cas repository ({CONFIG_NAME} is not a cas config)")
     version = config.get("version")
     if not _is_int(version):
-        raise bad("version", f"it must be the integer format version {REPO_VERSION}")
+        raise bad("version", f"it must be an integer format version ({' or '.join(map(str, READABLE_VERSIONS))})")
     if version not in READABLE_VERSIONS:
         raise FormatVersionError(
             f"{where} has repository format version {version!r}; this cas reads versions "

@@ -274,7 +274,7 @@ def salvage(
                     continue
                 try:
                     reader.verified_payload(ChunkId(cid), f"salvage of pack {pack_id.short()}", loc)
-                except CorruptionError:
+                except (CorruptionError, FormatVersionError):  # a spurious record header: not a chunk
                     continue
                 index.apply(put_chunks=[(cid, loc)])  # its deltas, later in the list, find it
                 indexed[cid] = loc
