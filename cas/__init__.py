@@ -45,8 +45,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "CheckpointManager": "cas.manager",
     "RestoreResult": "cas.manager",
-    "validate": "cas.validate",
-    "ValidationReport": "cas.validate",
+    "validate": "cas.validation",
+    "ValidationReport": "cas.validation",
 }
 
 

@@ -415,7 +415,7 @@ def check(ctx: Context, repair: bool, as_json: bool) -> None:
 @pass_ctx
 def validate_cmd(ctx: Context, snapshot: str, as_json: bool) -> None:
     """Checks that need no model: manifest structure, every chunk re-hashed, saved metrics finite."""
-    from cas.validate import CheckResult, validate  # noqa: PLC0415 - torch only for commands that need it
+    from cas.validation import CheckResult, validate  # noqa: PLC0415 - torch only for commands that need it
 
     with ctx.open() as repo:
         report = validate(repo, snapshot)

@@ -18,7 +18,7 @@ for rank, modules in enumerate([
     ["index"],  # the LMDB cache
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
     ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository"],
-    ["cli", "importers", "demo", "manager", "validate", "integrations", "__init__"],  # faces
+    ["cli", "importers", "demo", "manager", "validation", "integrations", "__init__"],  # faces
 ]):
     for module in modules:
         LAYERS[module] = rank
