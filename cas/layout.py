@@ -205,6 +205,14 @@ class Store:
             self._forget_key(pack_id)
             raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
 
+    def read_pack_ranges(self, pack_id: PackId, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several ranges of one pack in one batched call (adjacent ranges merge into one request)."""
+        try:
+            return self.backend.read_ranges(self.pack_key_of(pack_id), ranges)
+        except ObjectNotFoundError:
+            self._forget_key(pack_id)
+            raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
+
     def read_pack_into(self, pack_id: PackId, offset: int, dest: memoryview) -> None:
         try:
             self.backend.read_into(self.pack_key_of(pack_id), offset, dest)

@@ -254,7 +254,9 @@ class ChunkReader:
             raise type(exc)(f"{where}: {exc} (pack {loc.pack_id.short()})") from None
         return bytes(out)
 
-    def read_into(self, job: ChunkRead) -> None:
+    def read_into(self, job: ChunkRead, payload: bytes | None = None) -> None:
+        """Read, decode and verify one chunk into its destination (``payload``: its stored bytes,
+        when a batched ranged read already fetched them)."""
         loc = job.location
         try:
             if len(job.dest) != loc.raw_length:
@@ -264,15 +266,22 @@ class ChunkReader:
             if loc.codec == Codec.RAW:
                 if loc.stored_length != len(job.dest):
                     raise ChunkCorruptError(f"chunk {job.chunk_id.short()} is raw but not stored at its length")
-                try:
-                    self.store.read_pack_into(loc.pack_id, loc.offset, job.dest)
-                except ShortReadError:
-                    raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated") from None
+                if payload is not None:
+                    if len(payload) != len(job.dest):
+                        raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
+                    job.dest[:] = payload
+                else:
+                    try:
+                        self.store.read_pack_into(loc.pack_id, loc.offset, job.dest)
+                    except ShortReadError:
+                        raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated") from None
                 if hash_bytes(job.dest) != job.chunk_id:
                     raise ChunkCorruptError(f"chunk {job.chunk_id.short()} does not match its hash")
                 return
+            if payload is not None and len(payload) != loc.stored_length:
+                raise ChunkCorruptError(f"pack {loc.pack_id.short()} is truncated")
             in_place = loc.codec in DECODES_IN_PLACE and not job.dest.readonly
-            out = self._decode(job.chunk_id, loc, job.where, job.dest if in_place else None)
+            out = self._decode(job.chunk_id, loc, job.where, job.dest if in_place else None, payload)
             if not in_place:
                 job.dest[:] = out
         except CorruptionError as exc:
@@ -325,20 +334,45 @@ class ChunkReader:
             else:
                 primary.setdefault(r.chunk_id, r)
                 unique.append(r)
-        futures = [pool.submit(self.read_into, r) for r in unique]
         first: BaseException | None = None
-        for fut, r in zip(futures, unique, strict=True):
-            exc = fut.exception()
-            if exc is not None and first is None:
-                first = exc
-            if progress is not None:
-                progress(len(r.dest))
+        if self.store.is_local:
+            futures = [pool.submit(self.read_into, r) for r in unique]
+            for fut, r in zip(futures, unique, strict=True):
+                exc = fut.exception()
+                if exc is not None and first is None:
+                    first = exc
+                if progress is not None:
+                    progress(len(r.dest))
+        else:
+            # an object store: one batched ranged read per group of a pack's chunks (adjacent ranges
+            # merge into one GET), not one request per chunk
+            for exc, filled in pool.map(self._read_group, _groups(unique)):
+                if exc is not None and first is None:
+                    first = exc
+                if progress is not None:
+                    progress(filled)
         if first is not None:
             raise first
         for r, source in copies:
             r.dest[:] = source.dest
             if progress is not None:
                 progress(len(r.dest))
+
+    def _read_group(self, group: list[ChunkRead]) -> tuple[BaseException | None, int]:
+        """Chunks of one pack, fetched in one ``read_ranges`` call, then decoded and verified."""
+        pack_id = group[0].location.pack_id
+        first: BaseException | None = None
+        try:
+            payloads = self.store.read_pack_ranges(pack_id, [(r.location.offset, r.location.stored_length)
+                                                             for r in group])
+        except CorruptionError as exc:
+            return exc, sum(len(r.dest) for r in group)
+        for r, payload in zip(group, payloads, strict=True):
+            try:
+                self.read_into(r, payload)
+            except CorruptionError as exc:
+                first = first or exc
+        return first, sum(len(r.dest) for r in group)
 
     def _shared_bases(self, reads: list[ChunkRead]) -> list[tuple[ChunkId, str]]:
         """Bases on the delta chains of two or more of ``reads``, keyframe-most first."""
@@ -366,3 +400,21 @@ class ChunkReader:
         shared.sort(key=lambda b: depth_of[b])
         return [(ChunkId(b), where_of[b]) for b in shared]
 
+
+#: most stored bytes one batched read of an object store fetches (memory held per worker)
+GROUP_BYTES = 32 << 20
+
+
+def _groups(reads: list[ChunkRead]) -> list[list[ChunkRead]]:
+    """Reads (sorted by pack and offset) cut into runs of one pack of at most ``GROUP_BYTES``."""
+    groups: list[list[ChunkRead]] = []
+    size = 0
+    for r in reads:
+        if groups and groups[-1][0].location.pack_id == r.location.pack_id and size + r.location.stored_length \
+                <= GROUP_BYTES:
+            groups[-1].append(r)
+            size += r.location.stored_length
+        else:
+            groups.append([r])
+            size = r.location.stored_length
+    return groups
