@@ -237,7 +237,6 @@ def _repair(
         put_chunks=moved, remove_chunks=lost, put_packs=[(p.pack_id, p.size, len(p.entries)) for p in new_packs],
         remove_packs=gone,
     )
-    repo.reader.close()
     for pack_id in gone:
         store.delete_pack(pack_id)
     report.changed = True

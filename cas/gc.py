@@ -182,7 +182,6 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             repo.index.apply(put_chunks=moved, remove_chunks=dead, put_packs=new_rows,
                              remove_packs=removed_packs, remove_snapshots=stale_snapshots)
 
-        repo.reader.close()
         try:
             commit()
         except StorageError:

@@ -44,12 +44,6 @@ class ChunkReader:
         self._bases_bytes = 0
         self.base_cache_bytes = BASE_CACHE_BYTES
 
-    def close(self) -> None:
-        """Nothing stays open between reads (every read opens its object): kept for callers."""
-
-    def drop_unlinked(self) -> None:
-        """Packs are not held open between reads, so another process's gc frees their space at once."""
-
     def pack_size(self, pack_id: PackId) -> int | None:
         """The size of a pack, or None if it is not there."""
         return self.store.pack_size(pack_id)

@@ -39,7 +39,9 @@ from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
 from cas.saver import ChunkStorer, Fingerprints, PackSinks, chain_extremes, link_cost
-from cas.store import check_tag, validate_config
+from cas.store import CHUNK_SIZE_MAX as MAX_CHUNK_SIZE
+from cas.store import CHUNK_SIZE_MIN as MIN_CHUNK_SIZE
+from cas.store import MAX_DELTA_DEPTH_LIMIT, check_tag, validate_config
 from cas.storeview import reconcile, scan_store
 from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
 from cas.verify import verify_repository
@@ -53,10 +55,7 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: see FORMAT.md for the measurement behind it
 DEFAULT_PACK_SIZE = 64 << 20
 DEFAULT_MAX_DELTA_DEPTH = 8
-MAX_DELTA_DEPTH_LIMIT = 64
 DEFAULT_MAX_CHAIN_COST = 2.0  # a chunk at the end of its chain restores in at most ~2x a keyframe
-MIN_CHUNK_SIZE = 4096
-MAX_CHUNK_SIZE = 256 << 20
 Progress = Callable[[int, int], None]
 log = logging.getLogger("cas")
 T = TypeVar("T")
@@ -130,7 +129,6 @@ class Repository:
             self._reconcile()
 
     def _replace_index(self) -> Index:
-        self.reader.close()
         self.index.close()
         return self._fresh_index()
 
@@ -195,7 +193,6 @@ class Repository:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self.reader.close()
         self.index.close()
         self._store.backend.close()
 
@@ -313,7 +310,6 @@ class Repository:
             if progress is not None:
                 progress(done, total)
 
-        self.reader.drop_unlinked()
         with self._store.lock(exclusive=False):
             # under the lock: no gc can remove the parent's manifest while we read it
             parent_id = self._parent_id(parent)
@@ -438,7 +434,6 @@ class Repository:
         """Every snapshot a ref points to, oldest first. A snapshot whose node cannot be read is left
         out with a warning (``damaged_snapshots`` lists them): one damaged snapshot never hides
         the others."""
-        self.reader.drop_unlinked()
         for attempt in (0, 1):
             snaps = []
             missing: list[tuple[str, CorruptionError | FormatVersionError]] = []
@@ -583,7 +578,6 @@ class Repository:
         """Run ``run``; if it fails on the index (a damaged entry, or a chunk missing while the packs
         hold more than the index knows: a stale or lost index), bring the index in line with the
         packs and run it once more. The index is a cache: its gaps are never the last word."""
-        self.reader.drop_unlinked()
         try:
             return run()
         except IndexCorruptError as exc:
@@ -830,7 +824,6 @@ class Repository:
         where it lies; the report lists them (`cas check --repair` salvages them).
         """
         with self._store.lock(exclusive=True):
-            self.reader.close()
             self.reader.clear_cache()
             view = scan_store(self._store)
             hints: dict[PackId, list[PackEntry]] = {}

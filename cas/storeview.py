@@ -235,11 +235,12 @@ def _reconcile_pass(
         report.chunks_added += 1
         if loc.base_id is not None and needs_base(loc.codec):
             stack.append(bytes(loc.base_id))
+    indexed_packs = index.packs()
     put_packs = [(pid, view.sizes[pid], len(entries)) for pid, entries in view.packs.items()
-                 if pid not in known_packs and pid not in index.packs()]
+                 if pid not in known_packs and pid not in indexed_packs]
     report.packs_added += len(put_packs)
     on_disk = set(view.packs) | set(view.unreadable)
-    drop_packs = [pid for pid in index.packs() if pid not in on_disk]
+    drop_packs = [pid for pid in indexed_packs if pid not in on_disk]
     report.packs_dropped += len(drop_packs)
     if puts or drops or put_packs or drop_packs:
         index.apply(put_chunks=puts.items(), remove_chunks=drops, put_packs=put_packs, remove_packs=drop_packs)
