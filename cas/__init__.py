@@ -3,6 +3,7 @@
 from cas.check import CheckReport
 from cas.errors import (
     AmbiguousSnapshotError,
+    ArgumentError,
     CasError,
     ChunkCorruptError,
     ConfigError,
@@ -11,6 +12,7 @@ from cas.errors import (
     GcRefusedError,
     IndexCorruptError,
     InvalidTagError,
+    KeyNotFoundError,
     LockedError,
     ManifestCorruptError,
     MissingChunkError,
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CheckpointManager": "cas.manager",
     "RestoreResult": "cas.manager",
+    "LoadResult": "cas.statedict",
     "validate": "cas.validation",
     "ValidationReport": "cas.validation",
 }
@@ -66,6 +69,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "ArgumentError",
     "CasError",
     "CheckpointManager",
     "ConfigError",
@@ -81,6 +85,8 @@ __all__ = [
     "GcReport",
     "IndexCorruptError",
     "InvalidTagError",
+    "KeyNotFoundError",
+    "LoadResult",
     "LockedError",
     "ManifestCorruptError",
     "MissingChunkError",

@@ -8,7 +8,9 @@ Every error a user can meet is a :class:`CasError`; the CLI maps the class's
     │   ├── InvalidTagError
     │   ├── TagExistsError
     │   ├── OutputExistsError
-    │   └── ShapeMismatchError            load_into target does not fit the snapshot
+    │   ├── ShapeMismatchError            load_into target does not fit the snapshot
+    │   ├── KeyNotFoundError              a key asked for (load keys=, cas cat) is not in the snapshot
+    │   └── ArgumentError                 an unknown keyword argument (also a TypeError)
     ├── RepositoryError                   exit 3
     │   ├── NotARepositoryError
     │   ├── RepositoryExistsError         init on a non-empty directory
@@ -61,6 +63,14 @@ class OutputExistsError(UsageError):
 
 class ShapeMismatchError(UsageError):
     pass
+
+
+class KeyNotFoundError(UsageError):
+    pass
+
+
+class ArgumentError(UsageError, TypeError):
+    """A call with a keyword argument the function does not take (a typo in a name)."""
 
 
 class RepositoryError(CasError):

@@ -7,6 +7,7 @@ background save are raised by the next call. Snapshots are tagged ``step-<step>`
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -21,12 +22,15 @@ from typing import Any
 import torch
 
 from cas import planes
+from cas.arguments import check_public_kwargs
 from cas.errors import CorruptionError, FormatVersionError, NotARepositoryError, UsageError
+from cas.manifest import check_metadata
 from cas.policy import IntervalPolicy, SaveState
 from cas.reports import Snapshot
 from cas.repository import Repository
 from cas.retention import RetentionPolicy, apply_policy
 from cas.staging import HostStager
+from cas.statedict import encode_state
 
 TAG_PREFIX = "step-"
 
@@ -190,7 +194,11 @@ class CheckpointManager:
             meta["metrics"] = _plain_metrics(metrics)
         if full:
             meta["full"] = True
+        check_metadata(meta)
         staged = self._stager.stage(state_dict) if self.async_save else state_dict
+        if self._executor is not None:
+            # what depends only on the state dict (an object cas cannot store) fails this call, not the next
+            encode_state(staged, allow_pickle=self.allow_pickle)
         self._model_bytes = self._stager.staged_bytes
         blocked = time.perf_counter() - started
         now = self.clock()
@@ -235,10 +243,12 @@ class CheckpointManager:
         policy_keep = self.policy.retention_seconds(self._state(self._last_step or 0)) if self.policy else None
         if rules is None and policy_keep is None:
             return
+        base = rules.to_dict() if rules else {}
         if policy_keep is not None:
-            base = rules.to_dict() if rules else {}
-            rules = RetentionPolicy(**{**base, "keep_within": f"{policy_keep:.0f}s"})
-        assert rules is not None
+            base["keep_within"] = f"{policy_keep:.0f}s"
+        # the newest snapshot is always kept: a resume must not lose the steps since the best one
+        base["keep_last"] = max(1, int(base.get("keep_last") or 0))
+        rules = RetentionPolicy(**base)
         _reasons, removed = apply_policy(self._managed(), rules)
         for snap in removed:
             self.repo.delete(snap.ref)
@@ -252,12 +262,21 @@ class CheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def restore_latest(self, into: torch.nn.Module | dict[Any, Any] | None = None) -> RestoreResult | None:
+    def restore_latest(self, into: Any = None) -> RestoreResult | None:
         """The newest snapshot that restores intact (every chunk verified); None if there is none.
 
         A damaged newer snapshot is skipped with a warning and recorded in ``skipped``.
-        With ``into`` (a module or state dict) its tensors are filled in place; for a
-        module, the snapshot's ``"model"`` entry is used when it has one.
+        With ``into`` its tensors are filled in place:
+
+        * a module: the snapshot's ``"model"`` entry when it has one, else the whole snapshot;
+        * a dict of live objects, as it was saved -- ``{"model": model, "optim": optimizer,
+          "sched": scheduler}`` for a snapshot of ``{"model": model.state_dict(), "optim":
+          optimizer.state_dict(), ...}``: each module is filled in place from its entry, each
+          optimizer / scheduler gets its entry through ``load_state_dict``; other values in
+          the dict (a step counter, say) are replaced by the snapshot's;
+        * a plain state dict of tensors: filled in place (``Repository.load_into``).
+
+        ``state_dict`` of the result is ``into`` (or the loaded state without ``into``).
         """
         self.wait()
         snaps = sorted(self._managed(), key=lambda s: (step_of_tag(s.tag) or 0, s.time), reverse=True)
@@ -266,6 +285,8 @@ class CheckpointManager:
             try:
                 if into is None:
                     state = self.repo.load(snap.id, allow_pickle=self.allow_pickle)
+                elif isinstance(into, dict) and any(_is_live(v) for v in into.values()):
+                    state = self._restore_parts(into, snap)
                 else:
                     key = "model" if isinstance(into, torch.nn.Module) and "model" in {
                         t["path"].split("/")[0] for t in self.repo.tensors(snap.id)} else None
@@ -279,6 +300,17 @@ class CheckpointManager:
         if skipped:
             raise CorruptionError(f"no snapshot restores: {len(skipped)} damaged ({skipped[0][1]})")
         return None
+
+    def _restore_parts(self, into: dict[Any, Any], snap: Snapshot) -> dict[Any, Any]:
+        """Fill each live object of ``into`` from the snapshot entry of the same name."""
+        rest = [k for k, v in into.items() if not _is_live(v)]
+        values = self.repo.load(snap.id, keys=[str(k) for k in rest], allow_pickle=self.allow_pickle) if rest else {}
+        for name, value in into.items():
+            if _is_live(value):
+                self.repo.load_into(value, snap.id, key=str(name), allow_pickle=self.allow_pickle)
+            elif isinstance(values, dict) and name in values:
+                into[name] = values[name]
+        return into
 
     # lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -301,15 +333,33 @@ class CheckpointManager:
         self.close()
 
 
+check_public_kwargs(CheckpointManager)  # a misspelt keyword argument is a typed ArgumentError
+
+
+def _is_live(value: Any) -> bool:
+    """A module, optimizer, scheduler... : something restored in place rather than replaced."""
+    return isinstance(value, torch.nn.Module) or (
+        not isinstance(value, (dict, torch.Tensor)) and callable(getattr(value, "load_state_dict", None)))
+
+
 def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as plain numbers; a metric that is not a finite number is a UsageError here, at save."""
+    if not isinstance(metrics, dict):
+        raise UsageError(f"metrics must be a dict of name -> number, not a {type(metrics).__name__}")
     out: dict[str, Any] = {}
-    for k, value in metrics.items():
+    for k, given in metrics.items():
         if not isinstance(k, str):
             raise UsageError(f"metric names must be strings, got {k!r}")
+        value = given
         if isinstance(value, torch.Tensor):
-            out[k] = value.item() if value.numel() == 1 else value.tolist()
-        elif hasattr(value, "item") and callable(value.item):
-            out[k] = value.item()
-        else:
-            out[k] = value
+            if value.numel() != 1:
+                raise UsageError(f"metric {k!r} is a tensor of {value.numel()} elements, not one number")
+            value = value.item()
+        elif not isinstance(value, (int, float)) and hasattr(value, "item") and callable(value.item):
+            value = value.item()  # numpy scalars
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"metric {k!r} is {value!r}, not a number")
+        if not math.isfinite(value):
+            raise UsageError(f"metric {k!r} is {value}; metrics must be finite numbers (keep_best ranks by them)")
+        out[k] = value
     return out

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cas.arguments import check_public_kwargs
 from cas.check import CheckReport, check_repository
 from cas.codec import check_compression, codec_name
 from cas.errors import (
@@ -19,6 +20,7 @@ from cas.errors import (
     CorruptionError,
     FormatVersionError,
     IndexCorruptError,
+    KeyNotFoundError,
     ManifestCorruptError,
     MissingChunkError,
     NotARepositoryError,
@@ -43,7 +45,19 @@ from cas.store import CHUNK_SIZE_MAX as MAX_CHUNK_SIZE
 from cas.store import CHUNK_SIZE_MIN as MIN_CHUNK_SIZE
 from cas.store import MAX_DELTA_DEPTH_LIMIT, check_tag, validate_config
 from cas.storeview import reconcile, scan_store
-from cas.tree import Blob, KeyPath, base_candidates, format_path, leaf_nbytes, plain_key, subtree, tensor_leaves
+from cas.tree import (
+    GLOB_CHARS,
+    Blob,
+    KeyPath,
+    base_candidates,
+    drop_paths,
+    format_path,
+    leaf_nbytes,
+    plain_key,
+    select_paths,
+    subtree,
+    tensor_leaves,
+)
 from cas.verify import verify_repository
 
 if TYPE_CHECKING:
@@ -557,14 +571,35 @@ class Repository:
 
         self.reader.run(reads, self.pool, advance)
 
-    def load(self, snapshot: str = "latest", *, allow_pickle: bool = False, progress: Progress | None = None) -> Any:
-        """The state dict of a snapshot, every chunk verified against its id."""
-        from cas.statedict import decode_state  # noqa: PLC0415 - torch only when loading
+    def load(
+        self,
+        snapshot: str = "latest",
+        *,
+        keys: str | list[str] | None = None,
+        dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+        progress: Progress | None = None,
+    ) -> Any:
+        """The state dict of a snapshot, every chunk verified against its id.
+
+        ``keys``: load only these parts (only their chunks are read). Each key is a
+        '/'-separated key path (``"model"``, ``"optim/state"``), a prefix that ends at a
+        ``.`` or ``/`` boundary (``"model.layers.0"`` selects ``model.layers.0.weight`` in a
+        flat state dict), or a glob (``"*.bias"``); the result keeps the selected values at
+        their places (``load(s, keys=["model"])["model"]``); a list holding a selected value
+        comes whole. A key that selects nothing is :class:`KeyNotFoundError`.
+        ``dtype``: floating-point tensors (and arrays stay as they are) come back cast to it.
+        """
+        from cas.statedict import cast_floats, decode_state  # noqa: PLC0415 - torch only when loading
+
+        wanted = _key_list(keys)
 
         def run() -> Any:
             with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
                 snap = self.resolve(snapshot)
                 root, storages, node = self._tree(snap)
+                if wanted is not None:
+                    root = self._select(snap, root, wanted)
                 decoded = decode_state(
                     root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
                     name=f"snapshot {snap.short_id}", chunk_size=node.chunk_size or None,
@@ -572,7 +607,18 @@ class Repository:
                 self._fill(snap, decoded, progress)
                 return decoded.value
 
-        return self._with_index_recovery(run)
+        value = self._with_index_recovery(run)
+        return cast_floats(value, dtype) if dtype is not None else value
+
+    def _select(self, snap: Snapshot, root: Any, keys: list[str]) -> Any:
+        pruned, unmatched = select_paths(root, keys, f"snapshot {snap.short_id}")
+        if unmatched:
+            top = sorted({format_path(p[:1]) for p, _ in tensor_leaves(root)})[:8]
+            raise KeyNotFoundError(
+                f"snapshot {snap.short_id} has no key {unmatched[0]!r}"
+                + (f" (top-level keys with tensors: {', '.join(top)})" if top else "")
+            )
+        return pruned
 
     def _with_index_recovery(self, run: Callable[[], T]) -> T:
         """Run ``run``; if it fails on the index (a damaged entry, or a chunk missing while the packs
@@ -591,57 +637,111 @@ class Repository:
 
     def load_into(
         self,
-        target: torch.nn.Module | dict[Any, Any],
+        target: Any,
         snapshot: str = "latest",
         *,
         key: str | None = None,
+        strict: bool = True,
+        cast: bool = False,
         allow_pickle: bool = False,
         progress: Progress | None = None,
     ) -> Any:
         """Fill the tensors of a module or state dict in place from a snapshot.
 
         ``key`` picks a part of the snapshot ('/'-separated, e.g. ``"model"`` when the
-        snapshot holds ``{"model": ..., "optim": ...}``). Names, shapes and dtypes must
-        all match (checked before any byte is written). Non-tensor values of a dict
+        snapshot holds ``{"model": ..., "optim": ...}``). Shapes and dtypes must match
+        (checked before any byte is written); with ``cast=True`` a floating-point tensor of
+        another dtype is converted to the target's. With ``strict`` (default) the names must
+        match too and the target is returned; with ``strict=False`` only the tensors both
+        have are filled (no other chunk is read) and the result is a :class:`LoadResult`
+        with ``missing_keys`` (in the target, not in the snapshot) and ``unexpected_keys``,
+        as ``torch.nn.Module.load_state_dict`` reports them. Non-tensor values of a dict
         target are replaced by the snapshot's.
+
+        An optimizer, LR scheduler or anything else with ``state_dict``/``load_state_dict``
+        gets the snapshot part (``key``) through its own ``load_state_dict``, so an optimizer
+        that has not stepped yet is filled too; any other target is a :class:`UsageError`.
         """
+        import torch  # noqa: PLC0415 - torch only when loading
+
+        if not isinstance(target, (torch.nn.Module, dict)):
+            if callable(getattr(target, "load_state_dict", None)) and callable(getattr(target, "state_dict", None)):
+                return self._load_stateful(target, snapshot, key, allow_pickle, progress)
+            raise UsageError(
+                f"load_into fills an nn.Module, a state dict, or an object with load_state_dict (an optimizer, "
+                f"an LR scheduler), not a {type(target).__module__}.{type(target).__qualname__}; "
+                "use load() for anything else"
+            )
+
         def run() -> Any:
             with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
-                return self._load_into(target, snapshot, key, allow_pickle, progress)
+                return self._load_into(target, snapshot, key, strict, cast, allow_pickle, progress)
 
         return self._with_index_recovery(run)
 
-    def _load_into(
+    def _load_stateful(
         self, target: Any, snapshot: str, key: str | None, allow_pickle: bool, progress: Progress | None
+    ) -> Any:
+        what = type(target).__qualname__
+        state = self.load(snapshot, keys=[key.strip("/")] if key else None, allow_pickle=allow_pickle,
+                          progress=progress)
+        if key:
+            for part in key.strip("/").split("/"):
+                state = state[part] if isinstance(state, dict) else state[int(part)]
+        try:
+            target.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+            hint = ""
+            if key is None and isinstance(state, dict):
+                fits = [k for k, v in state.items() if isinstance(v, dict) and "state" in v and "param_groups" in v]
+                if fits:
+                    hint = f"; the snapshot's {fits[0]!r} entry is an optimizer state: pass key={fits[0]!r}"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ShapeMismatchError(
+                f"snapshot {self.resolve(snapshot).short_id} does not fit the {what}: {first}{hint}"
+            ) from None
+        return target
+
+    def _load_into(
+        self, target: Any, snapshot: str, key: str | None, strict: bool, cast: bool, allow_pickle: bool,
+        progress: Progress | None,
     ) -> Any:
         import torch  # noqa: PLC0415 - torch only when loading
 
-        from cas.statedict import collect_targets, decode_state  # noqa: PLC0415
+        from cas.statedict import LoadResult, collect_targets, decode_state  # noqa: PLC0415
         snap = self.resolve(snapshot)
         root, storages, snap_node = self._tree(snap)
+        full_root = root
         if key:
             try:
                 root = subtree(root, tuple(key.strip("/").split("/")), f"snapshot {snap.short_id}")
             except KeyError as exc:
-                raise UsageError(str(exc.args[0])) from None
+                raise KeyNotFoundError(str(exc.args[0])) from None
         targets = collect_targets(target)
         stored = {path: enc for path, enc in tensor_leaves(root) if enc[0] in ("T", "V")}
         problems = []
+        unexpected = [p for p in stored if p not in targets]
+        missing = [p for p in targets if p not in stored]
         for path, enc in stored.items():
             t = targets.get(path)
             shape = [int(d) for d in enc[2]]
             if t is None:
-                problems.append(f"{format_path(path)} is in the snapshot but not in the target")
-            elif list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != enc[1]:
-                problems.append(
-                    f"{format_path(path)}: snapshot has {enc[1]}{shape}, target has "
-                    f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-                )
-        problems += [f"{format_path(p)} is in the target but not in the snapshot" for p in targets if p not in stored]
+                if strict:
+                    problems.append(f"{format_path(path)} is in the snapshot but not in the target")
+                continue
+            dtype = str(t.dtype).removeprefix("torch.")
+            castable = cast and t.dtype.is_floating_point and _is_float_name(enc[1])
+            if list(t.shape) != shape or (dtype != enc[1] and not castable):
+                problems.append(f"{format_path(path)}: snapshot has {enc[1]}{shape}, target has {dtype}{list(t.shape)}")
+        if strict:
+            problems += [f"{format_path(p)} is in the target but not in the snapshot" for p in missing]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             listed = "; ".join(problems[:5]) + more
-            raise ShapeMismatchError(f"snapshot {snap.short_id} does not fit the target: {listed}")
+            hint = "" if key else _key_hint(full_root, targets)
+            raise ShapeMismatchError(f"snapshot {snap.short_id} does not fit the target: {listed}{hint}")
+        if unexpected:  # strict=False: what the target does not hold is not read
+            root = drop_paths(root, set(unexpected), f"snapshot {snap.short_id}")
         decoded = decode_state(
             root, storages, allow_pickle=allow_pickle, read_blob=self._read_blob(snap),
             name=f"snapshot {snap.short_id}", targets=targets, chunk_size=snap_node.chunk_size or None,
@@ -650,9 +750,11 @@ class Repository:
         with torch.no_grad():
             for dest, src in decoded.copies:
                 dest.copy_(src)
-        if isinstance(target, dict):
+        if isinstance(target, dict) and isinstance(decoded.value, dict):
             _merge_values(target, decoded.value)
-        return target
+        if strict:
+            return target
+        return LoadResult([format_path(p) for p in missing], [format_path(p) for p in unexpected])
 
     def tensors(self, snapshot: str = "latest") -> list[dict[str, Any]]:
         """Every tensor/array leaf of a snapshot: path, dtype, shape, bytes (from the manifest; no data read)."""
@@ -881,6 +983,9 @@ class Repository:
             return report
 
 
+check_public_kwargs(Repository)  # a misspelt keyword argument is a typed ArgumentError
+
+
 def _footers(packs: list[SealedPack]) -> list[tuple[PackId, int, bytes]]:
     """(id, size, footer bytes) of sealed packs: what an index object holds."""
     return [(p.pack_id, p.size, b"".join(e.footer_bytes() for e in p.entries)) for p in packs]
@@ -921,6 +1026,35 @@ def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:
             _collect_values(v, (*path, i), out)
     else:
         out[format_path(path)] = repr(enc)
+
+
+def _key_list(keys: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+    if keys is None:
+        return None
+    if isinstance(keys, str):
+        keys = [keys]
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+        raise UsageError(f"keys must be a key path or a list of them (strings), not {keys!r}")
+    return [k.strip("/") if not (GLOB_CHARS & set(k)) else k for k in keys]
+
+
+def _is_float_name(dtype: Any) -> bool:
+    return isinstance(dtype, str) and (dtype.startswith(("float", "bfloat")))
+
+
+def _key_hint(root: Any, targets: dict[KeyPath, Any]) -> str:
+    """For a target that does not fit a whole snapshot: the top-level entry that does fit, if one does."""
+    if not targets:
+        return ""
+    wanted = {format_path(p) for p in targets}
+    under: dict[str, set[str]] = {}
+    for path, _enc in tensor_leaves(root):
+        if len(path) > 1:
+            under.setdefault(str(path[0]), set()).add(format_path(path[1:]))
+    for top, paths in under.items():
+        if paths == wanted or (len(wanted & paths) * 2 > len(wanted) and len(wanted & paths) * 2 > len(paths)):
+            return f"; the snapshot's {top!r} entry fits it: pass key={top!r}"
+    return ""
 
 
 def _merge_values(target: dict[Any, Any], loaded: dict[Any, Any]) -> None:

@@ -13,12 +13,12 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from cas.errors import ManifestCorruptError, PickleRequiredError, UnsupportedObjectError
+from cas.errors import ManifestCorruptError, PickleRequiredError, UnsupportedObjectError, UsageError
 from cas.ids import ChunkId
 from cas.manifest import split_chunk_ids
 from cas.tree import ARRAY_DTYPES, Blob, KeyPath, check_tree, format_path
@@ -313,7 +313,8 @@ class _Decoder:
         if tag == "T":
             chunks = self.chunks(enc[3])
             flags = int(enc[4])
-            if target is not None and target.device.type == "cpu" and target.is_contiguous():
+            if (target is not None and target.device.type == "cpu" and target.is_contiguous()
+                    and target.dtype == dtype and tuple(target.shape) == shape):
                 self.fills.append(FillJob(byte_view(target.detach()), chunks, path))
                 return target
             t = torch.empty(shape, dtype=dtype)
@@ -431,6 +432,37 @@ def decode_state(
             OverflowError) as exc:
         raise ManifestCorruptError(f"{name} is malformed: {type(exc).__name__}: {exc}") from None
     return Decoded(value, dec.fills, dec.copies)
+
+
+class LoadResult(NamedTuple):
+    """What ``load_into(..., strict=False)`` could not match, as ``load_state_dict`` reports it."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating-point tensor converted to ``dtype`` (nn.Parameters stay parameters)."""
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"dtype must be a torch.dtype such as torch.bfloat16, not {dtype!r}")
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_floating_point() or obj.dtype == dtype:
+            return obj
+        cast = obj.detach().to(dtype)
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter(cast, requires_grad=obj.requires_grad)
+        return cast
+    if isinstance(obj, dict):
+        out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = cast_floats(v, dtype)
+        meta = getattr(obj, "_metadata", None)
+        if meta is not None:
+            out._metadata = meta  # type: ignore[attr-defined]
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(cast_floats(v, dtype) for v in obj)
+    return obj
 
 
 def collect_targets(obj: Any, path: KeyPath = ()) -> dict[KeyPath, torch.Tensor]:

@@ -14,6 +14,7 @@ list, before anything is allocated from a declared size. Anything else is
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import sys
 from dataclasses import dataclass, field
@@ -523,3 +524,86 @@ def leaf_nbytes(enc: Any, name: str = "tree") -> int:
         raise _fail(name, (), f"a {tag!r} value is not a tensor or array")
     itemsize = array_dtype(enc[1], name, ()).itemsize if tag == "A" else torch_itemsize(enc[1], name, ())
     return _numel(_ints(enc[2], "the shape", name, (), 0, INT64_MAX), itemsize, name, ()) * itemsize
+
+
+#: characters a key prefix may stop before: "model" selects "model/..." and "model.layers..." (flat dicts)
+KEY_BOUNDARIES = "./"
+GLOB_CHARS = frozenset("*?[")
+
+
+def key_selects(key: str, path: str) -> bool:
+    """Whether ``key`` (a formatted key path, a prefix ending at a ``.``/``/`` boundary, or a glob) selects ``path``."""
+    if GLOB_CHARS & set(key):
+        return fnmatch.fnmatchcase(path, key)
+    if not key or path == key:
+        return True
+    if not path.startswith(key):
+        return False
+    return key[-1] in KEY_BOUNDARIES or path[len(key)] in KEY_BOUNDARIES
+
+
+def _may_hold(key: str, path: str) -> bool:
+    """Whether a value at ``path`` may hold values that ``key`` selects."""
+    if GLOB_CHARS & set(key):
+        return True
+    return key.startswith(path + "/") or (not path and bool(key))
+
+
+def select_paths(root: Any, keys: list[str], name: str) -> tuple[Any, list[str]]:
+    """The encoded tree cut down to the values ``keys`` select, and the keys that selected nothing.
+
+    Dicts keep only the selected entries (and the dicts on the way to them); a list or tuple
+    that holds a selected value is kept whole (its indexes stay what they were). Returns
+    ``(None, keys)`` when nothing is selected.
+    """
+    matched: set[str] = set()
+
+    def walk(enc: Any, path: KeyPath, depth: int) -> Any:
+        fp = format_path(path) if path else ""
+        hits = [k for k in keys if key_selects(k, fp)] if path or "" in keys else []
+        if hits:
+            matched.update(hits)
+            return enc
+        if depth > MAX_DEPTH or not any(_may_hold(k, fp) for k in keys):
+            return None
+        tag = _tag(enc, name, path)
+        if tag in ("d", "o") and type(enc[1]) is list:
+            kept = []
+            for pair in enc[1]:
+                if type(pair) is not list or len(pair) != 2:
+                    raise _fail(name, path, f"a dict item is {_shown(pair)}, not a [key, value] pair")
+                child = walk(pair[1], (*path, _checked_key(pair[0], name, path, depth + 1)), depth + 1)
+                if child is not None:
+                    kept.append([pair[0], child])
+            if not kept:
+                return None
+            return [tag, kept, *enc[2:]]
+        if tag in ("l", "t") and type(enc[1]) is list:
+            found = [walk(v, (*path, i), depth + 1) is not None for i, v in enumerate(enc[1])]
+            return enc if any(found) else None
+        return None
+
+    pruned = walk(root, (), 0)
+    return pruned, [k for k in keys if k not in matched]
+
+
+def drop_paths(root: Any, drop: set[KeyPath], name: str) -> Any:
+    """The encoded tree without the dict entries at ``drop`` (list items there become None)."""
+
+    def walk(enc: Any, path: KeyPath, depth: int) -> Any:
+        tag = _tag(enc, name, path)
+        if depth > MAX_DEPTH or not any(p[: len(path)] == path for p in drop):
+            return enc
+        if tag in ("d", "o") and type(enc[1]) is list:
+            kept = []
+            for pair in enc[1]:
+                child_path = (*path, _checked_key(pair[0], name, path, depth + 1))
+                if child_path not in drop:
+                    kept.append([pair[0], walk(pair[1], child_path, depth + 1)])
+            return [tag, kept, *enc[2:]]
+        if tag in ("l", "t") and type(enc[1]) is list:
+            return [tag, [["N"] if (*path, i) in drop else walk(v, (*path, i), depth + 1)
+                          for i, v in enumerate(enc[1])]]
+        return enc
+
+    return walk(root, (), 0)

@@ -12,13 +12,13 @@ PACKAGE = Path(cas.__file__).parent
 #: layer of every module, from the bottom; a module may import its own layer and those below
 LAYERS: dict[str, int] = {}
 for rank, modules in enumerate([
-    ["errors", "faults", "ids", "codec", "planes", "_plane_kernels"],  # bytes: pure functions over buffers
+    ["errors", "arguments", "faults", "ids", "codec", "planes", "_plane_kernels"],  # bytes: pure functions over buffers
     ["backends"],  # dumb byte storage
     ["pack", "store", "layout"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
     ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository"],
-    ["cli", "importers", "demo", "manager", "validation", "integrations", "__init__"],  # faces
+    ["cli", "importers", "files", "demo", "manager", "validation", "integrations", "__init__"],  # faces
 ]):
     for module in modules:
         LAYERS[module] = rank

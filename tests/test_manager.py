@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,17 +51,75 @@ def test_async_save_returns_before_commit_and_does_not_see_later_mutation(tmp_pa
     repo.close()
 
 
-def test_background_error_surfaces_on_next_call(tmp_path: Path) -> None:
+def test_state_dict_errors_fail_the_call_that_passed_it(tmp_path: Path) -> None:
     with cas.CheckpointManager(tmp_path / "r") as mgr:
-        assert mgr.save(1, {"bad": {1, 2, 3}})  # a set: the encoder refuses it in the background
         with pytest.raises(cas.UnsupportedObjectError, match="bad"):
-            mgr.wait()
-        assert mgr.save(2, {"ok": torch.ones(2)})  # the manager keeps working afterwards
-        mgr.save(3, {"bad": {4}})
+            mgr.save(1, {"bad": {1, 2, 3}})  # a set: refused by this call, not by the next one
+        assert mgr.save(1, {"ok": torch.ones(2)})  # the step was not taken: it can be saved now
+        mgr.wait()
+        assert mgr.all_steps() == [1]
+
+
+def test_background_error_surfaces_on_next_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with cas.CheckpointManager(tmp_path / "r") as mgr:
+        assert mgr.save(2, {"ok": torch.ones(2)})
+        mgr.wait()
+        real = mgr.repo.save
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise cas.StorageError("disk full (simulated)")
+
+        monkeypatch.setattr(mgr.repo, "save", failing)
+        mgr.save(3, {"ok": torch.ones(2)})
         mgr._inflight.exception()  # type: ignore[union-attr]  # let it fail
-        with pytest.raises(cas.UnsupportedObjectError):
+        monkeypatch.setattr(mgr.repo, "save", real)
+        with pytest.raises(cas.StorageError):
             mgr.save(4, {"ok": torch.ones(2)})  # raised by the next call, never lost
         assert mgr.all_steps() == [2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "low", None, torch.ones(3)])
+def test_a_metric_that_is_not_a_finite_number_is_refused_at_save(tmp_path: Path, bad: Any) -> None:
+    with cas.CheckpointManager(tmp_path / "r", keep_best=("loss", "min", 1)) as mgr:
+        with pytest.raises(cas.UsageError, match="metric 'loss'"):
+            mgr.save(1, {"w": torch.ones(2)}, metrics={"loss": bad})
+        assert mgr.all_steps() == []
+
+
+def test_keep_best_alone_keeps_the_newest_too(tmp_path: Path) -> None:
+    with cas.CheckpointManager(tmp_path / "r", keep_best=("loss", "min", 1), async_save=False) as mgr:
+        for step, loss in enumerate([0.5, 0.1, 0.3, 0.4], 1):
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+        assert mgr.all_steps() == [2, 4]  # the best (step 2) and the newest (a resume loses nothing)
+
+
+def test_unknown_keyword_arguments_are_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(cas.ArgumentError, match="max_to_keep"):
+        cas.CheckpointManager(tmp_path / "r", max_to_kep=3)
+    with cas.CheckpointManager(tmp_path / "r") as mgr, pytest.raises(TypeError, match="metrics"):
+        mgr.save(1, {"w": torch.ones(1)}, metric={"loss": 1.0})
+
+
+def test_restore_latest_fills_model_and_optimizer_in_place(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    with cas.CheckpointManager(tmp_path / "r", async_save=False) as mgr:
+        mgr.save(5, {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                     "step": 5})
+        fresh = torch.nn.Linear(4, 3)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)  # never stepped: its state is empty
+        fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, 1, gamma=0.5)
+        into = {"model": fresh, "optim": fresh_opt, "sched": fresh_sched, "step": 0}
+        result = mgr.restore_latest(into=into)
+    assert result is not None and result.step == 5 and into["step"] == 5
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert fresh_sched.state_dict()["last_epoch"] == 1 and fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
 def test_busy_policies(tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ import cas
 import cas.errors
 
 PUBLIC = {
-    "AmbiguousSnapshotError", "CasError", "CheckpointManager", "CheckReport", "ChunkCorruptError", "ConfigError",
-    "CorruptionError", "DiffReport", "EveryNSteps", "EverySeconds", "ForgetReport", "FormatVersionError",
-    "GcRefusedError", "GcReport", "IndexCorruptError", "InvalidTagError", "LockedError", "ManifestCorruptError",
+    "AmbiguousSnapshotError", "ArgumentError", "CasError", "CheckpointManager", "CheckReport",
+    "ChunkCorruptError", "ConfigError", "CorruptionError", "DiffReport", "EveryNSteps", "EverySeconds", "ForgetReport", "FormatVersionError",
+    "GcRefusedError", "GcReport", "IndexCorruptError", "InvalidTagError", "KeyNotFoundError", "LoadResult",
+    "LockedError", "ManifestCorruptError",
     "MissingChunkError", "NotACheckpointError", "NotARepositoryError", "ObjectNotFoundError", "OutputExistsError",
     "PackCorruptError", "PickleRequiredError", "PreconditionFailedError", "Problem", "Repository",
     "RepositoryError", "RepositoryExistsError", "RestoreResult", "RetentionPolicy", "ShapeMismatchError",
