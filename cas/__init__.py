@@ -39,6 +39,7 @@ from cas.policy import EveryNSteps, EverySeconds, StagePolicy, YoungDaly
 from cas.reports import DiffReport, Problem, Snapshot, StatsReport, VerifyReport
 from cas.repository import Repository
 from cas.retention import ForgetReport, RetentionPolicy
+from cas.session import SavedPart, SaveSession
 
 __version__ = "0.1.0"
 
@@ -103,6 +104,8 @@ __all__ = [
     "RepositoryExistsError",
     "RestoreResult",
     "RetentionPolicy",
+    "SavedPart",
+    "SaveSession",
     "ShapeMismatchError",
     "Snapshot",
     "StagePolicy",

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -26,28 +25,26 @@ from cas.errors import (
     NotARepositoryError,
     ShapeMismatchError,
     SnapshotNotFoundError,
-    StorageError,
     TagExistsError,
     UsageError,
 )
-from cas.faults import crash_point
 from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
-from cas.index import Index, SealedPack, drop_env
+from cas.index import Index, drop_env
 from cas.layout import Store, create_store, open_store
-from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node, unpack_node
+from cas.manifest import SnapshotNode, check_metadata, unpack_node
 from cas.pack import ChunkKind, PackEntry
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
 from cas.retention import ForgetReport, RetentionPolicy, apply_policy
-from cas.saver import ChunkStorer, Fingerprints, PackSinks, chain_extremes, link_cost
+from cas.saver import Fingerprints, PackSinks, chain_extremes, link_cost
+from cas.session import SavedPart, SaveSession
 from cas.store import CHUNK_SIZE_MAX as MAX_CHUNK_SIZE
 from cas.store import CHUNK_SIZE_MIN as MIN_CHUNK_SIZE
 from cas.store import MAX_DELTA_DEPTH_LIMIT, check_tag, validate_config
 from cas.storeview import reconcile, scan_store
 from cas.tree import (
     GLOB_CHARS,
-    Blob,
     KeyPath,
     base_candidates,
     drop_paths,
@@ -311,77 +308,58 @@ class Repository:
         check_metadata(metadata)
         compression = compression or str(self.config.get("compression", "default"))
         check_compression(compression)
-        from cas.statedict import encode_state  # noqa: PLC0415 - torch only when saving
+        with self.session(parent, compression=compression, keyframe=keyframe, rehash=rehash) as session:
+            part = session.store(state_dict, allow_pickle=allow_pickle, progress=progress)
+            return session.commit([part], tag, metadata, replace=replace, ref_version=ref_version)
 
-        encoded = encode_state(state_dict, allow_pickle=allow_pickle)
-        blobs = encoded.storages + encoded.blobs
-        total = sum(b.nbytes for b in blobs)
-        done = 0
+    def session(
+        self,
+        parent: str | None = "latest",
+        *,
+        compression: str | None = None,
+        keyframe: bool = False,
+        rehash: bool = False,
+        lock: bool = True,
+        fingerprints: tuple[SnapshotId | None, Fingerprints] | None = None,
+        label: int | None = None,
+    ) -> SaveSession:
+        """A save session: stores chunks and subtrees (``store``, ``store_items``) and returns what it
+        wrote as :class:`SavedPart` values; ``finish`` makes them durable and indexed without a
+        ref, ``commit`` turns parts (its own and other sessions') into a snapshot (``save`` is
+        one session that commits its one part).
 
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
+        ``parent`` (a snapshot spec, or None) is where delta bases come from and what the
+        snapshot records. The session holds the repository lock shared until it is finished
+        (so gc waits for it); ``lock=False`` when the caller holds it for the whole save.
+        ``fingerprints``: (snapshot, fingerprints) of the save the caller made before (defaults to
+        this process's last save); applied only to a child of that snapshot (FORMAT.md §4).
+        """
+        compression = compression or str(self.config.get("compression", "default"))
+        check_compression(compression)
+        previous = None if rehash else (fingerprints or self._fingerprints)
+        return SaveSession(self, parent, compression=compression, keyframe=keyframe, previous=previous,
+                           lock=lock, label=label)
 
-        with self._store.lock(exclusive=False):
-            # under the lock: no gc can remove the parent's manifest while we read it
-            parent_id = self._parent_id(parent)
-            sink = self.pack_sinks("pack")
-            lookup = self.index.reader()
-            bases = None
-            if parent_id is not None and not keyframe and self.max_delta_depth:
-                parent_id, bases = self._delta_parent(parent_id)
-            previous = self._fingerprints
-            storer = ChunkStorer(
-                sink, lookup, self.pool, compression, self.chunk_size, window=2 * self._threads + 2,
-                bases=bases, max_depth=self.max_delta_depth, max_cost=self.max_chain_cost,
-                read_base=lambda cid: self.reader.base(cid, "delta base for a save", scratch=True),
-                fingerprints=previous[1] if previous is not None and previous[0] == parent_id and not rehash
-                else None,
-                pack_size_of=self.reader.pack_size,
-            )
-            try:
-                storer.store_blobs(blobs, advance)
-                tree = pack_node(
-                    {"v": NODE_VERSION, "type": "tree", "root": encoded.tree,
-                     "storages": [[b.nbytes, b] for b in encoded.storages]},
-                    default=_blob_chunks,
-                )
-                tree_id = storer.store_node(tree)
-                node = SnapshotNode(
-                    tree=tree_id, tag=tag, parent=parent_id, time_ns=time.time_ns(), metadata=metadata,
-                    logical_bytes=encoded.logical_bytes, tensor_count=encoded.tensor_count,
-                    bytes_added=sink.stored_bytes, chunk_size=self.chunk_size, pickled=encoded.pickled,
-                )
-                node_bytes = node.encode()
-                snap_id = SnapshotId(storer.store_node(node_bytes))
-                packs = sink.finish()
-                if not self._store.is_local:  # what a fresh cache reads instead of every pack's footer
-                    self._store.write_index_object(_footers(packs))
-                self._store.check_locks()  # a writer whose lock may have gone stale commits nothing
-                crash_point("before_index_commit")
-                self.index.commit(packs, [(snap_id, node_bytes)], replace=storer.replaced)
-                crash_point("before_ref")
-                ref = tag or snap_id.hex()
-                # a new tag is created by exactly one save; a moved one only if no other save moved it meanwhile
-                self._store.write_ref(ref, snap_id, create=tag is not None and ref_version is None,
-                                      if_version=ref_version if tag is not None else None)
-                # the next save, a child of this one, need not re-hash what did not change
-                self._fingerprints = (snap_id, storer.fingerprints)
-                crash_point("after_ref")
-            except OSError as exc:
-                sink.abort()
-                raise StorageError(
-                    f"saving stopped: {exc.strerror or exc} ({exc.filename or self.path}); nothing was committed "
-                    "and every earlier snapshot is intact. Free space (cas forget + cas gc) and save again"
-                ) from exc
-            except BaseException:
-                sink.abort()
-                raise
-            finally:
-                lookup.close()
-        return self._snapshot(ref, snap_id, node)
+    def commit(
+        self,
+        parts: list[SavedPart],
+        tag: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        parent: str | None = "latest",
+        replace: bool = False,
+        lock: bool = True,
+    ) -> Snapshot:
+        """One snapshot of parts that save sessions stored and finished (possibly in other processes):
+        their trees merged into one tree node, a snapshot node, the ref written atomically.
+        ``lock=False`` when the caller holds the repository lock (shared) across the sessions and
+        this commit, as a distributed save does."""
+        if tag is not None:
+            check_tag(tag)
+            if not replace and self._store.has_ref(tag):
+                raise TagExistsError(f"tag {tag!r} already names a snapshot; pick another tag or `rm` it first")
+        with self.session(parent, keyframe=True, lock=lock) as session:
+            return session.commit(parts, tag, metadata, replace=replace)
 
     def _parent_id(self, parent: str | None) -> SnapshotId | None:
         """The snapshot a save names as its parent: ``latest`` is the newest readable one, and none
@@ -984,17 +962,6 @@ class Repository:
 
 
 check_public_kwargs(Repository)  # a misspelt keyword argument is a typed ArgumentError
-
-
-def _footers(packs: list[SealedPack]) -> list[tuple[PackId, int, bytes]]:
-    """(id, size, footer bytes) of sealed packs: what an index object holds."""
-    return [(p.pack_id, p.size, b"".join(e.footer_bytes() for e in p.entries)) for p in packs]
-
-
-def _blob_chunks(obj: Any) -> Any:
-    if isinstance(obj, Blob):
-        return b"".join(obj.chunks)
-    raise TypeError(f"cannot encode {type(obj).__name__} in a manifest node")
 
 
 def _fingerprints(root: Any, storages: list[Any]) -> tuple[dict[str, tuple[Any, int]], dict[str, Any]]:

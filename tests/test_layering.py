@@ -17,7 +17,7 @@ for rank, modules in enumerate([
     ["pack", "store", "layout"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
-    ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository"],
+    ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository", "session"],
     ["cli", "importers", "files", "demo", "manager", "validation", "integrations", "__init__"],  # faces
 ]):
     for module in modules:
