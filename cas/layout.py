@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,10 @@ class Store:
             return self.backend.stat(self.pack_key_of(pack_id)).size
         except ObjectNotFoundError:
             return None
+
+    def hold_open(self) -> AbstractContextManager[None]:
+        """Pack handles opened meanwhile stay open for later reads until it ends (one restore)."""
+        return self.backend.hold_open()
 
     def read_pack_range(self, pack_id: PackId, offset: int, length: int) -> bytes:
         try:

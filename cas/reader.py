@@ -303,6 +303,10 @@ class ChunkReader:
         more of the chunks' chains go through are decoded once, first, and cached: no chain is
         decoded twice in one restore.
         """
+        with self.store.hold_open():  # a local store opens each pack once, not once per chunk
+            self._run(reads, pool, progress)
+
+    def _run(self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None) -> None:
         reads = sorted(reads, key=lambda r: (r.location.pack_id, r.location.offset))
         decoded: dict[bytes, Buffer] = {}
         held = 0

@@ -49,9 +49,11 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import re
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -390,6 +392,12 @@ class Backend(abc.ABC):
                 )
         finally:
             self._delete(key)
+
+    def hold_open(self) -> AbstractContextManager[None]:
+        """While the returned context is open, a backend may keep the handles its reads open for
+        later reads of the same objects (the local backend: one descriptor per pack instead of an
+        open per chunk); all are released when the outermost hold ends. Default: nothing held."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         """Release connections and pools. The backend is unusable afterwards."""

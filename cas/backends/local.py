@@ -20,6 +20,13 @@ between another writer's check and rename. That makes CAS atomic among all proce
 on one host; on NFS it is only as good as the server's flock emulation.
 
 ``read_into`` uses ``os.preadv`` straight into the caller's buffer (no copy).
+
+Inside :meth:`LocalBackend.hold_open` (a restore) the descriptors of pack files (keys under
+``packs/``, which are immutable: named by their content) stay open for later reads, so a
+restore opens each pack once instead of once per chunk (~35 us each, on a 1 MiB chunk ~10 %
+of a verified read). They are closed when the outermost hold ends (a descriptor still in use
+by another thread's read then, once that read is done): no descriptor outlives the operation,
+so a long-lived process never keeps the space of a pack another process deleted.
 """
 
 from __future__ import annotations
@@ -74,6 +81,10 @@ _TRANSIENT = {
 }
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV}
 
+#: most pack descriptors one hold keeps open (later packs are opened per read, as outside a hold)
+MAX_HELD_FDS = 256
+_HELD_PREFIX = "packs/"
+
 _clock_lock = threading.Lock()
 _last_ns = [0]
 
@@ -83,6 +94,18 @@ def _fresh_ns() -> int:
     with _clock_lock:
         _last_ns[0] = max(time.time_ns(), _last_ns[0] + 1)
         return _last_ns[0]
+
+
+class _Held:
+    """A pack descriptor kept open by a hold: closed once retired and no read uses it."""
+
+    __slots__ = ("fd", "retired", "st", "users")
+
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self.fd = fd
+        self.st = st
+        self.users = 0
+        self.retired = False
 
 
 def _token(st: os.stat_result) -> str:
@@ -100,6 +123,9 @@ class LocalBackend(Backend):
         self._tmp = self._hidden / "tmp"
         self._locks = self._hidden / "locks"
         self._dirs_ready = False
+        self._hold_lock = threading.Lock()
+        self._holds = 0
+        self._held: dict[str, _Held] = {}
         with self._errors("open", ""):
             if create:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -211,6 +237,85 @@ class LocalBackend(Backend):
             raise OSError(errno.EISDIR, "not a regular file")
         return fd, st
 
+    # -- held descriptors (see the module docstring) ----------------------------------------
+
+    @contextlib.contextmanager
+    def hold_open(self) -> Iterator[None]:
+        with self._hold_lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            idle: builtins.list[int] = []
+            with self._hold_lock:
+                self._holds -= 1
+                if not self._holds:
+                    held, self._held = builtins.list(self._held.values()), {}
+                    for entry in held:
+                        entry.retired = True
+                    idle = [e.fd for e in held if e.users == 0]
+            for fd in idle:
+                os.close(fd)
+
+    def _take_held(self, key: str) -> _Held | None:
+        """The held descriptor of ``key`` (opened now if need be), its use counted; None outside a hold."""
+        if not self._holds or not key.startswith(_HELD_PREFIX):
+            return None
+        with self._hold_lock:
+            entry = self._held.get(key) if self._holds else None
+            if entry is not None:
+                entry.users += 1
+                return entry
+            if not self._holds or len(self._held) >= MAX_HELD_FDS:
+                return None
+        fd, st = self._open_object(key)
+        with self._hold_lock:
+            entry = self._held.get(key)
+            if entry is None and self._holds and len(self._held) < MAX_HELD_FDS:
+                entry = self._held[key] = _Held(fd, st)
+                fd = -1
+            elif entry is None:  # the hold ended meanwhile: use this descriptor once
+                entry = _Held(fd, st)
+                entry.retired = True
+                fd = -1
+            entry.users += 1
+        if fd >= 0:
+            os.close(fd)  # another thread opened it first
+        return entry
+
+    def _drop_held(self, entry: _Held) -> None:
+        with self._hold_lock:
+            entry.users -= 1
+            close = entry.retired and entry.users == 0
+        if close:
+            os.close(entry.fd)
+
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[tuple[int, os.stat_result]]:
+        """A read descriptor of ``key`` and its stat: the held one inside a hold, else opened for this read."""
+        entry = self._take_held(key)
+        if entry is not None:
+            try:
+                yield entry.fd, entry.st
+            finally:
+                self._drop_held(entry)
+            return
+        fd, st = self._open_object(key)
+        try:
+            yield fd, st
+        finally:
+            os.close(fd)
+
+    def _retire_held(self, key: str) -> None:
+        with self._hold_lock:
+            entry = self._held.pop(key, None)
+            if entry is None:
+                return
+            entry.retired = True
+            close = entry.users == 0
+        if close:
+            os.close(entry.fd)
+
     def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
         return ObjectInfo(key, st.st_size, _token(st), st.st_mtime_ns / 1e9)
 
@@ -229,43 +334,27 @@ class LocalBackend(Backend):
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _read_range(self, key: str, offset: int, length: int | None) -> bytes:
-        with self._errors("read", key):
-            fd, st = self._open_object(key)
-            try:
-                n = max(0, st.st_size - offset) if length is None else length
-                return self._pread(fd, offset, n)
-            finally:
-                os.close(fd)
+        with self._errors("read", key), self._reading(key) as (fd, st):
+            n = max(0, st.st_size - offset) if length is None else length
+            return self._pread(fd, offset, n)
 
     def _read_suffix(self, key: str, n: int) -> bytes:
-        with self._errors("read", key):
-            fd, st = self._open_object(key)
-            try:
-                start = max(0, st.st_size - n)
-                return self._pread(fd, start, st.st_size - start)
-            finally:
-                os.close(fd)
+        with self._errors("read", key), self._reading(key) as (fd, st):
+            start = max(0, st.st_size - n)
+            return self._pread(fd, start, st.st_size - start)
 
     def _read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> builtins.list[bytes]:
-        with self._errors("read", key):
-            fd, _ = self._open_object(key)
-            try:
-                return [self._pread(fd, off, ln) for off, ln in ranges]
-            finally:
-                os.close(fd)
+        with self._errors("read", key), self._reading(key) as (fd, _):
+            return [self._pread(fd, off, ln) for off, ln in ranges]
 
     def _read_into(self, key: str, offset: int, dest: memoryview) -> None:
-        with self._errors("read", key):
-            fd, _ = self._open_object(key)
-            try:
-                pos = 0
-                while pos < len(dest):
-                    n = os.preadv(fd, [dest[pos:]], offset + pos)
-                    if n == 0:
-                        raise self._short_read(key, offset, len(dest), pos)
-                    pos += n
-            finally:
-                os.close(fd)
+        with self._errors("read", key), self._reading(key) as (fd, _):
+            pos = 0
+            while pos < len(dest):
+                n = os.preadv(fd, [dest[pos:]], offset + pos)
+                if n == 0:
+                    raise self._short_read(key, offset, len(dest), pos)
+                pos += n
 
     def _stat(self, key: str) -> ObjectInfo:
         with self._errors("stat", key):
@@ -325,6 +414,7 @@ class LocalBackend(Backend):
                             f"(now {current or 'absent'}; compare-and-swap lost)"
                         )
                 os.replace(tmp, path)
+            self._retire_held(key)
         self._fsync_dir(os.path.dirname(path))
 
     def _write(self, key: str, data: memoryview, mode: WriteMode, if_version: str | None) -> ObjectInfo:
@@ -400,6 +490,7 @@ class LocalBackend(Backend):
     def _delete(self, key: str) -> None:
         path = self._path(key)
         with self._errors("delete", key):
+            self._retire_held(key)
             if not os.path.lexists(path):
                 return
             self._ensure_hidden()

@@ -24,6 +24,7 @@ import builtins
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TypeVar
 
@@ -65,6 +66,9 @@ class RetryingBackend(Backend):
 
     def describe(self) -> str:
         return self.inner.describe()
+
+    def hold_open(self) -> AbstractContextManager[None]:
+        return self.inner.hold_open()
 
     def delay(self, attempt: int) -> float:
         """The pause after failed try number ``attempt`` (0-based)."""
