@@ -20,11 +20,14 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cas.backends import Backend
 from cas.codec import Codec, needs_base
-from cas.errors import CorruptionError, FormatVersionError, MissingChunkError, ObjectNotFoundError
+from cas.errors import CasError, CorruptionError, FormatVersionError, MissingChunkError, ObjectNotFoundError
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation
-from cas.pack import ChunkKind, PackEntry, check_structure, salvage_candidates
+from cas.layout import PACK_KEY, BackendSource
+from cas.manifest import SnapshotNode
+from cas.pack import ChunkKind, MemorySource, PackEntry, check_structure, read_footer, salvage_candidates
 from cas.reach import reached_chunks, snapshot_label
 from cas.storeview import StoreView, reconcile, scan_store
 
@@ -48,6 +51,8 @@ class CheckReport:
     #: whether this run changed anything on disk or in the index (repairs, index brought in line)
     changed: bool = False
     quarantined: list[str] = field(default_factory=list)
+    #: packs replaced by (damaged) or brought back from (missing) a replica's intact copy
+    healed: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -88,7 +93,105 @@ def _verifies(repo: Repository, chunk_id: ChunkId) -> bool:
     return True
 
 
-def check_repository(repo: Repository, *, repair: bool = False) -> CheckReport:
+def check_repository(
+    repo: Repository, *, repair: bool = False, heal_from: list[tuple[str, Backend]] | None = None
+) -> CheckReport:
+    """Check every pack; with ``repair``, first fetch intact copies of damaged or missing packs
+    from the replicas in ``heal_from`` (name, backend), then salvage what is still damaged."""
+    if not (repair and heal_from):
+        return _check(repo, repair=repair)
+    first = _check(repo, repair=False)
+    if first.ok:
+        return first
+    with repo.store.lock(exclusive=True):
+        healed = heal_packs(repo, first, heal_from)
+    repo.reader.clear_cache()
+    report = _check(repo, repair=True)
+    report.healed = healed
+    report.changed = report.changed or bool(healed)
+    return report
+
+
+def _missing_chunks(repo: Repository) -> set[bytes]:
+    """Chunks the snapshots reach that the index (in line with the packs) does not hold."""
+    missing: set[bytes] = set()
+    store = repo.store
+    for name in store.ref_names():
+        try:
+            sid = store.read_ref(name)
+        except (FileNotFoundError, CorruptionError):
+            continue
+        try:
+            reached = reached_chunks(repo.reader, sid, snapshot_label(name, sid))
+        except (CorruptionError, FormatVersionError):
+            missing.add(bytes(sid))
+            try:
+                node = SnapshotNode.decode(repo.reader.read(sid, f"snapshot {name}"), name)
+                missing.add(bytes(node.tree))
+            except (CorruptionError, FormatVersionError):
+                pass
+            continue
+        present = repo.index.get_many(cid for cid, _ in reached)
+        missing.update(bytes(cid) for cid, _ in reached if cid not in present)
+    return missing
+
+
+def heal_packs(repo: Repository, first: CheckReport, sources: list[tuple[str, Backend]]) -> list[dict[str, str]]:
+    """Replace each damaged pack by a replica's copy that checks (structure and every record),
+    and bring back packs holding missing chunks. The damaged bytes go to ``quarantine/`` first,
+    and come back if no replica's copy checks."""
+    store = repo.store
+    healed: list[dict[str, str]] = []
+    for hex_id in first.damaged_packs:
+        pack_id = PackId(bytes.fromhex(hex_id))
+        key = store.pack_key_of(pack_id)
+        try:
+            kept = store.quarantine_pack(pack_id)
+        except ObjectNotFoundError:
+            kept = None
+        for name, backend in sources:
+            try:
+                data = backend.read(key)
+                entries = check_structure(MemorySource(key.rsplit("/", 1)[-1], data), pack_id)
+            except (CasError, OSError):
+                continue
+            store.backend.write(key, data)
+            repo.reader.clear_cache()
+            problem = _check_records(repo, pack_id, entries, CheckReport(repaired=False))
+            if problem is None:
+                healed.append({"pack": hex_id, "from": name, "why": first.damage.get(hex_id, "damaged")})
+                break
+            if kept is not None:  # this copy is no better: put the damaged bytes back for salvage
+                store.backend.write(key, store.backend.read(kept))
+                repo.reader.clear_cache()
+    missing = _missing_chunks(repo)
+    if not missing:
+        return healed
+    here = set(store.list_packs())
+    for name, backend in sources:
+        for info in backend.list("packs/"):
+            m = PACK_KEY.fullmatch(info.key)
+            if not m or not missing:
+                continue
+            pack_id = PackId(bytes.fromhex(m.group(2)))
+            if pack_id in here:
+                continue
+            try:
+                entries = read_footer(BackendSource(backend, pack_id, info.size, info.key), pack_id)
+                if not any(bytes(e.chunk_id) in missing for e in entries):
+                    continue
+                data = backend.read(info.key)
+                check_structure(MemorySource(info.key.rsplit("/", 1)[-1], data), pack_id)
+            except (CasError, OSError):
+                continue
+            store.backend.write(info.key, data, mode="create")
+            here.add(pack_id)
+            missing -= {bytes(e.chunk_id) for e in entries}
+            healed.append({"pack": pack_id.hex(), "from": name, "why": "missing"})
+    return healed
+
+
+def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
     report = CheckReport(repaired=repair)
     store = repo.store
     with store.lock(exclusive=True):

@@ -21,7 +21,9 @@ Every error a user can meet is a :class:`CasError`; the CLI maps the class's
     │       ├── StorageUnavailableError   transient: connection refused, timeout, 5xx, throttling (retry)
     │       ├── StoragePermissionError    credentials or permissions refused the operation
     │       ├── ObjectNotFoundError       the object (or bucket) does not exist
-    │       └── PreconditionFailedError   a create-only or compare-and-swap write lost its race
+    │       ├── PreconditionFailedError   a create-only or compare-and-swap write lost its race
+    │       │   └── FencedError           a write to a region that no longer serves (failover epoch moved)
+    │       └── ArchivedError             data in an archive storage class: request a restore first
     ├── SnapshotNotFoundError             exit 4  unknown tag / id / prefix
     │   └── AmbiguousSnapshotError
     ├── UnsupportedObjectError            exit 5  value the typed encoding cannot hold
@@ -115,6 +117,23 @@ class ObjectNotFoundError(StorageError):
 
 class PreconditionFailedError(StorageError):
     pass
+
+
+class FencedError(PreconditionFailedError):
+    """A write went to a region that is no longer the serving one (another took over at a newer
+    failover epoch). Nothing was written; reopen the repository to write where it serves now."""
+
+
+class ArchivedError(StorageError):
+    """Objects are in an archive storage class (e.g. S3 GLACIER) and need a restore request
+    before they can be read. ``keys`` names them; a load also sets ``snapshot`` and ``packs``."""
+
+    def __init__(self, message: str, keys: list[str] | None = None, *, snapshot: str | None = None,
+                 packs: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.keys = list(keys or [])
+        self.snapshot = snapshot
+        self.packs = list(packs or [])
 
 
 class SnapshotNotFoundError(CasError):

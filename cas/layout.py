@@ -35,6 +35,7 @@ import blake3
 
 from cas.backends import Backend, BucketNotFoundError, open_backend
 from cas.errors import (
+    FencedError,
     LockedError,
     ManifestCorruptError,
     MissingChunkError,
@@ -328,6 +329,8 @@ class Store:
                 self.backend.write(REFS + name, data, mode="create")
             else:
                 self.backend.write(REFS + name, data, if_version=if_version)
+        except FencedError:
+            raise
         except PreconditionFailedError:
             raise TagExistsError(
                 f"tag {name!r} was taken or moved by another save while this one ran; nothing tagged"
@@ -493,9 +496,15 @@ def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def _local_dir(backend: Backend, repository_id: str) -> Path:
+def local_dir_for(backend: Backend, repository_id: str, url: str) -> Path:
+    """A local repository's own directory; for a remote one its cache, keyed by the repository id
+    and the location (a replica holds the same repository id, and must not share the primary's
+    cache)."""
     root = backend.capabilities.local_path
-    return root if root is not None else cache_root() / repository_id
+    if root is not None:
+        return root
+    where = url.rstrip("/")
+    return cache_root() / f"{repository_id}-{blake3.blake3(where.encode()).hexdigest()[:12]}"
 
 
 def create_store(
@@ -520,7 +529,7 @@ def create_store(
             if next(iter(backend.list("")), None) is not None:
                 raise RepositoryExistsError(f"{backend.describe()} is not empty; cas init needs an empty prefix")
         config = {"format": REPO_FORMAT_NAME, "version": REPO_VERSION, "repository_id": uuid.uuid4().hex, **settings}
-        store = Store(backend, text, _local_dir(backend, config["repository_id"]))
+        store = Store(backend, text, local_dir_for(backend, config["repository_id"], text))
         try:
             store.create_config(config)
         except PreconditionFailedError:
@@ -561,7 +570,7 @@ def open_store(url: str | os.PathLike[str], storage_options: dict[str, Any] | No
             raise NotARepositoryError(f"{where} is not a cas repository ({CONFIG_KEY} is not a cas config)")
         location = Path(_location(text)) / CONFIG_KEY if not _is_remote(text) else f"{where}/{CONFIG_KEY}"
         config = validate_config(config, location)
-        return Store(backend, text, _local_dir(backend, str(config["repository_id"]))), config
+        return Store(backend, text, local_dir_for(backend, str(config["repository_id"]), text)), config
     except BaseException:
         backend.close()
         raise

@@ -227,6 +227,23 @@ class FileSource:
             raise PackCorruptError(f"pack {self.name} is missing") from None
 
 
+class MemorySource:
+    """A pack held in memory (checked before it is stored or sent elsewhere)."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name = name
+        self._data = data
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset:offset + length]
+
+    def read_all(self) -> bytes:
+        return self._data
+
+
 def as_source(pack: Path | PackSource) -> PackSource:
     return FileSource(pack) if isinstance(pack, Path) else pack
 

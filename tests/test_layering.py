@@ -14,11 +14,12 @@ LAYERS: dict[str, int] = {}
 for rank, modules in enumerate([
     ["errors", "arguments", "faults", "ids", "codec", "planes", "_plane_kernels"],  # bytes: pure functions over buffers
     ["backends"],  # dumb byte storage
-    ["pack", "store", "layout"],  # packs as bytes; the repository's objects over a backend
+    ["pack", "store", "layout", "topology"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
-    ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository", "session"],
-    ["cli", "importers", "files", "demo", "manager", "validation", "integrations", "__init__"],  # faces
+    ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository", "session",
+     "replication", "regions", "tiering", "dr"],
+    ["cli", "cli_dr", "serve", "importers", "files", "demo", "manager", "validation", "integrations", "__init__"],  # faces
 ]):
     for module in modules:
         LAYERS[module] = rank

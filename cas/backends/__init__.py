@@ -30,9 +30,11 @@ from cas.backends.base import (
     WriteMode,
     validate_key,
 )
+from cas.backends.failover import FailoverBackend
 from cas.backends.local import LocalBackend
 from cas.backends.memory import MemoryBackend
 from cas.backends.retry import RetryingBackend
+from cas.backends.tiered import TieredBackend
 from cas.errors import UsageError
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ __all__ = [
     "Backend",
     "BucketNotFoundError",
     "Capabilities",
+    "FailoverBackend",
     "IncompleteUpload",
     "LocalBackend",
     "MemoryBackend",
@@ -49,6 +52,7 @@ __all__ = [
     "RetryingBackend",
     "S3Backend",
     "ShortReadError",
+    "TieredBackend",
     "WriteMode",
     "open_backend",
     "validate_key",
@@ -65,6 +69,7 @@ _S3_OPTIONS = {
     "part_size",
     "max_concurrency",
     "coalesce_gap",
+    "storage_class",
 }
 _RETRY_OPTIONS = {"retry_attempts": "attempts", "retry_base_delay": "base_delay", "retry_max_delay": "max_delay"}
 _LOCAL_OPTIONS = {"create", "fsync"}

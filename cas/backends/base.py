@@ -399,6 +399,30 @@ class Backend(abc.ABC):
         open per chunk); all are released when the outermost hold ends. Default: nothing held."""
         return contextlib.nullcontext()
 
+    def health_probe(self) -> None:
+        """One real round trip, for health checks: write a small probe object under a reserved key,
+        read it back, delete it. Raises the typed error of the step that failed (one try, no retry)."""
+        key = f"{RESERVED_PREFIX}-health/{uuid.uuid4().hex}"
+        body = uuid.uuid4().bytes
+        self._write(key, memoryview(body), "overwrite", None)
+        try:
+            if self._read_range(key, 0, None) != body:
+                raise StorageError(f"{self.describe()}: health probe {key} read back other bytes than were written")
+        finally:
+            self._delete(key)
+
+    def archive_state(self, key: str) -> str | None:
+        """None if the object can be read now; ``"archived"`` if it sits in an archive storage
+        class and needs :meth:`request_restore`; ``"restoring"`` if a restore is under way.
+        Backends without archive classes always say None (after checking the object exists)."""
+        self._stat(validate_key(key))
+        return None
+
+    def request_restore(self, key: str, days: int = 1) -> None:
+        """Ask the store to bring an archived object back to readable storage for ``days`` days
+        (idempotent; a no-op where there is nothing to restore)."""
+        self._stat(validate_key(key))
+
     def close(self) -> None:
         """Release connections and pools. The backend is unusable afterwards."""
         return None

@@ -169,5 +169,14 @@ class RetryingBackend(Backend):
     def probe_conditional_writes(self) -> None:
         self._retry(self.inner.probe_conditional_writes)
 
+    def health_probe(self) -> None:
+        self.inner.health_probe()  # one try: a health check counts failures itself
+
+    def archive_state(self, key: str) -> str | None:
+        return self._retry(lambda: self.inner.archive_state(key))
+
+    def request_restore(self, key: str, days: int = 1) -> None:
+        self._retry(lambda: self.inner.request_restore(key, days))
+
     def close(self) -> None:
         self.inner.close()

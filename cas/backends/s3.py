@@ -102,6 +102,7 @@ from cas.backends.base import (
     is_valid_key,
 )
 from cas.errors import (
+    ArchivedError,
     ObjectNotFoundError,
     PreconditionFailedError,
     StorageError,
@@ -150,6 +151,8 @@ _TRANSIENT_CODES = {
     "503",
     "500",
 }
+#: storage classes whose objects need a restore request before a GET
+_ARCHIVE_CLASSES = {"GLACIER", "DEEP_ARCHIVE"}
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ...
@@ -228,6 +231,7 @@ class S3Backend(Backend):
         part_size: int = 16 * MiB,
         max_concurrency: int = 16,
         coalesce_gap: int = 1 * MiB,
+        storage_class: str | None = None,
     ) -> None:
         if not isinstance(bucket, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
             raise UsageError(f"S3 bucket name {bucket!r} is not valid")
@@ -252,6 +256,11 @@ class S3Backend(Backend):
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.coalesce_gap = coalesce_gap
+        if storage_class is not None and not re.fullmatch(r"[A-Z_]{2,32}", str(storage_class)):
+            raise UsageError(f"S3 storage_class {storage_class!r} is not a storage class name (e.g. GLACIER)")
+        #: the storage class every write asks for (None: the bucket's default, STANDARD)
+        self.storage_class = storage_class
+        self._put_extra: dict[str, str] = {"StorageClass": storage_class} if storage_class else {}
         self._bucket_known = False
         # Whether multipart completes honour If-None-Match / If-Match; filled by probe_conditional_writes.
         self.conditional_multipart: dict[str, bool] = {}
@@ -342,6 +351,11 @@ class S3Backend(Backend):
                 if cas:
                     return PreconditionFailedError(f"{what}: the object is gone (compare-and-swap lost)")
                 return ObjectNotFoundError(f"{what}: no such object")
+            if code == "InvalidObjectState":
+                return ArchivedError(
+                    f"{what}: the object is in an archive storage class; request a restore first "
+                    "(`cas restore --warmup`)", [key]
+                )
             if code == "NoSuchUpload":
                 return ObjectNotFoundError(f"{what}: the multipart upload no longer exists ({detail})")
             if code in _PRECONDITION_CODES or status == 412 or (status == 409 and "Conditional" in code):
@@ -561,7 +575,8 @@ class S3Backend(Backend):
             return self._write_multipart(key, data, mode, if_version)
         with self._errors("write", key, cas=if_version is not None):
             r = self._client.put_object(
-                Bucket=self.bucket, Key=self._k(key), Body=self._body(data), **self._conditions(mode, if_version)
+                Bucket=self.bucket, Key=self._k(key), Body=self._body(data), **self._conditions(mode, if_version),
+                **self._put_extra,
             )
         self._bucket_known = True
         return ObjectInfo(key, len(data), str(r["ETag"]), self._when(r))
@@ -604,7 +619,7 @@ class S3Backend(Backend):
             found: dict[str, bool] = {}
             for kind, cond in (("create", {"IfNoneMatch": "*"}), ("cas", {"IfMatch": first.version})):
                 with self._errors("probe", key):
-                    up = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key))
+                    up = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key), **self._put_extra)
                 try:
                     with self._errors("probe", key):
                         part = self._client.upload_part(
@@ -635,7 +650,7 @@ class S3Backend(Backend):
             # Refuse before uploading gigabytes; the conditional complete below stays the real check.
             raise PreconditionFailedError(f"{self.describe()}: write {key}: already exists (create-only write)")
         with self._errors("write", key):
-            up = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key))
+            up = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key), **self._put_extra)
         upload_id: str = up["UploadId"]
         try:
 
@@ -703,7 +718,7 @@ class S3Backend(Backend):
         part = max(self.part_size, 256 * MiB, -(-src.size // MAX_PARTS))
         op = f"copy {src.key} -> {dst_key}"
         with self._errors(op, ""):
-            up = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._k(dst_key))
+            up = self._client.create_multipart_upload(Bucket=self.bucket, Key=self._k(dst_key), **self._put_extra)
         upload_id: str = up["UploadId"]
         try:
 
@@ -796,6 +811,38 @@ class S3Backend(Backend):
 
     def cleanup_incomplete(self, older_than_s: float) -> int:
         return self.abort_incomplete_uploads(older_than_s)
+
+    def health_probe(self) -> None:
+        # the probe object goes up in the default class: an archive class could not be read back
+        key = f"{RESERVED_PREFIX}-health/{uuid.uuid4().hex}"
+        body = uuid.uuid4().bytes
+        with self._errors("health probe", key):
+            self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=body)
+        try:
+            if self._get(key, None)[0] != body:
+                raise StorageError(f"{self.describe()}: health probe {key} read back other bytes than were written")
+        finally:
+            self._delete(key)
+
+    def archive_state(self, key: str) -> str | None:
+        with self._errors("stat", key):
+            r = self._client.head_object(Bucket=self.bucket, Key=self._k(key))
+        if r.get("StorageClass") not in _ARCHIVE_CLASSES:
+            return None
+        restore = str(r.get("Restore") or "")
+        if 'ongoing-request="false"' in restore:
+            return None  # a restored copy is readable until it expires
+        return "restoring" if 'ongoing-request="true"' in restore else "archived"
+
+    def request_restore(self, key: str, days: int = 1) -> None:
+        if self.archive_state(key) != "archived":
+            return
+        try:
+            with self._errors("restore", key):
+                self._client.restore_object(Bucket=self.bucket, Key=self._k(key), RestoreRequest={"Days": int(days)})
+        except StorageError as e:
+            if "RestoreAlreadyInProgress" not in str(e):
+                raise
 
     def check(self) -> None:
         """HEAD the bucket: a missing bucket, refused credentials or an unreachable endpoint

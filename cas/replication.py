@@ -1,0 +1,309 @@
+"""Copying a repository to a replica, one resumable round at a time (FORMAT.md §12).
+
+A round copies what the replica lacks, in the order that keeps it restorable at every
+instant: data packs, then manifest packs, then index objects, then config and topology,
+refs last. So a replica never shows a snapshot it cannot restore; a round cut short (a
+crash, a dead link) leaves only unreferenced packs, and the next round goes on from what the
+replica lists. Nothing the replica already holds is sent again: packs and index objects are
+immutable and named by their content, so a listed key is a held object.
+
+Every pack is checked before it is sent (its structure and that its footer hashes to its
+name): a damaged pack is never spread; the round then writes no refs and says why.
+
+Refs are compared against what the previous round from the same source left
+(``sync/<source>.json`` on the replica):
+- a ref the replica does not have is created (create-only);
+- a ref the replica still holds at the value last synced follows the source (compare-and-swap);
+- a ref the replica moved itself (a save there during a failover) is a *conflict*: the
+  replica's ref stays, the source's value is kept beside it as ``TAG@SOURCE``, and it is
+  reported; nothing is overwritten;
+- a ref the source deleted (forget) is deleted on the replica only if the replica still holds
+  the value last synced, and the packs are then reclaimed by the replica's own gc (the same
+  safe protocol as everywhere): deletions are never mirrored blindly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cas.backends import Backend
+from cas.errors import (
+    CasError,
+    ConfigError,
+    ObjectNotFoundError,
+    PackCorruptError,
+    PreconditionFailedError,
+)
+from cas.ids import PackId, SnapshotId
+from cas.layout import CONFIG_KEY, INDEXES, PACK_KEY, PACKS, REFS, Store
+from cas.pack import MemorySource, check_structure
+from cas.topology import TOPOLOGY_KEY
+
+log = logging.getLogger("cas")
+SYNC_STATE = "sync/"
+COPY_THREADS = 8
+
+
+@dataclass
+class ReplicaRound:
+    """What one round did for one replica, and what it still lacks afterwards."""
+
+    replica: str
+    packs_copied: int = 0
+    index_objects_copied: int = 0
+    bytes_copied: int = 0
+    already_there: int = 0
+    refs_created: list[str] = field(default_factory=list)
+    refs_moved: list[str] = field(default_factory=list)
+    refs_removed: list[str] = field(default_factory=list)
+    conflicts: list[dict[str, str]] = field(default_factory=list)
+    not_copied: list[str] = field(default_factory=list)
+    gc_bytes_freed: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    lag: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ReplicationReport:
+    rounds: list[ReplicaRound] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.error is None and not r.not_copied for r in self.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "replicas": [r.to_dict() for r in self.rounds]}
+
+
+def ensure_replica(source: Backend, target: Backend, repository_id: str) -> None:
+    """Make ``target`` a repository with the source's config (same repository id), or check it is one.
+    A store that holds another repository, or other objects, is refused: nothing is written."""
+    try:
+        raw = target.read(CONFIG_KEY)
+    except ObjectNotFoundError:
+        if next(iter(target.list("")), None) is not None:
+            raise ConfigError(f"{target.describe()} is not empty and holds no cas repository; a replica needs an "
+                              "empty location or a replica of this repository") from None
+        with contextlib.suppress(PreconditionFailedError):  # another replicator made it: checked below
+            target.write(CONFIG_KEY, source.read(CONFIG_KEY), mode="create")
+        raw = target.read(CONFIG_KEY)
+    try:
+        other = json.loads(raw.decode()).get("repository_id")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        other = None
+    if other != repository_id:
+        raise ConfigError(
+            f"{target.describe()} holds another repository ({other}), not a replica of {repository_id}; "
+            "pick an empty location"
+        )
+
+
+def _keys(backend: Backend, prefix: str) -> dict[str, int]:
+    return {info.key: info.size for info in backend.list(prefix)}
+
+
+def _copy_checked(source: Backend, target: Backend, key: str) -> int:
+    """Copy one pack or index object; packs are structure-checked first. Returns the bytes sent."""
+    data = source.read(key)
+    m = PACK_KEY.fullmatch(key)
+    if m:
+        check_structure(MemorySource(key.rsplit("/", 1)[-1], data), PackId(bytes.fromhex(m.group(2))))
+    try:
+        target.write(key, data, mode="create")
+    except PreconditionFailedError:
+        return 0  # already there (immutable and content-named: the same object)
+    return len(data)
+
+
+def _copy_all(source: Backend, target: Backend, keys: list[str], batch_size: int, out: ReplicaRound,
+              is_pack: bool) -> None:
+    """Copy ``keys`` in batches of at most ``batch_size`` objects, each batch in parallel."""
+    with ThreadPoolExecutor(min(COPY_THREADS, batch_size), thread_name_prefix="cas-replicate") as pool:
+        for start in range(0, len(keys), batch_size):
+            batch = keys[start:start + batch_size]
+            futures = [(key, pool.submit(_copy_checked, source, target, key)) for key in batch]
+            for key, fut in futures:
+                try:
+                    sent = fut.result()
+                except PackCorruptError as exc:
+                    out.not_copied.append(f"{key}: {exc}")
+                    log.warning("cas: not replicating damaged %s (%s); run `cas check --repair`", key, exc)
+                    continue
+                except ObjectNotFoundError:
+                    continue  # gc removed it since the listing: nothing reaches it any more
+                out.bytes_copied += sent
+                if is_pack:
+                    out.packs_copied += 1 if sent else 0
+                else:
+                    out.index_objects_copied += 1 if sent else 0
+                out.already_there += 0 if sent else 1
+
+
+def _read_refs(store: Store) -> dict[str, tuple[str, str]]:
+    """Every ref: name -> (snapshot id hex, version token)."""
+    out = {}
+    for info in store.backend.list(REFS):
+        name = info.key[len(REFS):]
+        if "/" in name:
+            continue
+        try:
+            out[name] = (store.backend.read(info.key).decode(errors="replace").strip(), info.version)
+        except ObjectNotFoundError:
+            continue
+    return out
+
+
+def _state_key(source_name: str) -> str:
+    return f"{SYNC_STATE}{source_name}.json"
+
+
+def _read_state(target: Backend, source_name: str) -> dict[str, str]:
+    try:
+        body = json.loads(target.read(_state_key(source_name)).decode())
+    except (ObjectNotFoundError, UnicodeDecodeError, ValueError):
+        return {}
+    refs = body.get("refs") if isinstance(body, dict) else None
+    return {str(k): str(v) for k, v in refs.items()} if isinstance(refs, dict) else {}
+
+
+def _conflict_name(tag: str, source_name: str, taken: Iterable[str]) -> str:
+    used = set(taken)
+    base = f"{tag}@{source_name}"[:120]
+    name, n = base, 2
+    while name in used:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def sync_refs(ours: dict[str, tuple[str, str]], target: Store, source_name: str, out: ReplicaRound) -> None:
+    """Bring the replica's refs in line with ``ours``, the source's refs as read before its packs
+    were listed (see the module docstring)."""
+    state = _read_state(target.backend, source_name)
+    theirs = _read_refs(target)
+    new_state: dict[str, str] = {}
+    for name, (value, _) in sorted(ours.items()):
+        data = value.encode() + b"\n"
+        have = theirs.get(name)
+        if have is None:
+            if name in state:  # removed on the replica since we synced it: its call, kept removed
+                log.warning("cas: ref %s was removed on replica %s; not re-created", name, out.replica)
+                continue
+            try:
+                target.backend.write(REFS + name, data, mode="create")
+                out.refs_created.append(name)
+            except PreconditionFailedError:
+                continue  # created there meanwhile: compared next round
+            new_state[name] = value
+        elif have[0] == value:
+            new_state[name] = value
+        elif state.get(name) == have[0]:
+            try:
+                target.backend.write(REFS + name, data, if_version=have[1])
+                out.refs_moved.append(name)
+                new_state[name] = value
+            except PreconditionFailedError:
+                new_state[name] = state[name]  # moved there meanwhile: compared next round
+        else:
+            aside = _conflict_name(name, source_name, theirs)
+            if aside not in theirs:
+                target.backend.write(REFS + aside, data, mode="create")
+                theirs[aside] = (value, "")
+            out.conflicts.append({"tag": name, "kept": have[0], "theirs_as": aside, "source_value": value})
+            log.warning("cas: ref %s differs on replica %s (moved there); kept it, %s's value is %s",
+                        name, out.replica, source_name, aside)
+            new_state[name] = state.get(name, have[0])
+    for name, (value, version) in sorted(theirs.items()):
+        if name in ours or state.get(name) != value:
+            continue  # the replica's own ref (or one moved there): kept
+        try:
+            target.backend.write(REFS + name, value.encode() + b"\n", if_version=version)  # still ours?
+        except PreconditionFailedError:
+            continue
+        target.backend.delete(REFS + name)
+        out.refs_removed.append(name)
+    target.backend.write(_state_key(source_name), json.dumps({"refs": new_state, "time": time.time()}).encode())
+
+
+def sync_round(
+    source: Store,
+    target: Store,
+    *,
+    source_name: str,
+    target_name: str,
+    batch_size: int,
+    topology_bytes: bytes | None,
+    repository_id: str,
+    gc: Callable[[Store], int] | None = None,
+) -> ReplicaRound:
+    """One round from ``source`` to ``target`` (see the module docstring). Errors of the target
+    (unreachable, refused) end the round and are reported, not raised."""
+    out = ReplicaRound(target_name)
+    began = time.monotonic()
+    try:
+        ensure_replica(source.backend, target.backend, repository_id)
+        # Both gcs wait: the source's must not delete a pack of a ref read here, the replica's
+        # must not take packs copied before their refs for dead.
+        with source.lock(exclusive=False), target.lock(exclusive=False):
+            ours = _read_refs(source)  # refs first: every pack they reach is listed below
+            have = _keys(target.backend, PACKS)
+            packs = _keys(source.backend, PACKS)
+            missing = sorted(k for k in packs if k not in have and PACK_KEY.fullmatch(k))
+            data = [k for k in missing if k.endswith(".pack")]
+            meta = [k for k in missing if not k.endswith(".pack")]
+            out.already_there += len(packs) - len(missing)
+            _copy_all(source.backend, target.backend, data, batch_size, out, True)
+            _copy_all(source.backend, target.backend, meta, batch_size, out, True)
+            have_idx = _keys(target.backend, INDEXES)
+            idx = sorted(k for k in _keys(source.backend, INDEXES) if k not in have_idx)
+            _copy_all(source.backend, target.backend, idx, batch_size, out, False)
+            if topology_bytes is not None:
+                target.backend.write(TOPOLOGY_KEY, topology_bytes)
+            if out.not_copied:
+                out.error = (f"{len(out.not_copied)} damaged pack(s) not replicated, so no refs were written; "
+                             "run `cas check --repair` on the source")
+            else:
+                sync_refs(ours, target, source_name, out)
+        if out.refs_removed and gc is not None:
+            out.gc_bytes_freed = gc(target)
+    except CasError as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+        log.warning("cas: replication to %s stopped: %s", target_name, out.error)
+    out.seconds = time.monotonic() - began
+    return out
+
+
+def replica_lag(source: Store, target: Store, snapshot_time: Callable[[SnapshotId], float | None],
+                now: float | None = None) -> dict[str, Any]:
+    """What the replica lacks: snapshots (refs whose value it does not hold), pack bytes, and the
+    age of the oldest snapshot not yet there."""
+    now = time.time() if now is None else now
+    ours = _read_refs(source)
+    theirs = _read_refs(target)
+    behind = sorted(name for name, (value, _) in ours.items() if theirs.get(name, ("",))[0] != value)
+    have = _keys(target.backend, PACKS)
+    missing_bytes = sum(size for key, size in _keys(source.backend, PACKS).items() if key not in have)
+    times = []
+    for name in behind:
+        try:
+            t = snapshot_time(SnapshotId(bytes.fromhex(ours[name][0])))
+        except (ValueError, CasError):
+            t = None
+        if t is not None:
+            times.append(t)
+    return {
+        "snapshots_behind": len(behind),
+        "refs_behind": behind,
+        "bytes_behind": missing_bytes,
+        "oldest_unsynced_age_s": (now - min(times)) if times else 0.0,
+    }
