@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,21 @@ NUMPY_SAFE_GLOBALS: list[Any] = [
 ]
 
 
-def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
-    """Load one checkpoint file; returns its state and a description for snapshot metadata."""
+def _first_line(exc: BaseException) -> str:
+    """The line of a torch.load error a person needs: for a weights_only refusal, the class it refused."""
+    text = str(exc).strip()
+    found = re.search(r"(?:Unsupported global: GLOBAL |Unsupported operand \S+ |global )([A-Za-z_][\w.]*)", text)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if found and found.group(1) not in first:
+        return f"{first.rstrip('.')}: it needs the class {found.group(1)}"
+    return first
+
+
+def read_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Load one checkpoint file; returns its state and a description for snapshot metadata.
+
+    ``allow_pickle``: torch files load with ``weights_only=False`` (their pickle runs: trusted files only).
+    """
     if not path.exists():
         raise NotACheckpointError(f"{path} does not exist")
     if path.is_dir():
@@ -44,11 +59,13 @@ def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
     if suffix in TORCH_SUFFIXES:
         try:
             with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):  # numpy arrays (e.g. RNG states)
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+                state = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=False)
         except Exception as exc:  # noqa: BLE001 - torch.load raises anything on a malformed pickle
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if allow_pickle:
+                raise NotACheckpointError(f"{path} does not load with torch.load: {_first_line(exc)}") from None
             raise NotACheckpointError(
-                f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {first}"
+                f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {_first_line(exc)}; "
+                "`cas save` without --state keeps its bytes, --allow-pickle loads it (trusted files only)"
             ) from None
         return state, {"file": path.name, "format": "torch"}
     raise NotACheckpointError(
@@ -57,7 +74,7 @@ def read_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
     )
 
 
-def import_paths(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
+def import_paths(paths: list[Path], allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
     """One file -> its state; several files or a directory -> {relative path: state}."""
     files: list[tuple[str, Path]] = []
     for path in paths:
@@ -69,24 +86,31 @@ def import_paths(paths: list[Path]) -> tuple[Any, dict[str, Any]]:
         else:
             files.append((path.name, path))
     if len(files) == 1 and not paths[0].is_dir():
-        return read_checkpoint(files[0][1])
+        return read_checkpoint(files[0][1], allow_pickle)
     names = [name for name, _ in files]
     if len(set(names)) != len(names):
         raise UsageError("two inputs have the same name; save them as separate snapshots or from one directory")
     state: dict[str, Any] = {}
     sources = []
     for name, path in files:
-        state[name], source = read_checkpoint(path)
+        state[name], source = read_checkpoint(path, allow_pickle)
         sources.append(source)
     return state, {"files": sources}
 
 
-def export_file(state: Any, out: Path, *, force: bool, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``state`` as .pt or .safetensors: temp file in the same directory, fsync, rename."""
-    suffix = out.suffix.lower()
+def export_file(
+    state: Any, out: Path, *, force: bool, metadata: dict[str, Any] | None = None, fmt: str | None = None
+) -> None:
+    """Write ``state`` as .pt or .safetensors (``fmt``, else by extension): temp file in the same
+    directory, fsync, rename. A file that cannot be written is one UsageError naming it."""
+    suffix = f".{fmt}" if fmt is not None else out.suffix.lower()
+    if fmt == "pt":
+        suffix = ".pt"
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; name the file to write (e.g. {out / 'restored.pt'})")
     if suffix not in CHECKPOINT_SUFFIXES:
-        raise UsageError(f"cannot tell the output format of {out}: use a .pt or .safetensors name")
-    if out.exists() and not force:
+        raise UsageError(f"cannot tell the output format of {out}: use a .pt or .safetensors name, or --format")
+    if os.path.lexists(out) and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist")
@@ -100,8 +124,12 @@ def export_file(state: Any, out: Path, *, force: bool, metadata: dict[str, Any] 
             os.fsync(f.fileno())
         os.replace(temp, out)
         fsync_dir(out.parent)
+    except (OSError, RuntimeError) as exc:  # torch.save reports an unwritable path as RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise UsageError(f"cannot write {out}: {reason}") from None
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
 
 
 def _write_safetensors(state: Any, path: Path, metadata: dict[str, Any]) -> None:

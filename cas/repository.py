@@ -23,6 +23,7 @@ from cas.errors import (
     ManifestCorruptError,
     MissingChunkError,
     NotARepositoryError,
+    PreconditionFailedError,
     ShapeMismatchError,
     SnapshotNotFoundError,
     TagExistsError,
@@ -47,8 +48,11 @@ from cas.tree import (
     GLOB_CHARS,
     KeyPath,
     base_candidates,
+    dir_entries,
     drop_paths,
+    file_entries,
     format_path,
+    is_files_tree,
     leaf_nbytes,
     plain_key,
     select_paths,
@@ -416,8 +420,10 @@ class Repository:
 
     @staticmethod
     def _snapshot(ref: str, snap_id: SnapshotId, node: SnapshotNode) -> Snapshot:
+        # the tag is the ref's name (a retagged snapshot keeps the tag it was saved with in its node)
+        tag = node.tag if ref == snap_id.hex() or ref == node.tag else ref
         return Snapshot(
-            id=snap_id.hex(), tag=node.tag, time=node.time_ns / 1e9,
+            id=snap_id.hex(), tag=None if ref == snap_id.hex() else tag, time=node.time_ns / 1e9,
             parent=None if node.parent is None else node.parent.hex(), metadata=node.metadata,
             logical_bytes=node.logical_bytes, bytes_added=node.bytes_added, tensor_count=node.tensor_count, ref=ref,
         )
@@ -483,17 +489,30 @@ class Repository:
             if not snaps:
                 raise SnapshotNotFoundError("the repository has no snapshots yet, so there is no 'latest'")
             return snaps[-1]
+        lowered = spec.lower()
+        is_hex = all(c in "0123456789abcdef" for c in lowered)
         if "/" not in spec and spec not in (".", "..") and self._store.has_ref(spec):
             sid = self._store.read_ref(spec)
+            if is_hex and len(lowered) >= 4 and sid.hex() != lowered:
+                # an all-hex tag never shadows an id prefix: both meanings must agree
+                others = {other for _name, other in self.refs() if other.hex().startswith(lowered) and other != sid}
+                if others:
+                    raise AmbiguousSnapshotError(
+                        f"{spec!r} is both a tag and the id prefix of {len(others)} other snapshot(s); "
+                        "give more id digits, or rename the tag with `cas tag`"
+                    )
             return self._snapshot(spec, sid, self._snapshot_node(sid))
-        lowered = spec.lower()
-        if len(lowered) >= 4 and all(c in "0123456789abcdef" for c in lowered):
+        if len(lowered) >= 4 and is_hex:
             matches = {sid: name for name, sid in self.refs() if sid.hex().startswith(lowered)}
             if len(matches) == 1:
                 sid, name = next(iter(matches.items()))
                 return self._snapshot(name, sid, self._snapshot_node(sid))
             if len(matches) > 1:
                 raise AmbiguousSnapshotError(f"id prefix {spec!r} matches {len(matches)} snapshots; give more digits")
+        if is_hex and len(lowered) < 4:
+            raise SnapshotNotFoundError(
+                f"no snapshot tagged {spec!r}; an id prefix needs at least 4 hex digits (try `cas ls` for tags and ids)"
+            )
         raise SnapshotNotFoundError(f"no snapshot named {spec!r} (try `cas ls` for tags and ids)")
 
     def delete(self, spec: str) -> Snapshot | None:
@@ -514,6 +533,26 @@ class Repository:
         resolved = self.resolve(spec)
         self._store.delete_ref(resolved.ref)
         return resolved
+
+    def retag(self, spec: str, new_tag: str) -> Snapshot:
+        """Give a snapshot the tag ``new_tag`` in place of its tag (or of its id ref, if untagged).
+
+        The new ref is created first (create-only: a tag that names a snapshot is refused),
+        then the old one is dropped, so a crash between leaves the snapshot under both names.
+        """
+        check_tag(new_tag)
+        snap = self.resolve(spec)
+        if snap.ref == new_tag:
+            return snap
+        sid = SnapshotId.from_hex(snap.id)
+        if self._store.has_ref(new_tag):
+            raise TagExistsError(f"tag {new_tag!r} already names a snapshot; pick another tag or `rm` it first")
+        try:
+            self._store.write_ref(new_tag, sid, create=True)
+        except PreconditionFailedError:
+            raise TagExistsError(f"tag {new_tag!r} was just created by another process") from None
+        self._store.delete_ref(snap.ref)
+        return self._snapshot(new_tag, sid, self._snapshot_node(sid))
 
     # load ------------------------------------------------------------------
     def _tree(self, snap: Snapshot) -> tuple[Any, list[Any], SnapshotNode]:
@@ -553,7 +592,7 @@ class Repository:
         self,
         snapshot: str = "latest",
         *,
-        keys: str | list[str] | None = None,
+        keys: str | tuple[Any, ...] | list[str | tuple[Any, ...]] | None = None,
         dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
         progress: Progress | None = None,
@@ -565,7 +604,8 @@ class Repository:
         ``.`` or ``/`` boundary (``"model.layers.0"`` selects ``model.layers.0.weight`` in a
         flat state dict), or a glob (``"*.bias"``); the result keeps the selected values at
         their places (``load(s, keys=["model"])["model"]``); a list holding a selected value
-        comes whole. A key that selects nothing is :class:`KeyNotFoundError`.
+        comes whole; a tuple is an exact key path (``("files", "a/b.pt")``, for keys that hold
+        a ``/``). A key that selects nothing is :class:`KeyNotFoundError`.
         ``dtype``: floating-point tensors (and arrays stay as they are) come back cast to it.
         """
         from cas.statedict import cast_floats, decode_state  # noqa: PLC0415 - torch only when loading
@@ -588,7 +628,7 @@ class Repository:
         value = self._with_index_recovery(run)
         return cast_floats(value, dtype) if dtype is not None else value
 
-    def _select(self, snap: Snapshot, root: Any, keys: list[str]) -> Any:
+    def _select(self, snap: Snapshot, root: Any, keys: list[Any]) -> Any:
         pruned, unmatched = select_paths(root, keys, f"snapshot {snap.short_id}")
         if unmatched:
             top = sorted({format_path(p[:1]) for p, _ in tensor_leaves(root)})[:8]
@@ -743,6 +783,34 @@ class Repository:
              "shape": [int(d) for d in enc[2]], "nbytes": leaf_nbytes(enc), "shared_storage": enc[0] == "V"}
             for path, enc in tensor_leaves(root)
         ]
+
+    def files(self, snapshot: str = "latest") -> list[dict[str, Any]] | None:
+        """The files and directories of a byte-exact file backup (``cas save FILE_OR_DIR``), from the
+        manifest (no data read): ``kind`` ("file" or "dir"), ``path``, ``mode``, ``mtime_ns``, and for
+        files ``size``, ``format`` and ``tensors`` (how many); None for a snapshot that is not one."""
+        snap = self.resolve(snapshot)
+        root, _storages, _ = self._tree(snap)
+        if not is_files_tree(root):
+            return None
+        name = f"snapshot {snap.short_id}"
+        out = []
+        for kind, rels in (("file", file_entries(root, name)), ("dir", dir_entries(root, name))):
+            for rel in rels:
+                enc = subtree(root, ("files" if kind == "file" else "dirs", rel), name)
+                fields = {plain_key(k, name): v for k, v in enc[1]} if enc[0] == "d" else {}
+                info: dict[str, Any] = {"kind": kind, "path": rel}
+                for field in ("mode", "mtime_ns", *(("size",) if kind == "file" else ())):
+                    value = fields.get(field)
+                    info[field] = value[1] if isinstance(value, list) and len(value) == 2 and value[0] == "i" else None
+                    if info[field] is None:
+                        raise ManifestCorruptError(f"{name}: {kind} {rel!r} has no integer {field}")
+                if kind == "file":
+                    fmt = fields.get("format")
+                    info["format"] = bytes(fmt[1]).decode() if isinstance(fmt, list) and fmt[0] == "s" else None
+                    tensors = fields.get("tensors")
+                    info["tensors"] = len(tensors[1]) if isinstance(tensors, list) and tensors[0] == "d" else 0
+                out.append(info)
+        return out
 
     # diff / stats / verify ----------------------------------------------------
     def diff(self, a: str, b: str) -> DiffReport:
@@ -995,14 +1063,15 @@ def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:
         out[format_path(path)] = repr(enc)
 
 
-def _key_list(keys: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+def _key_list(keys: Any) -> list[Any] | None:
+    """``keys`` as a list: strings (formatted key paths, prefixes, globs) and tuples (exact key paths)."""
     if keys is None:
         return None
-    if isinstance(keys, str):
+    if isinstance(keys, (str, tuple)):
         keys = [keys]
-    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
-        raise UsageError(f"keys must be a key path or a list of them (strings), not {keys!r}")
-    return [k.strip("/") if not (GLOB_CHARS & set(k)) else k for k in keys]
+    if not isinstance(keys, list) or not all(isinstance(k, (str, tuple)) for k in keys):
+        raise UsageError(f"keys must be a key path or a list of them (strings or tuples of keys), not {keys!r}")
+    return [k.strip("/") if isinstance(k, str) and not (GLOB_CHARS & set(k)) else k for k in keys]
 
 
 def _is_float_name(dtype: Any) -> bool:

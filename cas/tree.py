@@ -531,8 +531,16 @@ KEY_BOUNDARIES = "./"
 GLOB_CHARS = frozenset("*?[")
 
 
-def key_selects(key: str, path: str) -> bool:
-    """Whether ``key`` (a formatted key path, a prefix ending at a ``.``/``/`` boundary, or a glob) selects ``path``."""
+def key_selects(key: str | KeyPath, path: str | KeyPath) -> bool:
+    """Whether ``key`` selects the value at ``path``.
+
+    A string key matches the formatted path: equal, a prefix that ends at a ``.``/``/``
+    boundary, or a glob. A tuple key is an exact key path (its subtree is selected).
+    """
+    if isinstance(key, tuple):
+        return isinstance(path, tuple) and path[: len(key)] == key
+    if isinstance(path, tuple):
+        path = format_path(path) if path else ""
     if GLOB_CHARS & set(key):
         return fnmatch.fnmatchcase(path, key)
     if not key or path == key:
@@ -542,29 +550,32 @@ def key_selects(key: str, path: str) -> bool:
     return key[-1] in KEY_BOUNDARIES or path[len(key)] in KEY_BOUNDARIES
 
 
-def _may_hold(key: str, path: str) -> bool:
-    """Whether a value at ``path`` may hold values that ``key`` selects."""
+def _may_hold(key: str | KeyPath, path: KeyPath, fp: str) -> bool:
+    """Whether a value at ``path`` (formatted ``fp``) may hold values that ``key`` selects."""
+    if isinstance(key, tuple):
+        return key[: len(path)] == path
     if GLOB_CHARS & set(key):
         return True
-    return key.startswith(path + "/") or (not path and bool(key))
+    return key.startswith(fp + "/") or (not fp and bool(key))
 
 
-def select_paths(root: Any, keys: list[str], name: str) -> tuple[Any, list[str]]:
+def select_paths(root: Any, keys: list[Any], name: str) -> tuple[Any, list[Any]]:
     """The encoded tree cut down to the values ``keys`` select, and the keys that selected nothing.
 
     Dicts keep only the selected entries (and the dicts on the way to them); a list or tuple
     that holds a selected value is kept whole (its indexes stay what they were). Returns
     ``(None, keys)`` when nothing is selected.
     """
-    matched: set[str] = set()
+    matched: set[Any] = set()
 
     def walk(enc: Any, path: KeyPath, depth: int) -> Any:
         fp = format_path(path) if path else ""
-        hits = [k for k in keys if key_selects(k, fp)] if path or "" in keys else []
+        hits = [k for k in keys if (path or k in ("", ())) and key_selects(k, path if isinstance(k, tuple)
+                                                                                 else fp)]
         if hits:
             matched.update(hits)
             return enc
-        if depth > MAX_DEPTH or not any(_may_hold(k, fp) for k in keys):
+        if depth > MAX_DEPTH or not any(_may_hold(k, path, fp) for k in keys):
             return None
         tag = _tag(enc, name, path)
         if tag in ("d", "o") and type(enc[1]) is list:
@@ -607,3 +618,44 @@ def drop_paths(root: Any, drop: set[KeyPath], name: str) -> Any:
         return enc
 
     return walk(root, (), 0)
+
+
+# ------------------------------------------------------------------ byte-exact file backups (FORMAT.md §7a)
+FILES_KEY = "cas.files"
+FILES_VERSION = 1
+
+
+def is_files_tree(root: Any) -> bool:
+    """Whether an encoded tree root is a files backup (checked on the encoding: no torch, no data)."""
+    if type(root) is not list or len(root) < 2 or root[0] != "d" or type(root[1]) is not list:
+        return False
+    return any(type(pair) is list and len(pair) == 2 and pair[0] == ["s", FILES_KEY.encode()] for pair in root[1][:1])
+
+
+def check_rel(rel: Any, where: str) -> tuple[str, ...]:
+    """The components of a stored relative path; anything that could leave the target is refused."""
+    if not isinstance(rel, str) or not rel:
+        raise ManifestCorruptError(f"{where}: a file path is {rel!r}, not a relative path")
+    parts = tuple(rel.split("/"))
+    for part in parts:
+        if part in ("", ".", "..") or "\x00" in part:
+            raise ManifestCorruptError(f"{where}: refusing the path {rel!r}: it could lead outside the target")
+    return parts
+
+
+def file_entries(root: Any, name: str) -> list[str]:
+    """The relative paths of the files a files tree holds (from the encoding: no data read)."""
+    files = subtree(root, ("files",), name)
+    if type(files) is not list or files[0] != "d" or type(files[1]) is not list:
+        raise ManifestCorruptError(f"{name}: its files entry is not a dict")
+    return [str(plain_key(pair[0], name)) for pair in files[1]]
+
+
+def dir_entries(root: Any, name: str) -> list[str]:
+    try:
+        dirs = subtree(root, ("dirs",), name)
+    except KeyError:
+        return []
+    if type(dirs) is not list or dirs[0] != "d" or type(dirs[1]) is not list:
+        return []
+    return [str(plain_key(pair[0], name)) for pair in dirs[1]]

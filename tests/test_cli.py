@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -80,19 +79,38 @@ def test_pt_round_trip(repo_dir: Path, tmp_path: Path) -> None:
     out = run("save", tmp_path / "ckpt.pt", "--tag", "s7", "--meta", "step=7", repo=repo_dir, subprocess_=True)
     assert "saved snapshot" in out.stdout
     run("restore", "s7", tmp_path / "back.pt", repo=repo_dir, subprocess_=True)
-    back = torch.load(tmp_path / "back.pt", weights_only=True)
-    assert_same(back, sd)
+    assert (tmp_path / "back.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()  # byte for byte
+    assert_same(torch.load(tmp_path / "back.pt", weights_only=True), sd)
     snaps = json.loads(run("ls", "--json", repo=repo_dir).stdout)
     assert [s["tag"] for s in snaps] == ["s7"] and snaps[0]["metadata"]["step"] == 7
-    assert snaps[0]["metadata"]["source"] == {"file": "ckpt.pt", "format": "torch"}
+    assert snaps[0]["metadata"]["source"]["kind"] == "files" and snaps[0]["metadata"]["source"]["files"] == 1
     shown = json.loads(run("show", "s7", "--json", repo=repo_dir).stdout)
-    paths = {t["path"]: t for t in shown["tensors"]}
-    assert paths["model/0.weight"]["shape"] == [200, 100] and paths["bf"]["dtype"] == "bfloat16"
+    assert shown["files"][0]["path"] == "ckpt.pt" and shown["files"][0]["format"] == "torch"
+    dtypes = {t["dtype"] for t in shown["tensors"]}
+    assert {"float32", "bfloat16", "uint8"} <= dtypes  # storages typed from the pickle's opcodes
     # restore refuses to overwrite without --force
     proc = run("restore", "s7", tmp_path / "back.pt", repo=repo_dir, ok=False, subprocess_=True)
     assert_one_line_error(proc, 2, "exists; pass --force")
     run("restore", "s7", tmp_path / "back.pt", "--force", repo=repo_dir)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # --format pt re-serializes (the old behaviour): same state, not the same bytes
+    run("restore", "s7", tmp_path / "again.pt", "--format", "pt", repo=repo_dir)
+    assert_same(torch.load(tmp_path / "again.pt", weights_only=True), sd)
+
+
+def test_state_import_keeps_the_checkpoint_contents(repo_dir: Path, tmp_path: Path) -> None:
+    sd = {"model": model_state(), "step": 7, "bf": torch.randn(33).bfloat16()}
+    torch.save(sd, tmp_path / "ckpt.pt")
+    run("save", tmp_path / "ckpt.pt", "--state", "--tag", "s7", repo=repo_dir)
+    snaps = json.loads(run("ls", "--json", repo=repo_dir).stdout)
+    assert snaps[0]["metadata"]["source"] == {"file": "ckpt.pt", "format": "torch"}
+    shown = json.loads(run("show", "s7", "--json", repo=repo_dir).stdout)
+    paths = {t["path"]: t for t in shown["tensors"]}
+    assert paths["model/0.weight"]["shape"] == [200, 100] and paths["bf"]["dtype"] == "bfloat16"
+    with Repository.open(repo_dir) as repo:
+        assert_same(repo.load("s7"), sd)
+    run("restore", "s7", tmp_path / "back.pt", repo=repo_dir)
+    assert_same(torch.load(tmp_path / "back.pt", weights_only=True), sd)
 
 
 def test_safetensors_round_trip(repo_dir: Path, tmp_path: Path) -> None:
@@ -102,13 +120,11 @@ def test_safetensors_round_trip(repo_dir: Path, tmp_path: Path) -> None:
     run("--repo", repo_dir, "save", src, "-t", "st")
     out = tmp_path / "out.safetensors"
     run("--repo", repo_dir, "restore", "st", out)
-    assert_same(load_file(str(out)), load_file(str(src)))
-    # header (tensor layout and __metadata__) and data section come back identical; safetensors
-    # itself orders __metadata__ keys by a randomised hash map, so the JSON text may differ
-    a, b = out.read_bytes(), src.read_bytes()
-    len_a, len_b = struct.unpack_from("<Q", a)[0], struct.unpack_from("<Q", b)[0]
-    assert json.loads(a[8:8 + len_a]) == json.loads(b[8:8 + len_b])
-    assert a[8 + len_a:] == b[8 + len_b:]
+    assert out.read_bytes() == src.read_bytes()  # header and key order included
+    # a .pt name converts (re-serializes), as --format pt does
+    run("--repo", repo_dir, "restore", "st", tmp_path / "out.pt")
+    back, want = torch.load(tmp_path / "out.pt", weights_only=True), load_file(str(src))
+    assert_same(dict(sorted(back.items())), dict(sorted(want.items())))
 
 
 def test_directory_import_and_diff(repo_dir: Path, tmp_path: Path) -> None:
@@ -120,9 +136,9 @@ def test_directory_import_and_diff(repo_dir: Path, tmp_path: Path) -> None:
     torch.save({"w": torch.ones(10)}, d / "a.pt")
     run("save", d, "--tag", "two", repo=repo_dir)
     diff = json.loads(run("diff", "one", "two", "--json", repo=repo_dir).stdout)
-    assert diff["changed"] == ["a.pt/w"] and diff["unchanged"] == ["b.safetensors/v"]
+    assert diff["changed"] == ["files/a.pt/tensors/data/0"] and diff["unchanged"] == ["files/b.safetensors/tensors/v"]
     text = run("diff", "one", "two", repo=repo_dir).stdout
-    assert "M a.pt/w" in text and "1 changed" in text
+    assert "M files/a.pt/tensors/data/0" in text and "1 changed" in text
     stats = json.loads(run("stats", "--json", repo=repo_dir).stdout)
     assert stats["snapshot_count"] == 2 and stats["stored_bytes"] > 0 and stats["ratio"] > 0
     assert "overall ratio" in run("stats", repo=repo_dir).stdout
@@ -135,11 +151,15 @@ def test_errors_are_one_line_and_change_nothing(repo_dir: Path, tmp_path: Path) 
     run("save", tmp_path / "ok.pt", "--tag", "base", repo=repo_dir)
     before = repo_files(repo_dir)
     (tmp_path / "notes.pt").write_text("this is not a checkpoint")
-    assert_one_line_error(run("save", tmp_path / "notes.pt", repo=repo_dir, ok=False), 6, "not a PyTorch checkpoint")
+    assert_one_line_error(run("save", tmp_path / "notes.pt", repo=repo_dir, ok=False), 6,
+                          "not a readable torch.save archive")
+    assert_one_line_error(run("save", tmp_path / "notes.pt", "--state", repo=repo_dir, ok=False), 6,
+                          "not a PyTorch checkpoint")
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     assert_one_line_error(run("save", tmp_path / "bad.safetensors", repo=repo_dir, ok=False), 6, "safetensors")
     (tmp_path / "x.txt").write_text("x")
-    assert_one_line_error(run("save", tmp_path / "x.txt", repo=repo_dir, ok=False), 6, "unknown checkpoint type")
+    assert_one_line_error(run("save", tmp_path / "x.txt", "--state", repo=repo_dir, ok=False), 6,
+                          "unknown checkpoint type")
     assert_one_line_error(run("save", tmp_path / "nope.pt", repo=repo_dir, ok=False), 6, "does not exist")
     assert_one_line_error(run("restore", "nope", tmp_path / "o.pt", repo=repo_dir, ok=False), 4, "no snapshot named")
     assert_one_line_error(run("save", tmp_path / "ok.pt", "--tag", "base", repo=repo_dir, ok=False), 2,
@@ -163,11 +183,11 @@ def test_verify_exit_codes(repo_dir: Path, tmp_path: Path) -> None:
     assert run("verify", repo=repo_dir).returncode == 0  # no data read: bit rot is invisible
     proc = run("verify", "--read-data", repo=repo_dir, ok=False)
     assert proc.returncode == 1
-    assert "corrupt-chunk" in proc.stdout and "tensor w" in proc.stdout
+    assert "corrupt-chunk" in proc.stdout and "tensor files/c.pt/tensors/data/0" in proc.stdout
     report = json.loads(run("verify", "--read-data", "--json", repo=repo_dir, ok=False).stdout)
-    assert report["ok"] is False and any(p["tensor"] == "w" for p in report["problems"])
+    assert report["ok"] is False and any(p["tensor"] == "files/c.pt/tensors/data/0" for p in report["problems"])
     proc = run("restore", "c", tmp_path / "o.pt", repo=repo_dir, ok=False)
-    assert_one_line_error(proc, 7, "tensor w")
+    assert_one_line_error(proc, 7, "tensor files/c.pt/tensors/data/0")
     assert not (tmp_path / "o.pt").exists()
 
 
