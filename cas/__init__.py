@@ -3,11 +3,13 @@
 from cas.check import CheckReport
 from cas.errors import (
     AmbiguousSnapshotError,
+    ArchivedError,
     ArgumentError,
     CasError,
     ChunkCorruptError,
     ConfigError,
     CorruptionError,
+    FencedError,
     FormatVersionError,
     GcRefusedError,
     IndexCorruptError,
@@ -70,6 +72,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AmbiguousSnapshotError",
+    "ArchivedError",
+    "FencedError",
     "ArgumentError",
     "CasError",
     "CheckpointManager",

@@ -347,9 +347,11 @@ def diff(ctx: Context, a: str, b: str, as_json: bool) -> None:
 @click.option("--include", multiple=True, metavar="PATTERN",
               help="Only these files (glob on the path or file name, or a directory) or, for a state snapshot, "
                    "these keys (key path, prefix or glob). Repeatable.")
+@click.option("--warmup", is_flag=True,
+              help="First request a restore of the snapshot's packs in an archive storage class, and wait for them.")
 @pass_ctx
 def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: bool, fmt: str | None,
-            include: tuple[str, ...]) -> None:
+            include: tuple[str, ...], warmup: bool) -> None:
     """Give back a snapshot: a file backup as its files, byte for byte, under directory OUT (or, for one
     file, at OUT with its suffix); a state snapshot as OUT, .pt or .safetensors (by extension or --format)."""
     from cas.files import prepare_target, reread_states, restore_files, selects, write_file  # noqa: PLC0415
@@ -358,6 +360,11 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
     patterns: list[Any] | None = list(include) or None
     with ctx.open() as repo:
         snap = repo.resolve(snapshot)
+        if warmup:
+            requested = repo.warmup(snap.id, wait=True, poll=float(os.environ.get("CAS_WARMUP_POLL", "30")))
+            if requested:
+                click.echo(f"{len(requested)} archived pack(s) of snapshot {snap.short_id} restored for reading",
+                           err=True)
         listing = repo.files(snap.id)
         name = f"snapshot {snap.short_id}"
 
@@ -749,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
                    err=True)
         sys.exit(1)
 
+
+from cas import cli_dr as _cli_dr  # noqa: E402, F401 - registers replica, config, replicate, tier, serve
 
 if __name__ == "__main__":  # pragma: no cover
     main()

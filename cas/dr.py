@@ -11,15 +11,19 @@ repository opens from the healthiest of them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cas.backends import Backend, FailoverBackend, TieredBackend, open_backend
-from cas.errors import CasError, ConfigError, StorageUnavailableError, UsageError
+from cas.errors import CasError, ConfigError, FencedError, StorageUnavailableError, UsageError
 from cas.layout import Store, local_dir_for, open_store
-from cas.regions import RegionMonitor
+from cas.regions import RegionMonitor, read_epoch
 from cas.replication import ReplicationReport, ensure_replica, replica_lag, sync_round
 from cas.topology import (
     FailoverSettings,
@@ -61,6 +65,9 @@ class DrState:
     #: replica name -> storage options given in this process (secrets included; never stored)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     opened_from: str | None = None  # a replica's name when the primary was down at open time
+    #: a replica's name when its own URL was opened: a direct view of that region, whose ref
+    #: writes are fenced unless its epoch object says it serves
+    direct: str | None = None
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -113,9 +120,30 @@ def open_repository_store(
             raise
     state = DrState(store.backend if opened_from is None else None, dict(storage_options or {}),
                     opened_from=opened_from)
+    if opened_from is None and not same_location(text, topology.primary.url, storage_options,
+                                                 topology.primary.storage_options):
+        direct = next((r.name for r in topology.replicas.values()
+                       if same_location(text, r.url, storage_options, r.storage_options)), None)
+        if direct is not None:
+            state.direct = direct
+            fenced = FailoverBackend([(direct, store.backend)], direct, fence=_replica_fence(topology))
+            return Store(fenced, store.url, store.local_dir), config, topology, state
     composed = compose(store, config, topology, state)
     cache_topology(topology, text, *(r.url for r in topology.regions()))
     return composed, config, topology, state
+
+
+def _replica_fence(topology: Topology) -> Callable[[str, Backend], None]:
+    def fence(name: str, backend: Backend) -> None:
+        epoch, serving = read_epoch(backend)
+        if serving != name:
+            who = serving or topology.primary.name
+            where = topology.primary.url if who == topology.primary.name else "another region"
+            raise FencedError(
+                f"replica {name} does not serve (epoch {epoch}: {who} serves, at {where}); nothing was "
+                "written. Write through the serving region: open the primary's URL"
+            )
+    return fence
 
 
 def compose(store: Store, config: dict[str, Any], topology: Topology, state: DrState) -> Store:
@@ -374,6 +402,27 @@ def region_name(repo: Repository) -> str:
     name = monitor.serving if monitor is not None else repo.topology.primary.name
     spec = next(r for r in repo.topology.regions() if r.name == name)
     return spec.region or spec.name
+
+
+VERIFY_STATUS = "status/verify.json"
+
+
+def record_verify(repo: Repository, ok: bool, read_data: bool, problems: int) -> None:
+    """Keep the outcome of a whole-repository verify in the store (for metrics and operators)."""
+    body = {"time": time.time(), "ok": ok, "read_data": read_data, "problems": problems,
+            "host": socket.gethostname()}
+    try:
+        repo.store.backend.write(VERIFY_STATUS, json.dumps(body).encode())
+    except CasError as exc:  # a read-only store still verifies
+        log.warning("cas: could not record the verify result: %s", exc)
+
+
+def last_verify(repo: Repository) -> dict[str, Any] | None:
+    try:
+        body = json.loads(repo.store.backend.read(VERIFY_STATUS).decode())
+    except (CasError, UnicodeDecodeError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def heal_sources(repo: Repository) -> list[tuple[str, Backend]]:

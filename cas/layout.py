@@ -503,7 +503,7 @@ def local_dir_for(backend: Backend, repository_id: str, url: str) -> Path:
     root = backend.capabilities.local_path
     if root is not None:
         return root
-    where = url.rstrip("/")
+    where = backend.describe()  # the URL and, for S3, the endpoint: same-named buckets elsewhere differ
     return cache_root() / f"{repository_id}-{blake3.blake3(where.encode()).hexdigest()[:12]}"
 
 

@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cas import dr, tiering
 from cas.arguments import check_public_kwargs
 from cas.check import CheckReport, check_repository
 from cas.codec import check_compression, codec_name
 from cas.errors import (
     AmbiguousSnapshotError,
+    ArchivedError,
     CorruptionError,
     FormatVersionError,
     IndexCorruptError,
@@ -32,7 +34,7 @@ from cas.errors import (
 from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
 from cas.index import Index, drop_env
-from cas.layout import Store, create_store, open_store
+from cas.layout import Store, create_store
 from cas.manifest import SnapshotNode, check_metadata, unpack_node
 from cas.pack import ChunkKind, PackEntry
 from cas.reader import ChunkRead, ChunkReader
@@ -95,6 +97,10 @@ class Repository:
         self._fingerprints: tuple[SnapshotId, Fingerprints] | None = None  # of this process's last save
         self.last_rebuild: RebuildReport | None = None
         self._probed = False  # conditional writes of a remote store checked (at the first save)
+        #: regions, failover, sync and tiers (``cas.topology``); set from the store by ``open``
+        self.topology = dr.default_topology(store.url)
+        self._dr = dr.DrState(store.backend)
+        self._last_replication: dr.ReplicationReport | None = None
         try:
             self.index = Index(store.index_dir)
             damaged_index = False
@@ -194,17 +200,28 @@ class Repository:
             path, storage_options, {"chunk_size": chunk_size, "pack_size": pack_size, "compression": compression,
                                     "max_delta_depth": max_delta_depth, "max_chain_cost": float(max_chain_cost)}
         )
-        return cls(store, config, threads)
+        repo = cls(store, config, threads)
+        repo.topology = dr.default_topology(store.url, storage_options)
+        repo._dr.primary_options = dict(storage_options or {})
+        return repo
 
     @classmethod
     def open(
         cls, path: str | os.PathLike[str], *, threads: int | None = None, storage_options: dict[str, Any] | None = None
     ) -> Repository:
         """Open an existing repository (a directory or a URL, as ``init``); a clear error if it is not one."""
-        store, config = open_store(path, storage_options)
-        return cls(store, config, threads)
+        store, config, topology, state = dr.open_repository_store(path, storage_options)
+        try:
+            repo = cls(store, config, threads)
+        except BaseException:
+            state.close()
+            raise
+        repo.topology = topology
+        repo._dr = state
+        return repo
 
     def close(self) -> None:
+        self._dr.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -279,10 +296,12 @@ class Repository:
         fingerprint did not change without a BLAKE3 pass (FORMAT.md §4); ``rehash=True``
         hashes every chunk (for tensors from a source that might craft XXH3 collisions).
         """
-        return self._with_index_recovery(lambda: self._save(
+        snap = self._with_index_recovery(lambda: self._save(
             state_dict, tag, metadata, allow_pickle=allow_pickle, compression=compression, parent=parent,
             keyframe=keyframe, replace=replace, rehash=rehash, progress=progress,
         ))
+        dr.after_save(self, snap)
+        return snap
 
     def _save(
         self,
@@ -415,7 +434,14 @@ class Repository:
             self.index.apply(put_snapshots=[(snap_id, fixed)])
             return SnapshotNode.decode(fixed, name)
         if raw is None:
-            raw = self.reader.read(snap_id, name)
+            try:
+                raw = self.reader.read(snap_id, name)
+            except MissingChunkError:
+                # another machine (or a replication round) stored it since this cache last looked
+                if not self._unknown_packs() or not self._reconcile():
+                    raise
+                self.reader.clear_cache()
+                raw = self.reader.read(snap_id, name)
         return SnapshotNode.decode(raw, name)
 
     @staticmethod
@@ -625,7 +651,7 @@ class Repository:
                 self._fill(snap, decoded, progress)
                 return decoded.value
 
-        value = self._with_index_recovery(run)
+        value = self._with_index_recovery(run, snapshot)
         return cast_floats(value, dtype) if dtype is not None else value
 
     def _select(self, snap: Snapshot, root: Any, keys: list[Any]) -> Any:
@@ -638,12 +664,18 @@ class Repository:
             )
         return pruned
 
-    def _with_index_recovery(self, run: Callable[[], T]) -> T:
+    def _with_index_recovery(self, run: Callable[[], T], snapshot: str | None = None) -> T:
         """Run ``run``; if it fails on the index (a damaged entry, or a chunk missing while the packs
         hold more than the index knows: a stale or lost index), bring the index in line with the
-        packs and run it once more. The index is a cache: its gaps are never the last word."""
+        packs and run it once more. The index is a cache: its gaps are never the last word.
+        A load of ``snapshot`` that meets archived data says which packs need a restore request."""
         try:
-            return run()
+            try:
+                return run()
+            except ArchivedError as exc:
+                if snapshot is None:
+                    raise
+                raise tiering.explain_archived(self, snapshot, exc) from None
         except IndexCorruptError as exc:
             log.warning("cas: %s; rebuilding the index from the packs", exc)
             self.rebuild_index()
@@ -695,7 +727,7 @@ class Repository:
             with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
                 return self._load_into(target, snapshot, key, strict, cast, allow_pickle, progress)
 
-        return self._with_index_recovery(run)
+        return self._with_index_recovery(run, snapshot)
 
     def _load_stateful(
         self, target: Any, snapshot: str, key: str | None, allow_pickle: bool, progress: Progress | None
@@ -873,8 +905,15 @@ class Repository:
         ``snapshots`` limits the check to those snapshots (tags or ids) and the packs they use.
         """
         only = {self.resolve(s).id for s in snapshots} if snapshots is not None else None
-        return self._with_index_recovery(
+        report = self._with_index_recovery(
             lambda: verify_repository(self, read_data=read_data, progress=progress, only=only))
+        if only is None:
+            dr.record_verify(self, report.ok, read_data, len(report.problems))
+        return report
+
+    def last_verify(self) -> dict[str, Any] | None:
+        """When the last whole-repository verify ran (any host), whether it was clean, how deep."""
+        return dr.last_verify(self)
 
     # retention and gc ---------------------------------------------------------
     def retention_policy(self) -> RetentionPolicy | None:
@@ -934,7 +973,101 @@ class Repository:
 
     def check(self, *, repair: bool = False) -> CheckReport:
         """Find damaged packs; with ``repair``, keep what is readable and unindex what is lost."""
-        return self._with_index_recovery(lambda: check_repository(self, repair=repair))
+        heal = dr.heal_sources(self) if repair else []
+        return self._with_index_recovery(lambda: check_repository(self, repair=repair, heal_from=heal))
+
+    # disaster recovery: replicas, sync, failover, tiers ------------------------
+    def add_replica(
+        self,
+        name: str,
+        url: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        region: str | None = None,
+        active: bool = True,
+        weight: float = 0.0,
+    ) -> dr.RegionSpec:
+        """Add a replica (another region's copy of this repository): a path or ``s3://`` URL of an
+        empty location, or of a replica of this repository. Nothing is copied until
+        :meth:`replicate` (or ``cas replicate``) runs. Credentials in ``storage_options`` are used
+        by this process only; the stored topology keeps the endpoint, region and timeout."""
+        return dr.add_replica(self, name, os.fspath(url), storage_options=storage_options, region=region,
+                              active=active, weight=weight)
+
+    def replicas(self) -> list[dr.RegionSpec]:
+        """The replicas in the topology (the primary is ``topology.primary``)."""
+        return list(self.topology.replicas.values())
+
+    def remove_replica(self, name: str) -> dr.RegionSpec:
+        """Forget a replica (its store is left as it is)."""
+        return dr.remove_replica(self, name)
+
+    def replicate(self, batch_size: int | None = None) -> dr.ReplicationReport:
+        """One sync round: every object a replica lacks is copied (packs, index objects, metadata,
+        refs last), at most ``batch_size`` objects per batch; resumable, never re-sending."""
+        return dr.replicate(self, batch_size)
+
+    def replication_lag(self) -> dict[str, dict[str, Any]]:
+        """Per replica: snapshots and bytes it does not hold yet, and the oldest one's age."""
+        return dr.lag(self)
+
+    def set_failover(
+        self,
+        health_check_interval: float = 30,
+        failure_threshold: int = 3,
+        recovery_threshold: int = 2,
+        auto_failover: bool = True,
+    ) -> dr.FailoverSettings:
+        """Health-check every region each ``health_check_interval`` seconds; after
+        ``failure_threshold`` consecutive failures of the serving region, reads and writes move
+        to the healthiest active replica by weight; after ``recovery_threshold`` successes of
+        the primary, it catches up and serves again."""
+        return dr.set_failover(self, health_check_interval=health_check_interval,
+                               failure_threshold=failure_threshold, recovery_threshold=recovery_threshold,
+                               auto_failover=auto_failover)
+
+    def set_sync(self, **settings: Any) -> dr.SyncSettings:
+        """``mode`` ("async" or "sync": save returns once every active replica holds the
+        snapshot), ``interval`` (seconds between ``cas replicate`` rounds), ``batch_size``."""
+        return dr.set_sync(self, **settings)
+
+    @property
+    def region(self) -> str:
+        """The region serving reads and writes now."""
+        return dr.region_name(self)
+
+    def health(self) -> dict[str, Any]:
+        """Each region's state, consecutive failures and successes, last error; the serving
+        region, the failover epoch and every transition so far."""
+        return dr.health(self)
+
+    def set_tiers(self, tiers: list[Any]) -> list[dr.TierSpec]:
+        """Storage tiers by age, hottest first: dicts ``{"name", "url", "retention",
+        "storage_class"}`` (retention "7d", "30d", seconds, or "indefinite"). The first tier is
+        this repository's own store; :meth:`migrate_tiers` moves data packs by age."""
+        return dr.set_tiers(self, tiers)
+
+    def migrate_tiers(self, *, now: float | None = None, dry_run: bool = False) -> tiering.TierReport:
+        """Move every data pack to the tier its age calls for (copied and checked before the
+        source copy is removed); ``now`` replaces the clock (seconds since the epoch)."""
+        return tiering.migrate(self, now=now, dry_run=dry_run)
+
+    def tier_status(self) -> dict[str, Any]:
+        """Packs and bytes per tier."""
+        return tiering.status(self)
+
+    def warmup(self, snapshot: str = "latest", *, wait: bool = True, timeout: float = 12 * 3600.0,
+               poll: float = 5.0, days: int = 1) -> list[str]:
+        """Request a restore of the snapshot's archived packs; with ``wait``, until they are readable."""
+        return tiering.warmup(self, snapshot, days=days, wait=wait, timeout=timeout, poll=poll)
+
+    def apply_config(self, text: str) -> dr.Topology:
+        """Apply a topology YAML document (regions, failover, sync, tiers; any subset)."""
+        return dr.apply_config(self, text)
+
+    def show_config(self) -> str:
+        """The topology as YAML (the shape ``apply_config`` reads)."""
+        return self.topology.to_yaml()
 
     # index recovery -----------------------------------------------------------
     def _verified_cached_nodes(self) -> dict[bytes, bytes]:

@@ -7,6 +7,7 @@ most ``window`` hashes and ``window`` encoded chunks are in flight at once.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -42,6 +43,8 @@ class PackSink:
         self._writer: PackWriter | None = None
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="cas-seal")
         self._publishing: list[Future[SealedPack]] = []
+        self._flushing: list[Future[None]] = []
+        self._unflushed = 0
         self.stored_bytes = 0
 
     def add(
@@ -59,11 +62,38 @@ class PackSink:
         before = self._writer.size
         self._writer.add(chunk_id, kind, codec, memoryview(payload), raw_length, base_id)
         self.stored_bytes += self._writer.size - before + FOOTER_ENTRY.size
+        self._unflushed += self._writer.size - before
         if self._writer.size >= self._target_size:
             self._seal()
+        elif self._unflushed >= FLUSH_BYTES:
+            self._flush_early(self._writer.temp_path)
+
+    def _flush_early(self, path: Path) -> None:
+        """Start writing the open pack's bytes to disk now, on the seal thread (an fdatasync of what
+        was appended so far), so the fsync that seals it has only the tail left: the disk writes
+        while hashing and encoding go on, instead of after them. Durability still rests on the
+        seal's fsync; a flush that fails (the pack was aborted meanwhile) is ignored."""
+        self._unflushed = 0
+
+        def flush() -> None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+        self._flushing = [f for f in self._flushing if not f.done()]
+        if not self._flushing:  # one at a time: a slow disk does not queue flushes behind the seals
+            self._flushing.append(self._publisher.submit(flush))
 
     def _seal(self) -> None:
         writer, self._writer = self._writer, None
+        self._unflushed = 0
         if writer is None:
             return
         pack_id = writer.finish()
@@ -122,6 +152,9 @@ class PackSinks:
         if self.nodes is not self.data:
             self.nodes.abort()
 
+
+#: appended bytes after which the open pack is flushed to disk in the background (see PackSink._flush_early)
+FLUSH_BYTES = 8 << 20
 
 BaseMap = dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]
 #: (blob path, chunk index) -> (XXH3-128 of the chunk's bytes, its id), from one save
@@ -279,7 +312,7 @@ class ChunkStorer:
     def _bases_for(self, blob: Blob, index: int, cid: ChunkId) -> tuple[list[tuple[ChunkId, float, int]], int]:
         """Delta bases to try for a new chunk, each with its delta ceiling and the one-step saves it
         leaves room for after it; and the size of a one-step delta (0: take the first that works)."""
-        if not self.max_depth:
+        if not self.max_depth or self.compression == "none":  # "none" stores raw: a base would be read for nothing
             return [], 0
         entry = self.bases.get(blob.path)
         if entry is None or entry[0] != blob.signature or index >= len(entry[1]):

@@ -9,8 +9,8 @@ import cas
 import cas.errors
 
 PUBLIC = {
-    "AmbiguousSnapshotError", "ArgumentError", "CasError", "CheckpointManager", "CheckReport",
-    "ChunkCorruptError", "ConfigError", "CorruptionError", "DiffReport", "EveryNSteps", "EverySeconds", "ForgetReport", "FormatVersionError",
+    "AmbiguousSnapshotError", "ArchivedError", "ArgumentError", "CasError", "CheckpointManager", "CheckReport",
+    "ChunkCorruptError", "ConfigError", "CorruptionError", "DiffReport", "EveryNSteps", "EverySeconds", "FencedError", "ForgetReport", "FormatVersionError",
     "GcRefusedError", "GcReport", "IndexCorruptError", "InvalidTagError", "KeyNotFoundError", "LoadResult",
     "LockedError", "ManifestCorruptError",
     "MissingChunkError", "NotACheckpointError", "NotARepositoryError", "ObjectNotFoundError", "OutputExistsError",

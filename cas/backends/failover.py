@@ -12,7 +12,8 @@ answer, not a failure).
 Writes and deletes go to the serving region only: a write never lands in a region that is
 not serving. Lock objects (``locks/``) are the exception: a lock that the serving region does
 not take is written to the next region that answers (a load in flight keeps its lock where a
-gc after the failover will see it), and a lock is deleted from every region. Writes to keys the ``fence`` covers (refs) first call ``fence(name, backend)``,
+gc after the failover will see it), and a lock is deleted from every region. Writes to keys
+the ``fence`` covers (refs) first call ``fence(name, backend)``,
 which raises :class:`~cas.errors.FencedError` if that region no longer serves (another took
 over at a newer failover epoch); the engine provides it.
 

@@ -136,11 +136,12 @@ class TieredBackend(Backend):
         if not spans_packs or len(self.tiers) == 1:
             yield from self.hot.list(prefix, start_after=start_after)
             return
-        streams = [
-            ((info.key, i, info) for info in backend.list(prefix, start_after=start_after)
-             if i == 0 or is_movable(info.key))
-            for i, (_, backend) in enumerate(self.tiers)
-        ]
+        def stream(tier: int, backend: Backend) -> Iterator[tuple[str, int, ObjectInfo]]:
+            for info in backend.list(prefix, start_after=start_after):
+                if tier == 0 or is_movable(info.key):  # only data packs count outside the first tier
+                    yield info.key, tier, info
+
+        streams = [stream(i, backend) for i, (_, backend) in enumerate(self.tiers)]
         last: str | None = None
         for key, _tier, info in heapq.merge(*streams):
             if key != last:
