@@ -3,10 +3,15 @@
 Run from the repository root::
 
     .venv/bin/python bench/dedup.py [--series pretrain,lora] [--scale 0.5] [--count 8] [--slow]
+        [--large-scale 1] [--series-cache DIR] [--tools cas,ZipNN]
 
 The series come from ``tools/make_series.py`` (see its docstring: ``pretrain``,
-``finetune``, ``bf16-revisions``, ``embedding``, ``lora``). Each series' files are
-stored, oldest first, by:
+``finetune``, ``bf16-revisions``, ``embedding``, ``lora``, and the realistic-size
+``bf16-revisions-large`` and ``lora-large``, 126 MB checkpoints of a 63 M-parameter
+model at ``--large-scale 1``, sized by that flag rather than ``--scale``). Generating
+the large series takes a few minutes on two cores: ``--series-cache DIR`` keeps the
+files and reuses them on later runs with the same scale and count. Each series'
+files are stored, oldest first, by:
 
 * cas, compression ``default`` and ``max`` (the repository's default chunk size and
   delta depth unless ``--cas-chunk-sizes`` says otherwise): each file is loaded
@@ -21,8 +26,10 @@ stored, oldest first, by:
   (``-e none``, ``-C zstd,3``; with ``--slow`` also ``zstd,19``): one backup / archive per file;
   stored bytes are the repository directory's size after each.
 * zstd ``-3`` and ``-19`` of each file (``-T0``): the sum of the compressed files.
-* ``tar`` of the first k files piped to ``zstd -3 --long=27 -T0``, for every k (so
-  the curve is exact); the wall time is the run over the whole series.
+* ``tar`` of the first k files piped to ``zstd -3 --long=27 -T0`` (with ``--slow`` also
+  ``-19``), for every k (so the curve is exact) while the series is small enough
+  (``--tar-curve-limit``), else for the whole series and all but its last file; the
+  wall time is the run over the whole series.
 * ZipNN (``zipnn`` on PyPI) per file, the file's bytes as its dominant dtype, in
   streaming mode (as ZipNN's ``zipnn_compress_file.py``), and in its delta mode
   (``delta_compressed_type="byte"``: XOR with the previous file, as
@@ -334,8 +341,8 @@ def bench_zstd_files(files: list[Path], work: Path, level: int) -> Row:
     return row
 
 
-def bench_tar_zstd_long(files: list[Path], work: Path, all_prefixes: bool) -> Row:
-    row = Row("tar + zstd -3 --long=27")
+def bench_tar_zstd_long(files: list[Path], work: Path, all_prefixes: bool, level: int = 3) -> Row:
+    row = Row(f"tar + zstd -{level} --long=27")
     tar, zstd = need("tar"), need("zstd")
     dst = work / "series.tar.zst"
     ks = range(1, len(files) + 1) if all_prefixes else [len(files) - 1, len(files)]
@@ -348,7 +355,7 @@ def bench_tar_zstd_long(files: list[Path], work: Path, all_prefixes: bool) -> Ro
         with open(dst, "wb") as out:
             tar_p = subprocess.Popen([tar, "-cf", "-", "-C", str(files[0].parent), *(p.name for p in files[:k])],
                                      stdout=subprocess.PIPE)
-            z = subprocess.run([zstd, "-q", "-3", "--long=27", "-T0", "-c"], stdin=tar_p.stdout, stdout=out,
+            z = subprocess.run([zstd, "-q", f"-{level}", "--long=27", "-T0", "-c"], stdin=tar_p.stdout, stdout=out,
                                check=False)
             assert tar_p.stdout is not None
             tar_p.stdout.close()
@@ -519,15 +526,35 @@ def floor_rows(files: list[Path]) -> list[Row]:
 # --------------------------------------------------------------------------- driver
 
 
-def bench_series(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    sdir = work / "files" / name
+def series_scale(name: str, args: argparse.Namespace) -> float:
+    return args.large_scale if SERIES[name].large else args.scale
+
+
+def series_files(name: str, args: argparse.Namespace, work: Path) -> tuple[list[Path], float, bool]:
+    """The series' files, generated (or, with ``--series-cache``, reused); (files, seconds, reused)."""
+    scale = series_scale(name, args)
+    if args.series_cache is None:
+        sdir = work / "files" / name
+    else:
+        sdir = args.series_cache / f"{name}-scale{scale:g}-count{args.count}"
+        done = sdir / "done.json"
+        if done.exists():
+            names = json.loads(done.read_text())
+            if all((sdir / n).exists() for n in names):
+                return [sdir / n for n in names], 0.0, True
     t0 = time.perf_counter()
-    files = generate(name, sdir, scale=args.scale, count=args.count)
-    gen_s = time.perf_counter() - t0
+    files = generate(name, sdir, scale=scale, count=args.count)
+    if args.series_cache is not None:
+        (sdir / "done.json").write_text(json.dumps([p.name for p in files]))
+    return files, time.perf_counter() - t0, False
+
+
+def bench_series(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    files, gen_s, reused = series_files(name, args, work)
     raw_sizes = [p.stat().st_size for p in files]
     raw = sum(raw_sizes)
     print(f"\n## {name}: {len(files)} x {fmt_bytes(raw_sizes[-1])} = {fmt_bytes(raw)} raw "
-          f"(generated in {gen_s:.1f} s)", file=sys.stderr)
+          f"({'reused from --series-cache' if reused else f'generated in {gen_s:.1f} s'})", file=sys.stderr)
     tw = work / "tools" / name
     tw.mkdir(parents=True)
     tar_curve = raw * len(files) / 2 < args.tar_curve_limit
@@ -543,6 +570,7 @@ def bench_series(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
         ("zstd -3 per file", lambda: bench_zstd_files(files, tw, 3)),
         ("zstd -19 per file", lambda: bench_zstd_files(files, tw, 19)),
         ("tar + zstd -3 --long=27", lambda: bench_tar_zstd_long(files, tw, tar_curve)),
+        *([("tar + zstd -19 --long=27", lambda: bench_tar_zstd_long(files, tw, tar_curve, 19))] if args.slow else []),
         ("ZipNN per file", lambda: bench_zipnn(files, name, delta=False)),
         ("ZipNN delta (XOR prev file)", lambda: bench_zipnn(files, name, delta=True)),
     ]
@@ -743,7 +771,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--series", default=",".join(SERIES), help=f"comma-separated subset of: {', '.join(SERIES)}")
     ap.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                     help=f"series size multiplier (tools/make_series.py; default {DEFAULT_SCALE})")
-    ap.add_argument("--slow", action="store_true", help="also run borg2 with zstd,19 (slow: single-threaded)")
+    ap.add_argument("--large-scale", type=float, default=1.0,
+                    help="size multiplier of the *-large series (default 1: 126 MB checkpoints)")
+    ap.add_argument("--series-cache", type=Path, default=None,
+                    help="keep generated series here and reuse them on later runs (same scale and count)")
+    ap.add_argument("--slow", action="store_true",
+                    help="also run borg2 with zstd,19 and tar + zstd -19 --long (slow)")
     ap.add_argument("--count", type=int, default=DEFAULT_COUNT, help="checkpoints per series")
     ap.add_argument("--cas-chunk-sizes", default="default",
                     help="comma-separated cas chunk sizes to run (e.g. default,64K); default: the repository default")
@@ -774,10 +807,12 @@ def main(argv: list[str] | None = None) -> int:
             res = bench_series(name, args, work)
             results.append(res)
             print("\n" + table(res) + "\n", flush=True)
-            shutil.rmtree(work / "files" / name, ignore_errors=True)
+            if args.series_cache is None:
+                shutil.rmtree(work / "files" / name, ignore_errors=True)
 
     header = (
-        f"## Dedup benchmark\n\n`bench/dedup.py --series {','.join(names)} --scale {args.scale} --count {args.count}"
+        f"## Dedup benchmark\n\n`bench/dedup.py --series {','.join(names)} --scale {args.scale} "
+        f"--large-scale {args.large_scale} --count {args.count}"
         f"{' --slow' if args.slow else ''}`"
         f" at cas commit {_git_rev()}, on {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, torch "

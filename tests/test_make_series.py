@@ -156,3 +156,48 @@ def test_unknown_series_and_bad_size() -> None:
         checkpoints("nope")
     with pytest.raises(ValueError, match="scale"):
         checkpoints("lora", scale=0)
+
+
+def test_large_series_have_realistic_sizes() -> None:
+    """At scale 1 the ``*-large`` series are 100-300 MB checkpoints whose weight matrices fill 1 MiB chunks."""
+    from tools.make_series import GPT, LARGE_LAYERS
+
+    cfg = SeriesConfig(scale=1.0, large=True)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    weights = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    size = sum(t.numel() * 2 for t in weights.values())  # bfloat16
+    assert 100e6 < size < 300e6
+    assert cfg.layers == LARGE_LAYERS
+    assert {"blocks.0.q.weight", "blocks.0.k.weight", "blocks.0.v.weight"} <= set(weights)
+    assert max(t.numel() * 2 for t in weights.values()) >= 8 << 20  # planes of whole chunks, not 16 KiB
+
+
+def test_bf16_revisions_large_move_most_weights_a_few_ulps(series: dict[str, list[dict[str, torch.Tensor]]]) -> None:
+    a, b = series["bf16-revisions-large"][:2]
+    assert a.keys() == b.keys() and all(t.dtype == torch.bfloat16 for t in a.values())
+    assert not any(k.endswith("head.weight") for k in a)  # tied: stored once
+    ulps = torch.cat([(a[k].view(torch.int16).int() - b[k].view(torch.int16).int()).abs().flatten() for k in a])
+    assert 0.5 < float((ulps != 0).float().mean()) < 1.0  # most weights move
+    assert 1 <= float(ulps.float().median()) <= 16  # by a few ulps (the small series: one or two)
+
+
+def test_lora_large_adapters_on_attention_over_a_bf16_base(series: dict[str, list[dict[str, torch.Tensor]]]) -> None:
+    ckpts = series["lora-large"]
+    model_keys = [k for k in ckpts[0] if k.startswith("/model/")]
+    adapters = {k for k in model_keys if ".lora_" in k}
+    targets = {k.split("/")[-1].split(".")[2] for k in adapters}
+    assert targets == {"q", "k", "v", "proj"}
+    assert all(ckpts[0][k].dtype == torch.float32 for k in adapters)
+    assert all(ckpts[0][k].dtype == torch.bfloat16 for k in set(model_keys) - adapters)
+    assert all(ckpts[0][k].shape[0] == 8 or ckpts[0][k].shape[1] == 8 for k in adapters)  # rank 8
+    for prev, cur in itertools.pairwise(ckpts):
+        changed = _changed(prev, cur)
+        assert not (set(model_keys) - adapters) & changed
+        assert {k for k in adapters if k.endswith("lora_B")} <= changed
+    assert sum(1 for k in ckpts[-1] if k.endswith("/exp_avg")) == len(adapters)
+
+
+def test_lora_large_keeps_the_tied_head_shared(files: dict[str, list[Path]]) -> None:
+    state = _load(files["lora-large"][0])["model"]
+    assert state["head.weight"].data_ptr() == state["tok_emb.weight"].data_ptr()

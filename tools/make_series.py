@@ -1,6 +1,6 @@
 """Deterministic checkpoint series for dedup and compression benchmarks.
 
-Five series, each a run of checkpoints written the way trainers write them:
+Seven series, each a run of checkpoints written the way trainers write them:
 
 ``pretrain``
     A small GPT (token + position embedding, pre-LN transformer blocks with
@@ -34,12 +34,27 @@ Five series, each a run of checkpoints written the way trainers write them:
     ``{"model", "optim", "step", "rng"}`` (``.pt``). Storing the base in every
     checkpoint is what a naive trainer does, and what dedup must absorb.
 
+``bf16-revisions-large``
+    Realistic sizes: a 63 M-parameter GPT (width 768, 8 blocks with separate ``q``/``k``/``v``
+    projections, vocabulary 8192; at ``scale=1``) whose bfloat16 weights are saved as
+    126 MB ``.safetensors`` revisions; between revisions the fp32 master copy takes
+    ``LARGE_STEPS_PER_SAVE`` AdamW steps at ``LARGE_LR``, standing in for a few hundred
+    fine-tuning steps: 85-90 % of the weights move, by a median of 2 bf16 ulps and a
+    long tail (small weights move many ulps). Matrices of 0.6-6 M elements: planes fill
+    whole chunks, as real models give them.
+``lora-large``
+    The same model as a frozen **bfloat16** base (tied head stored once) with rank-8
+    LoRA adapters on ``q``, ``k``, ``v`` and the attention output ``proj`` (fp32, as PEFT
+    keeps them), trained with AdamW; each checkpoint is the full state dict (base and
+    adapters) plus the adapters' AdamW moments (``.pt``, 131 MB at ``scale=1``).
+
 Size: ``scale`` multiplies the parameter count (roughly): the GPT width grows as
 ``128 * sqrt(scale)`` (4 blocks, vocabulary 512) and the embedding table's row
 count as ``16384 * scale``. At the default ``scale=1`` a GPT has about 0.85 M
 parameters (a ``pretrain`` checkpoint is about 10 MiB) and the embedding table
-16384 x 64; all five series (8 checkpoints each) generate in well under a minute
-on two cores.
+16384 x 64; the five small series (8 checkpoints each) generate in well under a
+minute on two cores. The ``*-large`` series use their own geometry (width ~768 *
+sqrt(scale)); at ``scale=1`` each takes 1-3 minutes (one thread).
 
 Determinism: every series seeds its own RNGs, runs with
 ``torch.use_deterministic_algorithms(True)`` and a fixed thread count (1 by
@@ -88,24 +103,41 @@ Checkpoint = tuple[str, Any]  # (file name, object to write)
 
 @dataclass(frozen=True)
 class Config:
+    """Sizes of a series. ``large``: the realistic geometry of the ``*-large`` series (see the
+    module docstring); otherwise the small one the other series use."""
+
     scale: float = 1.0
     count: int = DEFAULT_COUNT
     seed: int = SEED
     threads: int = 1
+    large: bool = False
 
     @property
     def width(self) -> int:
-        """GPT model width: ~128 * sqrt(scale), a multiple of 32 (at least 32)."""
+        """GPT model width: ~128 * sqrt(scale) (large: ~768 * sqrt(scale), a multiple of 64), a multiple of 32."""
+        if self.large:
+            return max(64, 64 * round(LARGE_WIDTH * math.sqrt(self.scale) / 64))
         return max(32, 32 * round(128 * math.sqrt(self.scale) / 32))
 
     @property
     def heads(self) -> int:
-        return self.width // 32
+        return self.width // (64 if self.large else 32)
 
-    layers: int = 4
-    vocab: int = 512
-    seq_len: int = 32
-    batch: int = 8
+    @property
+    def layers(self) -> int:
+        return LARGE_LAYERS if self.large else 4
+
+    @property
+    def vocab(self) -> int:
+        return LARGE_VOCAB if self.large else 512
+
+    @property
+    def seq_len(self) -> int:
+        return 64 if self.large else 32
+
+    @property
+    def batch(self) -> int:
+        return 4 if self.large else 8
 
     @property
     def emb_rows(self) -> int:
@@ -114,16 +146,31 @@ class Config:
     emb_dim: int = 64
 
 
+#: geometry of the ``*-large`` series at scale 1: about 63 M parameters, 126 MB as bfloat16
+LARGE_WIDTH = 768
+LARGE_LAYERS = 8
+LARGE_VOCAB = 8192
+
+
 # --------------------------------------------------------------------------- models
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
+    """Pre-LN transformer block. ``split_qkv``: separate ``q``/``k``/``v`` projections (as Llama's
+    ``q_proj``/``k_proj``/``v_proj``, so LoRA can target each) instead of one fused ``qkv``."""
+
+    def __init__(self, d: int, heads: int, dropout: float, split_qkv: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
+        self.split_qkv = split_qkv
         self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
+        if split_qkv:
+            self.q = nn.Linear(d, d)
+            self.k = nn.Linear(d, d)
+            self.v = nn.Linear(d, d)
+        else:
+            self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 4 * d)
@@ -132,7 +179,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        h = self.ln1(x)
+        q, k, v = (self.q(h), self.k(h), self.v(h)) if self.split_qkv else self.qkv(h).split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
@@ -147,7 +195,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab, d)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.seq_len, d))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d, cfg.heads, dropout) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, dropout, split_qkv=cfg.large) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.vocab, bias=False)
         self.apply(_init_weights)
@@ -357,6 +405,74 @@ def _lora(cfg: Config) -> Iterator[Checkpoint]:
         )
 
 
+#: what one revision of ``bf16-revisions-large`` stands for: this many real AdamW steps at this
+#: learning rate move each weight about as far (several bf16 ulps) as a few hundred fine-tuning steps
+LARGE_STEPS_PER_SAVE = 3
+LARGE_LR = 2e-4
+
+
+def _bf16_revisions_large(cfg: Config) -> Iterator[Checkpoint]:
+    gen = torch.Generator().manual_seed(cfg.seed + 6)
+    data = SyntheticTokens(cfg, gen)
+    model = GPT(cfg, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LARGE_LR, weight_decay=0.01)
+    for _ in range(4):  # a short warm-up so revision 0 is not the raw init
+        _lm_step(model, opt, data)
+    for i in range(cfg.count):
+        if i:
+            for _ in range(LARGE_STEPS_PER_SAVE):
+                _lm_step(model, opt, data)
+        weights = {
+            k: v.detach().to(torch.bfloat16).contiguous()
+            for k, v in model.state_dict().items()
+            if k != "head.weight"  # tied to tok_emb.weight: stored once, as transformers does
+        }
+        yield f"rev-{i:03d}.safetensors", weights
+
+
+#: the attention projections the ``lora-large`` adapters sit on (q, k, v and the output projection)
+LORA_LARGE_TARGETS = ("q", "k", "v", "proj")
+
+
+def _bf16_base(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with every non-adapter tensor as bfloat16 (adapters stay fp32, as PEFT keeps
+    them); tensors that shared a storage (the tied head) still share one."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            out[k] = v
+            continue
+        if v.data_ptr() not in cast:
+            cast[v.data_ptr()] = v.to(torch.bfloat16)
+        out[k] = cast[v.data_ptr()]
+    return out
+
+
+def _lora_large(cfg: Config) -> Iterator[Checkpoint]:
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    data = SyntheticTokens(cfg, gen)
+    model = GPT(cfg, dropout=0.0)
+    model.requires_grad_(False)
+    with torch.no_grad():  # the base is a bfloat16 model: its weights are bf16 values, computed in fp32
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    for block in model.blocks:
+        assert isinstance(block, Block)
+        for attr in LORA_LARGE_TARGETS:
+            setattr(block, attr, LoRALinear(getattr(block, attr), LORA_RANK, alpha=16.0))
+    adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
+    opt = torch.optim.AdamW(adapters, lr=1e-3, weight_decay=0.0)
+    every = 2
+    for i in range(cfg.count):
+        for _ in range(every):
+            _lm_step(model, opt, data)
+        state = _bf16_base(model.state_dict())
+        yield f"ckpt-{i:03d}.pt", _snapshot(
+            {"model": state, "optim": opt.state_dict(), "step": (i + 1) * every, "rng": _rng(gen)}
+        )
+
+
 @dataclass(frozen=True)
 class Series:
     name: str
@@ -364,6 +480,7 @@ class Series:
     dtype: torch.dtype  # the dtype of (nearly all of) its bytes
     summary: str
     make: Callable[[Config], Iterator[Checkpoint]]
+    large: bool = False  # the realistic geometry (Config.large)
 
 
 SERIES: dict[str, Series] = {
@@ -379,6 +496,12 @@ SERIES: dict[str, Series] = {
                "large embedding table with SparseAdam: only a few rows change", _embedding),
         Series("lora", "pt", torch.float32,
                "LoRA adapters over a frozen base; checkpoint = base + adapters + adapter optimizer", _lora),
+        Series("bf16-revisions-large", "safetensors", torch.bfloat16,
+               "126 MB bf16 weight revisions of a 63 M-parameter GPT, several ulps apart", _bf16_revisions_large,
+               large=True),
+        Series("lora-large", "pt", torch.bfloat16,
+               "rank-8 LoRA on q/k/v/out over a frozen 126 MB bf16 base; adapters + AdamW moments in fp32",
+               _lora_large, large=True),
     )
 }
 
@@ -417,7 +540,7 @@ def checkpoints(
         raise ValueError(f"unknown series {name!r}; choose from {', '.join(SERIES)}")
     if scale <= 0 or count < 1:
         raise ValueError("scale must be > 0 and count >= 1")
-    cfg = Config(scale=scale, count=count, seed=seed, threads=threads)
+    cfg = Config(scale=scale, count=count, seed=seed, threads=threads, large=SERIES[name].large)
     return _isolated(SERIES[name].make(cfg), cfg)
 
 
