@@ -846,24 +846,47 @@ class Repository:
 
     # diff / stats / verify ----------------------------------------------------
     def diff(self, a: str, b: str) -> DiffReport:
-        """Tensors added, removed, changed and unchanged from snapshot ``a`` to ``b`` (no data read)."""
+        """Tensors added, removed, changed and unchanged from snapshot ``a`` to ``b``.
+
+        Equal bytes are unchanged whatever the layout: a tensor that shares a storage (tied
+        weights) and one that does not compare by their own elements. Only a view that covers
+        part of its storage is read (both sides of that path) to compare with ``torch.equal``;
+        everything else is decided from the manifests.
+        """
         sa, sb = self.resolve(a), self.resolve(b)
         leaves_a, values_a = _fingerprints(*self._tree(sa)[:2])
         leaves_b, values_b = _fingerprints(*self._tree(sb)[:2])
         report = DiffReport(a=sa.id, b=sb.id)
-        for path, (key, nbytes) in leaves_b.items():
+        for path, (key, nbytes, exact, kpath) in leaves_b.items():
             if path not in leaves_a:
                 report.added.append(path)
-            elif leaves_a[path][0] != key:
+                continue
+            key_a, _n, exact_a, kpath_a = leaves_a[path]
+            same = key_a == key
+            if not same and not (exact and exact_a) and key_a[1:3] == key[1:3]:  # a partial view: read both
+                same = self._same_tensor(sa, kpath_a, sb, kpath)
+            if same:
+                report.unchanged.append(path)
+            else:
                 report.changed.append(path)
                 report.changed_bytes += nbytes
-            else:
-                report.unchanged.append(path)
         report.removed = [p for p in leaves_a if p not in leaves_b]
         report.values_changed = [
             p for p in sorted(set(values_a) | set(values_b)) if values_a.get(p) != values_b.get(p)
         ]
         return report
+
+    def _same_tensor(self, sa: Snapshot, path_a: KeyPath, sb: Snapshot, path_b: KeyPath) -> bool:
+        import torch  # noqa: PLC0415 - only for views that cover part of their storage
+
+        def one(snap: Snapshot, path: KeyPath) -> Any:
+            value = self.load(snap.id, keys=[path])
+            for k in path:
+                value = value[k]
+            return value
+
+        ta, tb = one(sa, path_a), one(sb, path_b)
+        return bool(ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb))
 
     def stats(self) -> StatsReport:
         return self._with_index_recovery(self._stats)
@@ -1165,21 +1188,41 @@ class Repository:
 check_public_kwargs(Repository)  # a misspelt keyword argument is a typed ArgumentError
 
 
-def _fingerprints(root: Any, storages: list[Any]) -> tuple[dict[str, tuple[Any, int]], dict[str, Any]]:
-    """Per tensor path: a key that changes when its content does; per non-tensor leaf path: its encoding."""
-    leaves: dict[str, tuple[Any, int]] = {}
+def _fingerprints(
+    root: Any, storages: list[Any]
+) -> tuple[dict[str, tuple[Any, int, bool, KeyPath]], dict[str, Any]]:
+    """Per tensor path: (a key that changes when its content does, bytes, whether the key is its
+    elements' own chunks, key path); per non-tensor leaf path: its encoding.
+
+    A view that is its whole storage, contiguous from offset 0, has the storage's chunks as its
+    own: it gets the key a plain tensor of those bytes gets (tied or not, same bytes, same key).
+    """
+    leaves: dict[str, tuple[Any, int, bool, KeyPath]] = {}
     for path, enc in tensor_leaves(root):
         name = format_path(path)
+        nbytes = leaf_nbytes(enc)
         if enc[0] == "V":
-            nbytes, chunks = storages[int(enc[5])]
-            key: Any = ("V", enc[1], tuple(enc[2]), tuple(enc[3]), enc[4], chunks)
-            leaves[name] = (key, int(nbytes))
+            storage_bytes, chunks = storages[int(enc[5])]
+            shape, stride, offset = [int(d) for d in enc[2]], [int(d) for d in enc[3]], int(enc[4])
+            if offset == 0 and int(storage_bytes) == nbytes and _is_contiguous(shape, stride):
+                leaves[name] = (("T", enc[1], tuple(shape), chunks), nbytes, True, path)
+            else:
+                key: Any = ("V", enc[1], tuple(shape), tuple(stride), offset, chunks)
+                leaves[name] = (key, nbytes, False, path)
         else:
-            chunks = enc[3]
-            leaves[name] = ((enc[0], enc[1], tuple(enc[2]), chunks), leaf_nbytes(enc))
+            leaves[name] = (("T" if enc[0] == "T" else enc[0], enc[1], tuple(enc[2]), enc[3]), nbytes, True, path)
     values: dict[str, Any] = {}
     _collect_values(root, (), values)
     return leaves, values
+
+
+def _is_contiguous(shape: list[int], stride: list[int]) -> bool:
+    expected = 1
+    for d, st in zip(reversed(shape), reversed(stride), strict=True):
+        if d != 1 and st != expected:
+            return False
+        expected *= d
+    return True
 
 
 def _collect_values(enc: Any, path: KeyPath, out: dict[str, Any]) -> None:

@@ -163,6 +163,12 @@ class _Encoder:
 
     def fallback(self, obj: Any, path: KeyPath) -> list[Any]:
         what = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        if not self.allow_pickle and isinstance(obj, np.ndarray):
+            raise UnsupportedObjectError(
+                f"value at {format_path(path)} is a numpy array of dtype {obj.dtype}; cas stores numpy arrays of "
+                "bool, int, uint, float and complex natively: convert it (strings: arr.tolist()) or pass "
+                "allow_pickle=True"
+            )
         if not self.allow_pickle:
             raise UnsupportedObjectError(
                 f"value at {format_path(path)} is a {what}, which cas does not store without pickle; "

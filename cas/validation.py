@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cas.arguments import checked_kwargs
 from cas.errors import CorruptionError, FormatVersionError, UsageError
 from cas.repository import Repository
 
@@ -99,6 +100,58 @@ def check_metrics(saved: dict[str, Any], measured: dict[str, float], rtol: float
     return CheckResult("metrics", True, f"{', '.join(compared)} within rtol {rtol:g}")
 
 
+def _call(model: torch.nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on ``inputs``: a tuple is positional arguments, a dict (a Hugging Face batch)
+    keyword arguments, anything else the one argument."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _detached(out: Any) -> Any:
+    """A copy of a model output that later runs cannot change: tensors cloned, containers (a
+    ``ModelOutput``, dicts, tuples, lists) walked."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, dict):  # transformers' ModelOutput is an OrderedDict
+        return {k: _detached(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_detached(v) for v in out]
+    return out
+
+
+def _first_difference(a: Any, b: Any, where: str = "output", depth: int = 0) -> str | None:
+    """Where two outputs differ (bit for bit), or None when they are identical."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return where
+        return None if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else where
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{where} keys"
+        for k in a:
+            found = _first_difference(a[k], b[k], f"{where}.{k}", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where} length"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, f"{where}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    if type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, (type, torch.nn.Module)) and depth < 8:
+        return _first_difference(vars(a), vars(b), where, depth + 1)  # e.g. a key/value cache object
+    try:
+        return None if bool(a == b) else where
+    except (RuntimeError, ValueError, TypeError):
+        return where
+
+
 def check_determinism(model: torch.nn.Module, inputs: Any, runs: int) -> CheckResult:
     was_training = model.training
     model.eval()
@@ -106,19 +159,18 @@ def check_determinism(model: torch.nn.Module, inputs: Any, runs: int) -> CheckRe
         outputs = []
         with torch.no_grad():
             for _ in range(runs):
-                out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-                outputs.append(out.detach().clone() if isinstance(out, torch.Tensor) else out)
+                outputs.append(_detached(_call(model, inputs)))
     finally:
         model.train(was_training)
     first = outputs[0]
     for i, out in enumerate(outputs[1:], 2):
-        same = (torch.equal(first, out) if isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor)
-                else first == out)
-        if not same:
-            return CheckResult("determinism", False, f"run {i} of {runs} gave a different output than run 1")
+        where = _first_difference(first, out)
+        if where is not None:
+            return CheckResult("determinism", False, f"run {i} of {runs} gave a different {where} than run 1")
     return CheckResult("determinism", True, f"{runs} runs gave bit-identical outputs")
 
 
+@checked_kwargs  # a misspelt keyword argument is a typed ArgumentError
 def validate(
     repo: Repository,
     snapshot: str = "latest",
@@ -133,6 +185,10 @@ def validate(
     load: bool = True,
 ) -> ValidationReport:
     """Validate a snapshot: structure always; metrics with ``model`` + ``evaluate``; determinism with ``inputs``.
+
+    ``inputs``: what the model is called with -- a tensor, a tuple of positional arguments, or a
+    dict of keyword arguments (a Hugging Face batch: ``{"input_ids": ..., "attention_mask": ...}``);
+    outputs may be tensors or containers of them (a ``ModelOutput``), compared bit for bit.
 
     With ``load`` (default) the snapshot's weights are loaded into ``model`` first.
     """
@@ -161,5 +217,4 @@ def validate(
             raise UsageError("determinism needs a model to run")
         report.checks.append(check_determinism(model, inputs, runs))
     return report
-
 

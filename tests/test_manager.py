@@ -107,7 +107,7 @@ def test_restore_latest_fills_model_and_optimizer_in_place(tmp_path: Path) -> No
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    sched.step()
+    sched.step()  # after opt.step: no warning
     with cas.CheckpointManager(tmp_path / "r", async_save=False) as mgr:
         mgr.save(5, {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                      "step": 5})

@@ -318,7 +318,9 @@ class CasCallback(TrainerCallback):
     ``tag_prefix``: snapshots are tagged ``<tag_prefix><step>``. ``delete_after_save``:
     remove ``checkpoint-<step>/`` from disk once its snapshot is stored and verified
     (every chunk re-read and re-hashed), leaving cas as the only copy; resume with
-    :func:`resume_from_cas`. It cannot be combined with ``load_best_model_at_end``
+    :func:`resume_from_cas`. With ``save_total_limit`` set, the repository keeps as many
+    snapshots as the Trainer keeps directories (the newest, and the best checkpoint's):
+    :meth:`rotate`. It cannot be combined with ``load_best_model_at_end``
     (the Trainer reloads the best checkpoint from disk). Only the main process stores.
     """
 
@@ -369,6 +371,8 @@ class CasCallback(TrainerCallback):
         snap = save_checkpoint_dir(self.repo, directory, tag=f"{self.tag_prefix}{state.global_step}",
                                    metadata=metadata)
         self.saved.append(snap)
+        if args.save_total_limit:
+            self.rotate(int(args.save_total_limit), state.best_model_checkpoint)
         if self.delete_after_save:
             report = self.repo.verify(read_data=True, snapshots=[snap.id])
             if not report.ok:
@@ -376,6 +380,27 @@ class CasCallback(TrainerCallback):
                     f"snapshot {snap.ref} did not verify ({report.problems[0]}); {directory} is kept"
                 )
             shutil.rmtree(directory)
+
+    def rotate(self, limit: int, best_checkpoint: str | None = None) -> list[Snapshot]:
+        """Mirror the Trainer's ``save_total_limit``: keep the ``limit`` newest snapshots of this
+        callback's tags (and the best checkpoint's, as the Trainer keeps it); drop the others'
+        refs (``gc`` frees their space). Returns the removed ones."""
+        mine = []
+        for snap in hf_snapshots(self.repo):
+            tag = snap.tag or ""
+            if tag.startswith(self.tag_prefix) and tag[len(self.tag_prefix):].isdigit():
+                mine.append((int(tag[len(self.tag_prefix):]), snap))
+        mine.sort(key=lambda item: item[0])
+        keep = {snap.id for _step, snap in mine[-max(1, limit):]}
+        if best_checkpoint:
+            best = Path(best_checkpoint).name
+            keep |= {snap.id for _step, snap in mine if snap.metadata.get("hf_checkpoint") == best}
+        removed = []
+        for _step, snap in mine:
+            if snap.id not in keep:
+                self.repo.delete(snap.ref)
+                removed.append(snap)
+        return removed
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -23,6 +23,18 @@ pointer files all of that works as it does with Lightning's own ``TorchCheckpoin
 Pass ``pointer_files=False`` to keep the checkpoint directory empty; then give exact
 paths to ``ckpt_path``. A pointer file is not a torch checkpoint: load it with this
 plugin (or :meth:`CasCheckpointIO.checkpoint_buffer`), not ``torch.load``.
+
+``torch.load(path)`` on a pointer file fails (``UnpicklingError: invalid load key, '{'``:
+it is JSON), and so does ``LightningModule.load_from_checkpoint(path)``, which calls
+``torch.load`` itself. Open it through the plugin instead::
+
+    io = CasCheckpointIO("ckpts")
+    model = MyModel.load_from_checkpoint(io.checkpoint_buffer("ckpts/last.ckpt"))  # a torch.save buffer
+    state = io.load_checkpoint("ckpts/last.ckpt")                                   # the checkpoint dict
+    Trainer(plugins=[io]).fit(model, ckpt_path="ckpts/last.ckpt")                   # resume
+
+``cat`` shows what a pointer file names (``{"format": "cas-lightning-pointer", "repository":
+..., "snapshot": ...}``).
 """
 
 from __future__ import annotations
