@@ -246,17 +246,25 @@ def _clip(text: str, width: int, middle: bool = False) -> str:
     return text[: width - 1] + "…"
 
 
-def print_table(headers: list[str], rows: list[list[str]], flex: int, right: frozenset[int] = frozenset(),
-                middle: bool = False) -> None:
-    """Plain columns that fit the terminal (80 columns when not one): column ``flex`` is cut to fit."""
+def print_table(headers: list[str], rows: list[list[str]], flex: int | tuple[int, ...],
+                right: frozenset[int] = frozenset(), middle: bool = False) -> None:
+    """Plain columns that fit the terminal (80 columns when not one): the ``flex`` columns are cut to
+    fit, the first one first, each down to its header's width (at least 8)."""
+    cut = (flex,) if isinstance(flex, int) else flex
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    fixed = sum(w for i, w in enumerate(widths) if i != flex) + 2 * (len(headers) - 1)
-    widths[flex] = max(len(headers[flex]), min(widths[flex], _width() - fixed))
+    over = sum(widths) + 2 * (len(headers) - 1) - _width()
+    for i in cut:
+        if over <= 0:
+            break
+        floor = max(len(headers[i]), 8)
+        take = min(over, max(0, widths[i] - floor))
+        widths[i] -= take
+        over -= take
 
     def line(cells: list[str]) -> str:
         out = []
         for i, text in enumerate(cells):
-            cell = _clip(text, widths[i], middle and i == flex)
+            cell = _clip(text, widths[i], middle and i in cut)
             out.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
         return "  ".join(out).rstrip()
 
@@ -283,7 +291,8 @@ def ls_cmd(ctx: Context, as_json: bool) -> None:
                      human_bytes(s.bytes_added), json.dumps(meta, separators=(",", ":")) if meta else ""])
     for name, _why in damaged:
         rows.append(["DAMAGED", name, "", "", "", "`cas check` tells more; `cas rm` gives it up"])
-    print_table(["id", "tag", "time (UTC)", "logical", "added", "metadata"], rows, flex=5, right=frozenset({3, 4}))
+    print_table(["id", "tag", "time (UTC)", "logical", "added", "metadata"], rows, flex=(5, 1),
+                right=frozenset({3, 4}))
 
 
 @cli.command()
@@ -391,10 +400,15 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
 
             if not out.parent.is_dir():
                 raise UsageError(f"directory {out.parent} does not exist")
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as temp:
-                restore_files(load_part, listing, name, Path(temp), include=patterns)
-                state = reread_states(Path(temp))
-                export_file(state, out, force=force, fmt=fmt)
+            if os.path.lexists(out) and not force:
+                raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+            try:
+                with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as temp:
+                    restore_files(load_part, listing, name, Path(temp), include=patterns)
+                    state = reread_states(Path(temp))
+                    export_file(state, out, force=force, fmt=fmt)
+            except OSError as exc:  # name the file asked for, not the temp directory beside it
+                raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
             click.echo(f"restored snapshot {snap.short_id} to {out} (re-serialized as .{fmt})")
             return
         if single:

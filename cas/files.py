@@ -445,6 +445,14 @@ def write_file(dest: Path, value: dict[str, Any], where: str) -> int:
     if not isinstance(mode, int) or not isinstance(mtime_ns, int) or not isinstance(size, int):
         raise ManifestCorruptError(f"{where} is malformed: mode, mtime and size must be integers")
     temp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        return _write_parts(dest, temp, parts, size, digest, mode, mtime_ns, where)
+    except OSError as exc:  # the target refused it: name the file asked for, not the temp file
+        raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
+def _write_parts(dest: Path, temp: Path, parts: list[Any], size: int, digest: bytes, mode: int, mtime_ns: int,
+                 where: str) -> int:
     h = hashlib.sha256()
     written = 0
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
