@@ -304,6 +304,7 @@ def show(ctx: Context, snapshot: str, as_json: bool) -> None:
     with ctx.open() as repo:
         snap = repo.resolve(snapshot)
         tensors = repo.tensors(snap.id)
+        tensors = _dcp_rows(repo, snap, tensors)  # a DCP snapshot: one row per FQN
         files = repo.files(snap.id)
     if as_json:
         emit_json({**snap.to_dict(), "tensors": tensors, **({"files": files} if files is not None else {})})
@@ -369,6 +370,9 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
     patterns: list[Any] | None = list(include) or None
     with ctx.open() as repo:
         snap = repo.resolve(snapshot)
+        if _is_dcp(snap):  # a torch.distributed.checkpoint snapshot: its whole, unsharded state
+            _restore_dcp(repo, snap, out, force=force, allow_pickle=allow_pickle)
+            return
         if warmup:
             requested = repo.warmup(snap.id, wait=True, poll=float(os.environ.get("CAS_WARMUP_POLL", "30")))
             if requested:
@@ -772,6 +776,38 @@ def main(argv: list[str] | None = None) -> None:
 
 
 from cas import cli_dr as _cli_dr  # noqa: E402, F401 - registers replica, config, replicate, tier, serve
+
+def _is_dcp(snap: Any) -> bool:
+    return isinstance(snap.metadata.get("dcp"), dict)
+
+
+def _dcp_rows(repo: Any, snap: Any, tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a snapshot written by ``cas.integrations.dcp``: one row per fully qualified name (its
+    global dtype and shape), not one per stored shard."""
+    if not _is_dcp(snap):
+        return tensors
+    from cas.integrations.dcp import dcp_info  # noqa: PLC0415 - torch only for DCP snapshots
+
+    return [{"path": t["fqn"], "kind": "tensor", "dtype": t["dtype"], "shape": t["shape"], "nbytes": t["nbytes"],
+             "shared_storage": False, "shards": t["shards"]} for t in dcp_info(repo, snap.id)["tensors"]]
+
+
+def _restore_dcp(repo: Any, snap: Any, out: Path, *, force: bool, allow_pickle: bool) -> None:
+    from cas.importers import export_file  # noqa: PLC0415 - torch only for commands that need it
+    from cas.integrations.dcp import load_unsharded  # noqa: PLC0415
+
+    flat = out.suffix.lower() == ".safetensors"  # named tensors only; .pt keeps the nesting and the objects
+    state = load_unsharded(repo, snap.id, allow_pickle=allow_pickle, nested=not flat)
+    left = []
+    if flat:
+        import torch  # noqa: PLC0415
+
+        left = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    export_file(state, out, force=force)
+    note = f"; {len(left)} non-tensor values left out (restore to .pt for them)" if left else ""
+    click.echo(f"restored snapshot {snap.short_id} (unsharded) to {out}{note}")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
