@@ -337,7 +337,7 @@ class Repository:
 
     def session(
         self,
-        parent: str | None = "latest",
+        parent: str | SnapshotId | None = "latest",
         *,
         compression: str | None = None,
         keyframe: bool = False,
@@ -351,7 +351,7 @@ class Repository:
         ref, ``commit`` turns parts (its own and other sessions') into a snapshot (``save`` is
         one session that commits its one part).
 
-        ``parent`` (a snapshot spec, or None) is where delta bases come from and what the
+        ``parent`` (a snapshot spec or id, or None) is where delta bases come from and what the
         snapshot records. The session holds the repository lock shared until it is finished
         (so gc waits for it); ``lock=False`` when the caller holds it for the whole save.
         ``fingerprints``: (snapshot, fingerprints) of the save the caller made before (defaults to

@@ -193,7 +193,7 @@ class SaveSession:
     def __init__(
         self,
         repo: Repository,
-        parent: str | None,
+        parent: str | SnapshotId | None,
         *,
         compression: str,
         keyframe: bool,
@@ -210,7 +210,8 @@ class SaveSession:
             self._stack.enter_context(repo.store.lock(exclusive=False))
         try:
             # under the lock: no gc can remove the parent's manifest while we read it
-            self.parent: SnapshotId | None = repo._parent_id(parent)
+            # (an id is taken as is: a snapshot forgotten meanwhile only means keyframes, never a failed save)
+            self.parent: SnapshotId | None = parent if isinstance(parent, SnapshotId) else repo._parent_id(parent)
             bases = None
             if self.parent is not None and not keyframe and repo.max_delta_depth:
                 self.parent, bases = repo._delta_parent(self.parent)

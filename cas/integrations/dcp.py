@@ -29,6 +29,7 @@ import io
 import itertools
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -61,6 +62,7 @@ from cas.errors import (
     MissingChunkError,
     NotARepositoryError,
     PickleRequiredError,
+    RepositoryExistsError,
     SnapshotNotFoundError,
     UsageError,
 )
@@ -112,12 +114,26 @@ def _open(repo: RepoLike, storage_options: dict[str, Any] | None, create: bool) 
             except NotARepositoryError:
                 if not create:
                     raise
-                try:
-                    opened = Repository.init(where, storage_options=storage_options)
-                except Exception:  # noqa: BLE001 - another rank created it first: open theirs
-                    opened = Repository.open(where, storage_options=storage_options)
+                opened = _create(where, storage_options)
             _opened[key] = opened
         return opened
+
+
+def _create(where: str, storage_options: dict[str, Any] | None) -> Repository:
+    """Create a repository that every rank may be creating at once: one wins, the others open it
+    once its config is there."""
+    try:
+        return Repository.init(where, storage_options=storage_options)
+    except (RepositoryExistsError, NotARepositoryError):
+        pass
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return Repository.open(where, storage_options=storage_options)
+        except NotARepositoryError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def shard_key(offsets: Any) -> str:
@@ -308,7 +324,8 @@ class CasStorageWriter(StorageWriter):
         parts: list[SavedPart] = []
         # the coordinator holds the lock for everyone (a rank taking it too could queue behind a
         # waiting gc that waits for the coordinator)
-        with repo.session(info.parent, compression=self.compression, keyframe=self.keyframe, lock=False,
+        parent = SnapshotId.from_hex(info.parent) if info.parent is not None else None
+        with repo.session(parent, compression=self.compression, keyframe=self.keyframe, lock=False,
                           fingerprints=previous, label=self.rank) as session:
             batch: list[tuple[KeyPath, Any]] = []
             held = 0
@@ -353,7 +370,8 @@ class CasStorageWriter(StorageWriter):
             user = {k: v for k, v in self.metadata.items() if k != "dcp"}
             snap_meta = {**user, "dcp": {"version": LAYOUT_VERSION, "world_size": len(results), "job": self.job,
                                          "save_id": info.save_id, "ranks": ranks}}
-            with repo.session(info.parent, keyframe=True, lock=False) as session:
+            parent = SnapshotId.from_hex(info.parent) if info.parent is not None else None
+            with repo.session(parent, keyframe=True, lock=False) as session:
                 plan_part = session.store_items([((PLAN,), _plan_value(metadata))], allow_pickle=self.allow_pickle)
                 self.snapshot = session.commit([*parts, plan_part], self.tag, snap_meta, replace=self.replace)
         finally:
