@@ -810,5 +810,8 @@ def _restore_dcp(repo: Any, snap: Any, out: Path, *, force: bool, allow_pickle: 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # run as `python -m cas.cli`: the commands are registered on the importable module's group
+    from cas.cli import main as _main
+
+    _main()
 

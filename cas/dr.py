@@ -377,7 +377,7 @@ def set_tiers(repo: Repository, tiers: list[Any]) -> list[TierSpec]:
 
 
 def apply_config(repo: Repository, text: str) -> Topology:
-    top = apply_yaml(repo.topology, text, repo.url)
+    top = apply_yaml(repo.topology, text, repo.url, repo._dr.primary_options)
     for name, spec in top.replicas.items():
         if name not in repo.topology.replicas:
             ensure_replica(repo.store.backend, _replica_backend(repo._dr, spec), str(repo.config["repository_id"]))

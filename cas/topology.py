@@ -68,7 +68,7 @@ def parse_duration(value: object, what: str) -> float | None:
 def format_duration(seconds: float | None) -> str | float:
     if seconds is None:
         return "indefinite"
-    for unit in ("y", "w", "d", "h", "m"):
+    for unit in ("d", "h", "m"):  # days, as operators write retentions (7d, 30d, 180d)
         n = seconds / _UNIT_S[unit]
         if n >= 1 and n == int(n):
             return f"{int(n)}{unit}"
@@ -228,7 +228,7 @@ class Topology:
             "sync": asdict(self.sync),
             "tiers": [t.to_dict() for t in self.tiers],
         }
-        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+        return json.dumps(body, indent=2).encode() + b"\n"  # replicas keep their order (preference)
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Topology:
@@ -281,7 +281,8 @@ _REGION_KEYS = {"name", "url", "weight", "active", *KEPT_OPTIONS}
 _TIER_KEYS = {"url", "retention", "storage_class", "endpoint", "region", "timeout"}
 
 
-def apply_yaml(current: Topology, text: str, repository_url: str) -> Topology:
+def apply_yaml(current: Topology, text: str, repository_url: str,
+               repository_options: dict[str, Any] | None = None) -> Topology:
     """``current`` with the sections the YAML document names replaced (any subset of them)."""
     try:
         doc = yaml.safe_load(text)
@@ -308,7 +309,9 @@ def apply_yaml(current: Topology, text: str, repository_url: str) -> Topology:
                 raise ConfigError(f"regions.{role}.name must be a region name, got {region!r}")
             options = {k: v for k, v in spec.items() if k in KEPT_OPTIONS}
             parsed[role] = RegionSpec(role, url, region, weight, active, options)
-            if same_location(url, repository_url):
+            if same_location(url, repository_url, options, repository_options):
+                if primary_role is not None:
+                    raise ConfigError(f"regions: {primary_role} and {role} both name this repository's store")
                 primary_role = role
         if primary_role is None:
             raise ConfigError(

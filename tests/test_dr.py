@@ -125,7 +125,7 @@ def test_sync_copies_everything_refs_last_and_never_resends(regions: Callable[[s
         assert again.rounds[0].bytes_copied == 0 and again.rounds[0].packs_copied == 0
         assert again.rounds[0].lag["snapshots_behind"] == 0 and again.rounds[0].lag["bytes_behind"] == 0
     # the bucket of the replica holds the same packs, byte counts and all
-    packs_a = {k: v for k, v in a.objects("packs/").items()}
+    packs_a = a.objects("packs/")
     assert packs_a == b.objects("packs/")
     assert round1.bytes_copied == sum(packs_a.values()) + sum(a.objects("indexes/").values())
     # the replica is a repository of its own: it lists, restores bit-identically and verifies
@@ -179,7 +179,7 @@ def test_replicator_killed_mid_round_resumes_and_the_replica_verifies(
 def test_restore_in_flight_completes_from_the_secondary_when_the_primary_is_killed(
     regions: Callable[[str], Region]
 ) -> None:
-    a, b, repo = two_regions(regions)
+    a, _b, repo = two_regions(regions)
     big = {"w": torch.randn(64 << 20, generator=torch.Generator().manual_seed(3))}  # 256 MiB of fp32
     interval, threshold, timeout = 0.2, 2, 2.0
     with repo:
@@ -270,7 +270,7 @@ def test_a_replica_that_does_not_serve_refuses_writes_and_a_moved_tag_is_kept_si
 
 
 def test_forget_and_gc_reach_the_replica_only_through_its_own_gc(regions: Callable[[str], Region]) -> None:
-    a, b, repo = two_regions(regions)
+    _a, b, repo = two_regions(regions)
     with repo:
         repo.save(state(1), tag="old", compression="none")
         repo.save(state(2), tag="new", compression="none")
@@ -288,7 +288,7 @@ def test_forget_and_gc_reach_the_replica_only_through_its_own_gc(regions: Callab
 
 
 def test_sync_mode_save_returns_once_the_replica_holds_the_snapshot(regions: Callable[[str], Region]) -> None:
-    a, b, repo = two_regions(regions)
+    _a, b, repo = two_regions(regions)
     with repo:
         repo.set_sync(mode="sync")
         snap = repo.save(state(4), tag="synced")
@@ -381,7 +381,7 @@ def test_tiers_move_packs_by_age_restore_across_tiers_and_archive_needs_a_warmup
 
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - 127.0.0.1 only
+        with urllib.request.urlopen(url, timeout=10) as resp:  # 127.0.0.1 only
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -401,13 +401,29 @@ def start_serve(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str],
         if not line and proc.poll() is not None:
             break
     proc.kill()
+    proc.wait()
+    proc.stderr.close()
     raise AssertionError("cas serve did not start")
+
+
+def stop_serve(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.1)  # the drain thread reads the end of the pipe
+    assert proc.stderr is not None
+    proc.stderr.close()
+
+
 
 
 def test_serve_answers_health_ready_and_metrics_with_the_primary_up_down_and_back(
     regions: Callable[[str], Region]
 ) -> None:
-    a, b, repo = two_regions(regions)
+    a, _b, repo = two_regions(regions)
     with repo:
         repo.save(state(1), tag="s1")
         assert repo.replicate().ok
@@ -430,12 +446,11 @@ def test_serve_answers_health_ready_and_metrics_with_the_primary_up_down_and_bac
         assert _get(base + "/nothing")[0] == 404
     finally:
         a.resume()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        stop_serve(proc)
 
 
 def test_serve_reports_failover_in_metrics(regions: Callable[[str], Region]) -> None:
-    a, b, repo = two_regions(regions)
+    a, _b, repo = two_regions(regions)
     with repo:
         repo.save(state(1), tag="s1")
         assert repo.replicate().ok
@@ -453,8 +468,7 @@ def test_serve_reports_failover_in_metrics(regions: Callable[[str], Region]) -> 
         assert status == 200 and json.loads(body)["region"] == "us-west-2"
     finally:
         a.resume()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        stop_serve(proc)
 
 
 TOPOLOGY = """
@@ -467,13 +481,13 @@ sync:     {{mode: async, interval: 300, batch_size: 100}}
 tiers:
   hot:     {{url: "s3://ckpt/run7", retention: 7d}}
   warm:    {{url: "{warm}",          retention: 30d}}
-  archive: {{url: "s3://ckpt/archive", storage_class: GLACIER, retention: indefinite}}
+  archive: {{url: "s3://ckpt/archive", endpoint: "{a}", storage_class: GLACIER, retention: indefinite}}
 """
 
 
 def run_cas(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cas.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_config_apply_show_and_replica_commands(regions: Callable[[str], Region], tmp_path: Path) -> None:

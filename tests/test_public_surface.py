@@ -10,7 +10,8 @@ import cas.errors
 
 PUBLIC = {
     "AmbiguousSnapshotError", "ArchivedError", "ArgumentError", "CasError", "CheckpointManager", "CheckReport",
-    "ChunkCorruptError", "ConfigError", "CorruptionError", "DiffReport", "EveryNSteps", "EverySeconds", "FencedError", "ForgetReport", "FormatVersionError",
+    "ChunkCorruptError", "ConfigError", "CorruptionError", "DiffReport", "EveryNSteps", "EverySeconds",
+    "FencedError", "ForgetReport", "FormatVersionError",
     "GcRefusedError", "GcReport", "IndexCorruptError", "InvalidTagError", "KeyNotFoundError", "LoadResult",
     "LockedError", "ManifestCorruptError",
     "MissingChunkError", "NotACheckpointError", "NotARepositoryError", "ObjectNotFoundError", "OutputExistsError",
