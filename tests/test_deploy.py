@@ -1,0 +1,91 @@
+"""The Kubernetes example in deploy/: it parses, its topology is one cas accepts, its CronJobs run
+real cas commands, and its probes point at endpoints a real `cas serve` answers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from click.testing import CliRunner
+
+import cas
+from cas.cli import cli
+from cas.topology import apply_yaml, default_topology
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "cas.yaml"
+
+
+def documents() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(DEPLOY.read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_the_manifests_parse_and_hold_what_an_operator_needs() -> None:
+    docs = documents()
+    assert {k for k, _ in docs} == {"ConfigMap", "Deployment", "Service", "CronJob"}
+    config = docs[("ConfigMap", "cas-topology")]["data"]
+    top = apply_yaml(default_topology(config["CAS_REPO"]), config["topology.yaml"], config["CAS_REPO"])
+    assert [r.name for r in top.regions()] == ["primary", "secondary", "dr"]
+    assert top.failover is not None and top.failover.failure_threshold == 3
+    assert [t.name for t in top.tiers] == ["hot", "warm", "cold", "archive"]
+    assert top.tiers[-1].storage_class == "GLACIER" and top.tiers[-1].retention is None
+    jobs = {name: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+            for (kind, name), d in docs.items() if kind == "CronJob"}
+    assert sorted(jobs.values()) == [["cas", "gc"], ["cas", "tier", "run"], ["cas", "verify", "--read-data"]]
+    runner = CliRunner()
+    for command in [*jobs.values(), ["cas", "config", "apply", "x"], ["cas", "serve"]]:
+        args = [a for a in command[1:] if not a.startswith("/") and a != "x"]
+        result = runner.invoke(cli, [*args, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+
+
+def test_the_probes_point_at_endpoints_cas_serve_answers(tmp_path: Path) -> None:
+    deployment = documents()[("Deployment", "cas")]["spec"]["template"]["spec"]["containers"][0]
+    command = deployment["command"]
+    port = deployment["ports"][0]["containerPort"]
+    probes = {name: deployment[name]["httpGet"] for name in ("livenessProbe", "readinessProbe")}
+    assert {p["port"] for p in probes.values()} == {port}
+    assert command[command.index("--port") + 1] == str(port)
+    repo_dir = tmp_path / "repo"
+    with cas.Repository.init(repo_dir) as repo:
+        repo.save({"w": torch.ones(4)}, tag="s")
+    args = list(command[1:])
+    args[args.index("--port") + 1] = "0"  # any free port here
+    args[args.index("--host") + 1] = "127.0.0.1"
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "CAS_REPO": str(repo_dir), "CAS_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "cas.cli", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        base = None
+        deadline = time.monotonic() + 60
+        while base is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if line.startswith("serving http://"):
+                base = line.split()[1].rsplit("/health", 1)[0]
+            elif not line and proc.poll() is not None:
+                break
+        assert base is not None, "cas serve did not start"
+        for probe in probes.values():
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(base + probe["path"], timeout=5) as resp:
+                        assert resp.status == 200
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        if proc.stderr is not None:
+            proc.stderr.close()
