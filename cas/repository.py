@@ -637,6 +637,8 @@ class Repository:
         from cas.statedict import cast_floats, decode_state  # noqa: PLC0415 - torch only when loading
 
         wanted = _key_list(keys)
+        if dtype is not None:
+            cast_floats(None, dtype)  # a dtype that is not a torch.dtype fails before anything is read
 
         def run() -> Any:
             with self._store.lock(exclusive=False):  # gc waits: it cannot move chunks under a load
