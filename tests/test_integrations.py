@@ -288,14 +288,14 @@ def test_hf_trainer_checkpoints_through_cas_and_resumes_bit_identical(tmp_path: 
         kinds = {name: info["kind"] for name, info in meta["files"].items()}
         assert kinds["model.safetensors"] == "safetensors"
         assert kinds["optimizer.pt"] == kinds["scheduler.pt"] == kinds["rng_state.pth"] == "torch"
-        assert kinds["training_args.bin"] == kinds["trainer_state.json"] == kinds["config.json"] == "raw"
+        assert kinds["training_args.bin"] == "torch"  # a torch.save zip too (of a pickle, kept as bytes)
+        assert kinds["trainer_state.json"] == kinds["config.json"] == "raw"
 
     restored = resume_from_cas(repo_path, tmp_path / "restored")
     assert restored == str(tmp_path / "restored" / "checkpoint-6")
     same = compare_restored(repo_path, 6, restored)
     assert set(same) == set(kinds)
-    # safetensors and raw files come back byte for byte; torch files load to the same state
-    assert all(same[name] for name, kind in kinds.items() if kind != "torch"), same
+    assert all(same.values()), same  # every file comes back byte for byte
 
     resumed_model = make_model()
     counter = CountSteps()
@@ -339,3 +339,23 @@ def test_hf_restore_checkpoint_refuses_and_overwrites(tmp_path: Path) -> None:
         assert (out / name).read_bytes() == (src / name).read_bytes()
     assert _tensors_equal(torch.load(out / "optimizer.pt", weights_only=True),
                           torch.load(src / "optimizer.pt", weights_only=True))
+
+
+def test_hf_callback_mirrors_save_total_limit(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from cas.integrations.hf import CasCallback, save_checkpoint_dir
+
+    with cas.Repository.init(tmp_path / "repo") as repo:
+        for step in (1, 2, 3, 4):
+            d = tmp_path / f"checkpoint-{step}"
+            d.mkdir()
+            torch.save({"w": torch.full((4,), float(step))}, d / "optimizer.pt")
+            save_checkpoint_dir(repo, d, tag=f"checkpoint-{step}", metadata={"step": step})
+        repo.save({"other": torch.ones(1)}, tag="not-a-checkpoint")
+        callback = CasCallback(repo)
+        removed = callback.rotate(2, best_checkpoint=str(tmp_path / "checkpoint-1"))
+        assert [s.tag for s in removed] == ["checkpoint-2"]
+        assert [s.tag for s in repo.snapshots()] == ["checkpoint-1", "checkpoint-3", "checkpoint-4",
+                                                     "not-a-checkpoint"]
+        callback.rotate(1)
+        assert [s.tag for s in repo.snapshots()] == ["checkpoint-4", "not-a-checkpoint"]

@@ -7,22 +7,16 @@
 
 Each time the ``Trainer`` writes ``<output_dir>/checkpoint-<step>/``, :class:`CasCallback`
 stores the whole directory as one snapshot tagged ``checkpoint-<step>`` with metadata
-``{"step", "metrics", "hf_checkpoint", "files"}``. What is stored, per file:
+``{"step", "metrics", "hf_checkpoint", "files"}``: a byte-exact file backup (``cas.files``,
+FORMAT.md §7a, what ``cas save DIR`` stores). Every file comes back with the same bytes, mode
+and mtime; the tensors of ``model.safetensors``, ``optimizer.pt``, ``scheduler.pt`` and
+``rng_state.pth`` are stored as tensors (read without unpickling anything), so cas
+deduplicates them across checkpoints (unchanged embeddings, frozen layers) and against live
+saves at chunk granularity. Every file's size and BLAKE3 digest is kept in the metadata
+(:func:`compare_restored`).
 
-* ``*.safetensors``: the tensors and the header metadata, written back with
-  ``safetensors`` -- the same bytes as the original (checked per file, see
-  :func:`compare_restored`).
-* ``*.pt``/``*.pth``/``*.bin`` that load with ``torch.load(weights_only=True)`` (numpy
-  allowed, as the Trainer allows it for ``rng_state.pth``): the loaded state -- model
-  weights, optimizer moments -- written back with ``torch.save``. The file that comes back
-  loads to the same state (bit-identical tensors); its bytes can differ from the original's.
-* everything else (``training_args.bin``, a pickle; json; tokenizer files) and any
-  torch file that needs pickle or holds values cas does not store natively: the raw
-  bytes, restored byte for byte.
-
-Tensors are what checkpoints are made of, and storing them as tensors is what lets
-cas deduplicate them across checkpoints (unchanged embeddings, frozen layers) at chunk
-granularity. Every file's size and BLAKE3 digest is kept in the metadata.
+Snapshots of version 1 (tensors re-serialized on restore: ``torch`` files loaded to the same
+state but not the same bytes) still restore.
 """
 
 from __future__ import annotations
@@ -31,13 +25,10 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import blake3
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -47,14 +38,11 @@ from cas.errors import (
     NotACheckpointError,
     OutputExistsError,
     SnapshotNotFoundError,
-    UnsupportedObjectError,
     UsageError,
 )
-from cas.importers import SAFETENSORS_SUFFIX, read_checkpoint
 from cas.integrations import open_or_init
 from cas.reports import Snapshot
 from cas.repository import Repository
-from cas.statedict import encode_state
 from cas.store import fsync_dir
 
 __all__ = [
@@ -68,23 +56,10 @@ __all__ = [
 ]
 
 SNAPSHOT_FORMAT = "cas-hf-checkpoint"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 1  # the version-1 state layout (restored still; new snapshots are file backups)
 TAG_PREFIX = "checkpoint-"
-TORCH_FILE_SUFFIXES = (".pt", ".pth", ".bin")
 
 RepoLike = Repository | str | os.PathLike[str]
-
-
-def _numpy_safe_globals() -> AbstractContextManager[Any]:
-    """What the Trainer itself allows when it loads ``rng_state.pth`` with ``weights_only=True``."""
-    try:
-        from transformers.trainer_pt_utils import safe_globals  # noqa: PLC0415 - optional helper
-
-        return safe_globals()  # type: ignore[no-untyped-call,no-any-return]
-    except ImportError:  # pragma: no cover - older/newer transformers
-        core = getattr(np, "_core", None) or np.core
-        allow = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-        return torch.serialization.safe_globals(allow)
 
 
 def _digest(path: Path) -> str:
@@ -93,42 +68,6 @@ def _digest(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def _storable(state: Any) -> bool:
-    """Whether cas stores ``state`` without pickle (encoding only builds views; nothing is copied)."""
-    try:
-        encode_state(state, allow_pickle=False)
-    except UnsupportedObjectError:
-        return False
-    return True
-
-
-def _files(directory: Path) -> Iterator[tuple[str, Path]]:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            yield path.relative_to(directory).as_posix(), path
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        try:
-            tensors, source = read_checkpoint(path)
-        except NotACheckpointError:
-            pass
-        else:
-            return {"kind": "safetensors", "tensors": tensors, "header": dict(source["safetensors_metadata"])}
-    elif suffix in TORCH_FILE_SUFFIXES:
-        try:
-            with _numpy_safe_globals():
-                state, _ = read_checkpoint(path)
-        except NotACheckpointError:
-            pass  # e.g. training_args.bin, a pickle of TrainingArguments
-        else:
-            if _storable(state):
-                return {"kind": "torch", "state": state}
-    return {"kind": "raw", "data": path.read_bytes()}
 
 
 def save_checkpoint_dir(
@@ -143,22 +82,24 @@ def save_checkpoint_dir(
     A ``tag`` that names a snapshot already (a resumed run saving the same step again)
     is moved to the new one.
     """
+    from cas.files import build_state  # noqa: PLC0415
+
     root = Path(directory)
     if not root.is_dir():
         raise NotACheckpointError(f"{root} is not a directory")
-    files: dict[str, Any] = {}
-    listing: dict[str, Any] = {}
-    for rel, path in _files(root):
-        entry = _read_file(path)
-        files[rel] = entry
-        listing[rel] = {"kind": entry["kind"], "size": path.stat().st_size, "blake3": _digest(path)}
-    if not files:
-        raise NotACheckpointError(f"{root} holds no files")
-    state = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "files": files}
-    meta = {**(metadata or {}), "hf_checkpoint": root.name, "files": listing}
-    if tag is None:
-        return repo.save(state, metadata=meta)
-    return repo.save(state, tag=tag, metadata=meta, replace=True)  # the tag moves atomically on commit
+    files = build_state([root])
+    try:
+        stored = files.state["files"]
+        if not stored:
+            raise NotACheckpointError(f"{root} holds no files")
+        listing = {rel: {"kind": value["format"], "size": value["size"], "blake3": _digest(root / rel)}
+                   for rel, value in stored.items()}
+        meta = {**(metadata or {}), "hf_checkpoint": root.name, "files": listing, "source": files.source}
+        if tag is None:
+            return repo.save(files.state, metadata=meta)
+        return repo.save(files.state, tag=tag, metadata=meta, replace=True)  # the tag moves atomically on commit
+    finally:
+        files.close()
 
 
 def hf_snapshots(repo: Repository) -> list[Snapshot]:
@@ -205,6 +146,9 @@ def restore_checkpoint(
         snap = _resolve(repo, tag_or_step)
         if "hf_checkpoint" not in snap.metadata:
             raise UsageError(f"snapshot {snap.ref} was not saved from a transformers checkpoint directory")
+        listing = repo.files(snap.id)
+        if listing is not None:  # a byte-exact file backup: written file by file
+            return _restore_files(repo, snap, listing, Path(out_dir), overwrite)
         state = repo.load(snap.id)
     finally:
         if owned:
@@ -230,6 +174,40 @@ def restore_checkpoint(
             out.unlink()
         os.replace(temp, out)
         fsync_dir(out.parent)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp)
+    return str(out)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    temp.mkdir()
+    return temp
+
+
+def _swap_in(temp: Path, out: Path) -> None:
+    fsync_dir(temp)
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+    os.replace(temp, out)
+    fsync_dir(out.parent)
+
+
+def _restore_files(repo: Repository, snap: Snapshot, listing: list[dict[str, Any]], out: Path,
+                   overwrite: bool) -> str:
+    from cas.files import restore_files  # noqa: PLC0415
+
+    temp = _prepare_out(out, overwrite)
+    try:
+        restore_files(lambda path: repo.load(snap.id, keys=[path])[path[0]][path[1]], listing,
+                      f"snapshot {snap.short_id}", temp)
+        _swap_in(temp, out)
     finally:
         if temp.exists():
             shutil.rmtree(temp)
