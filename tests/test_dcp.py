@@ -171,7 +171,8 @@ def _scenario(rank: int, world: int, port: int, env: dict[str, str], url: str, o
     dist.destroy_process_group()
 
 
-def _killed_save(rank: int, world: int, port: int, env: dict[str, str], url: str, out: str) -> None:
+def _killed_save(rank: int, world: int, port: int, env: dict[str, str], url: str, out: str, victim: int,
+                 crash_at: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     _init(rank, world, port, env, None)
@@ -179,8 +180,8 @@ def _killed_save(rank: int, world: int, port: int, env: dict[str, str], url: str
     dcp.save(_state(mesh, 0), storage_writer=CasStorageWriter(url, tag="good"))
     torch.distributed.barrier()
     Path(out, f"first-{rank}").write_text("ok")
-    if rank == 1:  # killed once its shards are stored, before the coordinator could commit
-        os.environ["CAS_CRASH_AT"] = "blobs_stored"
+    if rank == victim:  # a rank once its shards are stored, or the coordinator in its commit
+        os.environ["CAS_CRASH_AT"] = crash_at
     dcp.save(_state(mesh, 1), storage_writer=CasStorageWriter(url, tag="doomed"))
 
 
@@ -238,10 +239,8 @@ def test_sharded_saves_dedup_delta_and_reshard(where: str, tmp_path: Path) -> No
     out.mkdir()
     cache = str(tmp_path / "hosts") if where.startswith("s3://") else None
     cas.Repository.init(where, chunk_size=CHUNK).close()
-    started = time.time()
     _join(_spawn(_scenario, 4, where, str(out), cache), 150)
     reports = [json.loads((out / f"scenario-{r}.json").read_text()) for r in range(4)]
-    print("spawned scenario", time.time() - started, reports)
     model_bytes = sum(reference(n).numel() * reference(n).element_size() for n in MODEL)
     total = model_bytes + REPLICATED * 4
     with cas.Repository.open(where) as repo:
@@ -295,11 +294,12 @@ def _footer(repo: cas.Repository, pack_id: Any) -> list[Any]:
     return list(read_footer(repo.store.pack_source(pack_id)))
 
 
-def test_rank_killed_mid_save_leaves_previous_snapshot_intact(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("victim", "crash_at"), [(1, "blobs_stored"), (0, "before_ref")])
+def test_rank_killed_mid_save_leaves_previous_snapshot_intact(tmp_path: Path, victim: int, crash_at: str) -> None:
     url = str(tmp_path / "repo")
     out = tmp_path / "out"
     out.mkdir()
-    ctx = _spawn(_killed_save, 2, url, str(out))
+    ctx = _spawn(_killed_save, 2, url, str(out), victim, crash_at)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and all(p.is_alive() for p in ctx.processes):
         time.sleep(0.2)
@@ -309,7 +309,7 @@ def test_rank_killed_mid_save_leaves_previous_snapshot_intact(tmp_path: Path) ->
             p.kill()
         p.join(10)
     assert (out / "first-0").exists() and (out / "first-1").exists()
-    assert ctx.processes[1].exitcode == -signal.SIGKILL
+    assert ctx.processes[victim].exitcode == -signal.SIGKILL
     with cas.Repository.open(url) as repo:
         assert [s.tag for s in repo.snapshots()] == ["good"]  # no half snapshot is visible
         whole = load_unsharded(repo, "good", nested=False)

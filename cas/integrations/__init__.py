@@ -7,6 +7,8 @@ never needs them:
   ``CheckpointIO`` plugin (``pip install 'cas[lightning]'``).
 * :mod:`cas.integrations.hf` -- ``CasCallback`` and ``restore_checkpoint`` for the
   Hugging Face ``transformers`` ``Trainer`` (``pip install 'cas[hf]'``).
+* :mod:`cas.integrations.dcp` -- ``CasStorageWriter`` and ``CasStorageReader``,
+  ``torch.distributed.checkpoint`` storage (one snapshot per global checkpoint, resharding loads).
 """
 
 from __future__ import annotations
