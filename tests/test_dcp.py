@@ -436,3 +436,29 @@ def test_checkpoint_manager_works_unchanged_on_s3(tmp_path: Path, monkeypatch: p
         assert result is not None and result.step == 30
         assert torch.equal(fresh.weight, model.weight)
         mgr.close()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_plan_metadata_that_is_not_plain_data_needs_the_pickle_opt_in(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class OddPlanner(DefaultSavePlanner):
+        def create_global_plan(self, all_plans: Any) -> Any:
+            plans, metadata = super().create_global_plan(all_plans)
+            metadata.planner_data = {"mappings": metadata.planner_data, "odd": {1, 2}}  # a set: no plain encoding
+            return plans, metadata
+
+    w = torch.randn(64, 64)
+    with cas.Repository.init(tmp_path / "repo", chunk_size=CHUNK) as repo:
+        with pytest.raises(CheckpointException, match="allow_pickle"):
+            dcp.save({"w": w}, storage_writer=CasStorageWriter(repo, tag="odd"), planner=OddPlanner(), no_dist=True)
+        assert repo.snapshots() == []
+        dcp.save({"w": w}, storage_writer=CasStorageWriter(repo, tag="odd", allow_pickle=True), planner=OddPlanner(),
+                 no_dist=True)
+        with pytest.raises(CheckpointException, match="allow_pickle"):
+            dcp.load({"w": torch.zeros(64, 64)}, storage_reader=CasStorageReader(repo, "odd"), no_dist=True)
+        target = {"w": torch.zeros(64, 64)}
+        dcp.load(target, storage_reader=CasStorageReader(repo, "odd", allow_pickle=True), no_dist=True)
+        assert torch.equal(target["w"], w)

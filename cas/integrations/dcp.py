@@ -575,13 +575,15 @@ class CasStorageReader(StorageReader):
     Loads reshard: any world size, any placement; each rank reads (verified) only the chunks
     that hold what it keeps, in one parallel pass sorted by pack and offset.
     ``snapshot``: a tag, an id, or ``latest`` (also settable as DCP's ``checkpoint_id``).
+    ``allow_pickle``: plan metadata that the writer pickled (its own opt-in) may be unpickled.
     """
 
-    def __init__(self, repo: RepoLike, snapshot: str = "latest", *,
+    def __init__(self, repo: RepoLike, snapshot: str = "latest", *, allow_pickle: bool = False,
                  storage_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self._target = repo
         self.snapshot = snapshot
+        self.allow_pickle = allow_pickle
         self.storage_options = storage_options
         self._layout: _Layout | None = None
         self.is_coordinator = False
@@ -623,7 +625,7 @@ class CasStorageReader(StorageReader):
 
         def run() -> _Layout:
             with repo.store.lock(exclusive=False):
-                return _layout(repo, self.snapshot)
+                return _layout(repo, self.snapshot, self.allow_pickle)
 
         self._layout = repo._with_index_recovery(run)
         return _metadata_of(self._layout)
