@@ -194,7 +194,7 @@ def save(
     what = ""
     if not (as_state or allow_pickle):
         src = metadata["source"]
-        what = f" from {src['files']} file{'s' if src['files'] != 1 else ''}"
+        what = f" from {src['files']} file{'s' if src['files'] != 1 else ''} ({human_bytes(src['bytes'])})"
     click.echo(f"saved snapshot {snap.short_id}" + (f" ({snap.tag})" if snap.tag else "") + what
                + f": {human_bytes(snap.logical_bytes)} logical, {human_bytes(snap.bytes_added)} added")
 

@@ -369,6 +369,9 @@ def build_state(paths: list[Path]) -> FilesState:
         files[rel] = read.value
         maps.extend(read.maps)
         formats[read.format] = formats.get(read.format, 0) + 1
+        if read.format == "raw" and path.suffix.lower() in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+            log.warning("cas: %s is not a readable tensor file; stored as bytes (it comes back the same, "
+                        "its tensors do not dedup)", rel)
         total += read.size
     if not files and not dirs:
         raise NotACheckpointError(f"{paths[0]} holds no files")
