@@ -48,6 +48,8 @@ from cas.topology import TOPOLOGY_KEY
 
 log = logging.getLogger("cas")
 SYNC_STATE = "sync/"
+#: objects a region may hold before it holds a repository (written by health checks and failover)
+HOUSEKEEPING = ("failover/", "locks/", "status/", SYNC_STATE)
 COPY_THREADS = 8
 
 
@@ -92,7 +94,8 @@ def ensure_replica(source: Backend, target: Backend, repository_id: str) -> None
     try:
         raw = target.read(CONFIG_KEY)
     except ObjectNotFoundError:
-        if next(iter(target.list("")), None) is not None:
+        # an empty location may already hold cas's own housekeeping (a failover epoch, a lock)
+        if any(not info.key.startswith(HOUSEKEEPING) for info in target.list("")):
             raise ConfigError(f"{target.describe()} is not empty and holds no cas repository; a replica needs an "
                               "empty location or a replica of this repository") from None
         with contextlib.suppress(PreconditionFailedError):  # another replicator made it: checked below
