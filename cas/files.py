@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import mmap
@@ -207,6 +208,99 @@ def _torch_zip_segments(path: Path, mm: memoryview, size: int) -> list[Segment] 
     return out
 
 
+class _Window(io.RawIOBase):
+    """A read-only file over ``mm[start:end]`` (zipfile reads the central directory and a pickle from
+    it; tensor bytes are never copied)."""
+
+    def __init__(self, mm: memoryview, start: int, end: int) -> None:
+        self.mm, self.start, self.end, self.pos = mm, start, end, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.end - self.start}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        at = self.start + self.pos
+        stop = self.end if n is None or n < 0 else min(self.end, at + n)
+        out = bytes(self.mm[at:stop]) if stop > at else b""
+        self.pos += len(out)
+        return out
+
+
+def _embedded_zip_segments(mm: memoryview, size: int) -> list[Segment] | None:
+    """The storages of the ``torch.save`` archives laid one after another in a file (what DCP's
+    ``FileSystemWriter`` writes into each ``.distcp``).
+
+    Each archive ends with its end-of-central-directory record; an archive is taken from the end
+    of the previous one to the next such record that ``zipfile`` reads as a whole archive (a false
+    match inside tensor bytes does not read, and the scan goes on). Bytes that belong to no
+    archive, and a file with none, are left as bytes (None).
+    """
+    out: list[Segment] = []
+    start, pos, archive = 0, 0, 0
+    while pos < size:
+        found = bytes(mm[pos:min(size, pos + (64 << 20))]).find(b"PK\x05\x06")
+        if found < 0:
+            pos = min(size, pos + (64 << 20) - 3)
+            continue
+        eocd = pos + found
+        pos = eocd + 4
+        if eocd + 22 > size:
+            break
+        (comment,) = struct.unpack_from("<H", mm, eocd + 20)
+        end = eocd + 22 + comment
+        if end > size:
+            continue
+        try:
+            with zipfile.ZipFile(_Window(mm, start, end)) as zf:
+                segments = _archive_storages(zf, mm, start, end, archive)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error):
+            continue
+        if segments is None:
+            continue
+        out.extend(segments)
+        archive += 1
+        start = pos = end
+    return out if out else None
+
+
+def _archive_storages(zf: zipfile.ZipFile, mm: memoryview, start: int, end: int,
+                      archive: int) -> list[Segment] | None:
+    infos = zf.infolist()
+    pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+    dtypes = storage_dtypes(zf.read(pickles[0])) if pickles else {}
+    out = []
+    for info in infos:
+        match = _STORAGE_RECORD.fullmatch(info.filename)
+        if match is None or info.file_size == 0:
+            continue
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            return None
+        local = start + info.header_offset
+        if local + 30 > end or bytes(mm[local:local + 4]) != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack_from("<HH", mm, local + 26)
+        data = local + 30 + name_len + extra_len
+        if data + info.file_size > end:
+            return None
+        key = match.group(1)
+        dtype = dtypes.get(key, torch.uint8)
+        if info.file_size % dtype.itemsize:
+            dtype = torch.uint8
+        out.append(Segment(data, info.file_size, f"{archive}/data/{key}", dtype, (info.file_size // dtype.itemsize,)))
+    return out
+
+
 def _layout(segments: list[Segment], size: int) -> list[Segment] | None:
     """Segments sorted and the gaps between them filled with byte runs (no overlaps)."""
     segments = sorted(segments, key=lambda s: s.offset)
@@ -267,6 +361,8 @@ def read_file(path: Path, *, strict: bool = False) -> ReadFile:
         fmt, segments = "raw", None
         if suffix == SAFETENSORS_SUFFIX:
             segments, fmt = _safetensors_segments(view, size), "safetensors"
+        elif suffix == ".distcp":
+            segments, fmt = _embedded_zip_segments(view, size), "distcp"
         elif suffix in TORCH_SUFFIXES or bytes(view[:4]) == b"PK\x03\x04":
             segments, fmt = _torch_zip_segments(path, view, size), "torch"
         laid = _layout(segments, size) if segments is not None else None

@@ -157,6 +157,12 @@ def test_dcp_filesystem_writer_output_comes_back_byte_exact(repo_dir: Path, tmp_
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(src)), no_dist=True)
     assert any(p.suffix == ".distcp" for p in src.iterdir()) and (src / ".metadata").exists()
     backup_and_restore(repo_dir, src, tmp_path / "out", "dcp")
+    with cas.Repository.open(repo_dir) as repo:
+        files = {f["path"]: f for f in repo.files("dcp") or [] if f["kind"] == "file"}
+        distcp = [f for name, f in files.items() if name.endswith(".distcp")]
+        assert distcp and all(f["format"] == "distcp" and f["tensors"] >= 1 for f in distcp)
+        live = repo.save(state["model"], tag="live")
+    assert live.bytes_added < 4_000  # DCP's tensors were stored as tensors: the live save dedups
     loaded = {"model": torch.nn.Linear(64, 64).state_dict(), "extra": {"step": 0}}
     dcp.load(loaded, storage_reader=dcp.FileSystemReader(str(tmp_path / "out")), no_dist=True)
     assert torch.equal(loaded["model"]["weight"], state["model"]["weight"])
