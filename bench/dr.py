@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 import torch
 
 import cas
