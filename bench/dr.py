@@ -39,8 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 import torch
+from boto3.s3.transfer import TransferConfig
 
 import cas
 from tests.backends.moto_server import MotoServer
