@@ -3,7 +3,8 @@
 One spawn of 4 ranks runs a whole scenario (subgroups give the other world sizes, so one
 process start serves several): a DTensor-sharded model saved by 2 ranks and by 4 ranks, the
 second time with a small change, then loaded by 4, 2 and 3 ranks (Shard(0) and Shard(1)
-placements), bit-identical to the unsharded reference, each rank reading only what it keeps.
+placements), bit-identical to the unsharded reference, each rank reading only what it keeps;
+an FSDP2 model with its AdamW state saved by 2 ranks and loaded by 4.
 Separate spawns: a rank SIGKILLed mid-save; two jobs saving into one repository (local and S3,
 one cache directory per rank as if on separate hosts) while gc and retention run beside them.
 """
@@ -118,7 +119,47 @@ def _check_loaded(state: dict[str, Any], version: int) -> None:
     assert state["step"] == version
 
 
-def _scenario(rank: int, world: int, port: int, env: dict[str, str], url: str, out: str, cache: str | None) -> None:
+def _fsdp_model(mesh: Any) -> tuple[Any, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _fsdp_phase(rank: int, url: str, out: str, g2: Any, world_mesh: Any) -> None:
+    """FSDP2: a model and its AdamW state saved by 2 ranks after a step, loaded by 4."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    dist = torch.distributed
+    if rank < 2:
+        model, opt = _fsdp_model(_mesh(g2))
+        model(torch.ones(8, 64)).sum().backward()
+        opt.step()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, storage_writer=CasStorageWriter(url, tag="fsdp", job="fsdp"),
+                 process_group=g2)
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        exp_avg = {k: v["exp_avg"].full_tensor() for k, v in opt.state_dict()["state"].items()}
+        if rank == 0:
+            torch.save({"model": full, "exp_avg": exp_avg}, Path(out, "fsdp-ref.pt"))
+    dist.barrier()
+    model, opt = _fsdp_model(world_mesh)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, storage_reader=CasStorageReader(url, "fsdp"))
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    ref = torch.load(Path(out, "fsdp-ref.pt"), weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.full_tensor(), ref["model"][k]), k
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg"].full_tensor(), ref["exp_avg"][k]), k
+    assert all(float(v["step"]) == 1.0 for v in opt.state_dict()["state"].values())
+
+
+def _scenario(rank: int, world: int, port: int, env: dict[str, str], url: str, out: str, cache: str | None,
+              fsdp: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import Shard
 
@@ -165,6 +206,8 @@ def _scenario(rank: int, world: int, port: int, env: dict[str, str], url: str, o
             _check_loaded(target, 1)
             report[f"read_m{m}"] = reader.bytes_read
         dist.barrier()
+    if fsdp:
+        _fsdp_phase(rank, url, out, g2, world_mesh)
     report["t_end"] = time.time() - t0
     report["end"] = time.time()
     Path(out, f"scenario-{rank}.json").write_text(json.dumps(report))
@@ -205,8 +248,8 @@ def _job(rank: int, world: int, port: int, env: dict[str, str], url: str, job: s
 #: imported torch and cas once ("forkserver", the default: on a loaded 2-core machine four ranks each
 #: importing torch take ~40 s). Neither inherits the test process's threads, locks or LMDB handles.
 START_METHOD = os.environ.get("CAS_TEST_START_METHOD", "forkserver")
-PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.tensor", "cas.integrations.dcp",
-           "tests.test_dcp"]
+PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp",
+           "cas.integrations.dcp", "tests.test_dcp"]
 
 
 def _spawn(fn: Any, world: int, *args: Any) -> Any:
@@ -239,13 +282,14 @@ def test_sharded_saves_dedup_delta_and_reshard(where: str, tmp_path: Path) -> No
     out.mkdir()
     cache = str(tmp_path / "hosts") if where.startswith("s3://") else None
     cas.Repository.init(where, chunk_size=CHUNK).close()
-    _join(_spawn(_scenario, 4, where, str(out), cache), 150)
+    # FSDP2 (fully_shard on a CPU mesh, with AdamW state) in the local run only: the S3 run adds nothing to it
+    _join(_spawn(_scenario, 4, where, str(out), cache, cache is None), 150)
     reports = [json.loads((out / f"scenario-{r}.json").read_text()) for r in range(4)]
     model_bytes = sum(reference(n).numel() * reference(n).element_size() for n in MODEL)
     total = model_bytes + REPLICATED * 4
     with cas.Repository.open(where) as repo:
         snaps = {s.tag: s for s in repo.snapshots()}
-        assert set(snaps) == {"n2", "n4-a", "n4-b"}
+        assert set(snaps) == {"n2", "n4-a", "n4-b"} | ({"fsdp"} if cache is None else set())
         # one snapshot per global checkpoint, per-rank bytes in its metadata
         assert snaps["n4-a"].metadata["dcp"]["world_size"] == 4
         ranks = snaps["n4-a"].metadata["dcp"]["ranks"]
