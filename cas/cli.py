@@ -364,7 +364,14 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             include: tuple[str, ...], warmup: bool) -> None:
     """Give back a snapshot: a file backup as its files, byte for byte, under directory OUT (or, for one
     file, at OUT with its suffix); a state snapshot as OUT, .pt or .safetensors (by extension or --format)."""
-    from cas.files import prepare_target, reread_states, restore_files, selects, write_file  # noqa: PLC0415
+    from cas.files import (  # noqa: PLC0415 - torch only for commands that need it
+        PartLoader,
+        prepare_target,
+        reread_states,
+        restore_file,
+        restore_files,
+        selects,
+    )
     from cas.importers import CHECKPOINT_SUFFIXES, export_file  # noqa: PLC0415 - torch only when needed
 
     patterns: list[Any] | None = list(include) or None
@@ -381,9 +388,6 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
         listing = repo.files(snap.id)
         name = f"snapshot {snap.short_id}"
 
-        def load_part(path: tuple[Any, ...]) -> Any:
-            return repo.load(snap.id, keys=[path], allow_pickle=allow_pickle)[path[0]][path[1]]
-
         if listing is None:
             with progress_bar("restoring") as update:
                 state = repo.load(snap.id, keys=patterns, allow_pickle=allow_pickle, progress=update)
@@ -391,6 +395,7 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             click.echo(f"restored snapshot {snap.short_id} to {out}")
             return
         chosen = [f for f in listing if f["kind"] == "file" and selects(f["path"], patterns)]
+        load_part = PartLoader(repo, snap.id, allow_pickle)
         if not chosen:
             raise KeyNotFoundError(f"{name} holds no file that {', '.join(include)} selects "
                                    f"(it holds {len(listing)}: `cas show {snap.short_id}` lists them)")
@@ -421,7 +426,7 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             if not out.parent.is_dir():
                 raise UsageError(f"directory {out.parent} does not exist")
             rel = chosen[0]["path"]
-            written = write_file(out, load_part(("files", rel)), f"{name}, file {rel}")
+            written = restore_file(load_part, rel, out, f"{name}, file {rel}")
             click.echo(f"restored {rel} of snapshot {snap.short_id} to {out} ({human_bytes(written)}, "
                        "sha256 checked)")
             return

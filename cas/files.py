@@ -42,16 +42,19 @@ import stat
 import struct
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cas.errors import CorruptionError, ManifestCorruptError, NotACheckpointError, OutputExistsError, UsageError
 from cas.store import fsync_dir
 from cas.tree import FILES_KEY, FILES_VERSION, check_rel
+
+if TYPE_CHECKING:
+    from cas.repository import Repository
 
 log = logging.getLogger("cas")
 
@@ -524,33 +527,7 @@ def _bytes_of(part: Any) -> memoryview:
     return memoryview(part)
 
 
-def write_file(dest: Path, value: dict[str, Any], where: str) -> int:
-    """Write one stored file at ``dest`` (temp file beside it, fsync, rename); returns its size."""
-    try:
-        layout, tensors, raw = value["layout"], value["tensors"], value["raw"]
-        size, digest, mode, mtime_ns = value["size"], value["sha256"], value["mode"], value["mtime_ns"]
-        parts = []
-        for item in layout:
-            if isinstance(item, bytes):
-                parts.append(item)
-            elif item[0] == "t":
-                parts.append(tensors[item[1]])
-            elif item[0] == "r":
-                parts.append(raw[item[1]])
-            else:
-                raise KeyError(item[0])
-    except (KeyError, TypeError, IndexError) as exc:
-        raise ManifestCorruptError(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(mode, int) or not isinstance(mtime_ns, int) or not isinstance(size, int):
-        raise ManifestCorruptError(f"{where} is malformed: mode, mtime and size must be integers")
-    temp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        return _write_parts(dest, temp, parts, size, digest, mode, mtime_ns, where)
-    except OSError as exc:  # the target refused it: name the file asked for, not the temp file
-        raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
-
-
-def _write_parts(dest: Path, temp: Path, parts: list[Any], size: int, digest: bytes, mode: int, mtime_ns: int,
+def _write_parts(dest: Path, temp: Path, parts: Iterable[Any], size: int, digest: bytes, mode: int, mtime_ns: int,
                  where: str) -> int:
     h = hashlib.sha256()
     written = 0
@@ -591,8 +568,84 @@ def prepare_target(out: Path, force: bool) -> None:
         out.mkdir()
 
 
+#: tensor bytes one load brings in while a file is rebuilt: memory stays near this (or the largest tensor)
+RESTORE_BATCH_BYTES = 256 << 20
+
+
+class PartLoader:
+    """Loads parts of one snapshot by exact key path (only their chunks are read); knows each
+    tensor's size from the manifest, so a restore can bound what it holds in memory."""
+
+    def __init__(self, repo: Repository, snapshot: str, allow_pickle: bool = False) -> None:
+        from cas.tree import format_path  # noqa: PLC0415
+
+        self.repo, self.snapshot, self.allow_pickle = repo, snapshot, allow_pickle
+        self._format = format_path
+        self.sizes = {t["path"]: int(t["nbytes"]) for t in repo.tensors(snapshot)}
+
+    def __call__(self, paths: list[tuple[Any, ...]]) -> list[Any]:
+        value = self.repo.load(self.snapshot, keys=list(paths), allow_pickle=self.allow_pickle)
+        out = []
+        for path in paths:
+            here = value
+            for key in path:
+                here = here[key]
+            out.append(here)
+        return out
+
+    def nbytes(self, path: tuple[Any, ...]) -> int:
+        return self.sizes.get(self._format(path), 0)
+
+
+def restore_file(load: PartLoader, rel: str, dest: Path, where: str) -> int:
+    """Rebuild one stored file at ``dest``: its small fields first, then its tensors in batches of
+    about ``RESTORE_BATCH_BYTES``, written in layout order as they come (sha256 checked)."""
+    fields = ("mode", "mtime_ns", "size", "sha256", "layout")
+    try:
+        mode, mtime_ns, size, digest, layout = load([("files", rel, f) for f in fields])
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ManifestCorruptError(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
+    if not all(isinstance(v, int) for v in (mode, mtime_ns, size)) or not isinstance(layout, list):
+        raise ManifestCorruptError(f"{where} is malformed: mode, mtime and size must be integers")
+    refs: list[tuple[Any, ...]] = []
+    for item in layout:
+        if isinstance(item, bytes):
+            continue
+        if not isinstance(item, tuple) or len(item) != 2 or item[0] not in ("t", "r"):
+            raise ManifestCorruptError(f"{where} is malformed: a layout item is {item!r}")
+        refs.append(("files", rel, "tensors" if item[0] == "t" else "raw", item[1]))
+
+    def parts() -> Iterator[Any]:
+        pending = iter(refs)
+        batch: list[tuple[Any, ...]] = []
+        loaded: list[Any] = []
+        for item in layout:
+            if isinstance(item, bytes):
+                yield item
+                continue
+            if not loaded:
+                batch, total = [], 0
+                for ref in pending:
+                    batch.append(ref)
+                    total += load.nbytes(ref)
+                    if total >= RESTORE_BATCH_BYTES:
+                        break
+                try:
+                    loaded = load(batch)
+                except (KeyError, TypeError, IndexError) as exc:
+                    raise ManifestCorruptError(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
+                loaded.reverse()
+            yield loaded.pop()
+
+    temp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        return _write_parts(dest, temp, parts(), size, digest, mode, mtime_ns, where)
+    except OSError as exc:  # the target refused it: name the file asked for, not the temp file
+        raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
 def restore_files(
-    load_part: Callable[[tuple[Any, ...]], Any],
+    load: PartLoader,
     listing: list[dict[str, Any]],
     name: str,
     out: Path,
@@ -601,8 +654,8 @@ def restore_files(
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoreReport:
     """Write the files of a file backup under ``out`` (which exists). ``listing`` is
-    ``Repository.files``; ``load_part(("files", path))`` loads one file's value (only its chunks
-    are read), so memory holds one file at a time."""
+    ``Repository.files``; each file is rebuilt by :func:`restore_file`, so memory holds about
+    ``RESTORE_BATCH_BYTES`` of tensors at a time (or the largest tensor)."""
     report = RestoreReport()
     files = [f for f in listing if f["kind"] == "file"]
     chosen = [f for f in files if selects(f["path"], include)]
@@ -615,7 +668,7 @@ def restore_files(
     for f in chosen:
         rel = f["path"]
         dest = _dest(out, check_rel(rel, name), create=True)
-        report.bytes += write_file(dest, load_part(("files", rel)), f"{name}, file {rel}")
+        report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}")
         report.files += 1
         report.written.append(rel)
         if progress is not None:

@@ -201,12 +201,11 @@ def _swap_in(temp: Path, out: Path) -> None:
 
 def _restore_files(repo: Repository, snap: Snapshot, listing: list[dict[str, Any]], out: Path,
                    overwrite: bool) -> str:
-    from cas.files import restore_files  # noqa: PLC0415
+    from cas.files import PartLoader, restore_files  # noqa: PLC0415
 
     temp = _prepare_out(out, overwrite)
     try:
-        restore_files(lambda path: repo.load(snap.id, keys=[path])[path[0]][path[1]], listing,
-                      f"snapshot {snap.short_id}", temp)
+        restore_files(PartLoader(repo, snap.id), listing, f"snapshot {snap.short_id}", temp)
         _swap_in(temp, out)
     finally:
         if temp.exists():
