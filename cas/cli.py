@@ -377,14 +377,14 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
     patterns: list[Any] | None = list(include) or None
     with ctx.open() as repo:
         snap = repo.resolve(snapshot)
-        if _is_dcp(snap):  # a torch.distributed.checkpoint snapshot: its whole, unsharded state
-            _restore_dcp(repo, snap, out, force=force, allow_pickle=allow_pickle)
-            return
         if warmup:
             requested = repo.warmup(snap.id, wait=True, poll=float(os.environ.get("CAS_WARMUP_POLL", "30")))
             if requested:
                 click.echo(f"{len(requested)} archived pack(s) of snapshot {snap.short_id} restored for reading",
                            err=True)
+        if _is_dcp(snap):  # a torch.distributed.checkpoint snapshot: its whole, unsharded state
+            _restore_dcp(repo, snap, out, force=force, allow_pickle=allow_pickle)
+            return
         listing = repo.files(snap.id)
         name = f"snapshot {snap.short_id}"
 
@@ -482,12 +482,13 @@ def cat(ctx: Context, snapshot: str, key: str, raw: bool, output: Path | None) -
 
 @cli.command()
 @click.option("--read-data", is_flag=True, help="Read and re-hash every chunk (slower, complete).")
+@click.option("--record", is_flag=True, help="Keep the outcome in the store (for `cas serve`'s metrics).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def verify(ctx: Context, read_data: bool, as_json: bool) -> None:
+def verify(ctx: Context, read_data: bool, record: bool, as_json: bool) -> None:
     """Check every snapshot reaches intact chunks; exit 1 on any problem."""
     with ctx.open() as repo, progress_bar("verifying") as update:
-        report = repo.verify(read_data=read_data, progress=update)
+        report = repo.verify(read_data=read_data, progress=update, record=record)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -780,8 +781,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-from cas import cli_dr as _cli_dr  # noqa: E402, F401 - registers replica, config, replicate, tier, serve
-
 def _is_dcp(snap: Any) -> bool:
     return isinstance(snap.metadata.get("dcp"), dict)
 
@@ -814,9 +813,10 @@ def _restore_dcp(repo: Any, snap: Any, out: Path, *, force: bool, allow_pickle: 
     click.echo(f"restored snapshot {snap.short_id} (unsharded) to {out}{note}")
 
 
+from cas import cli_dr as _cli_dr  # noqa: E402, F401 - registers replica, config, replicate, tier, serve
+
 if __name__ == "__main__":  # pragma: no cover
     # run as `python -m cas.cli`: the commands are registered on the importable module's group
     from cas.cli import main as _main
 
     _main()
-

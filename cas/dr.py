@@ -314,7 +314,9 @@ def _replica_gc(repo: Repository, target: Store) -> int:
     try:
         return other.gc().bytes_freed
     finally:
-        other.index.close()
+        if other._pool is not None:
+            other._pool.shutdown(wait=True)
+        other.index.close()  # not close(): the replica's backend stays open for this repository
 
 
 def lag(repo: Repository) -> dict[str, dict[str, Any]]:

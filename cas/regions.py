@@ -138,7 +138,7 @@ class RegionMonitor:
         best: tuple[int, str | None] = (0, None)
         for spec in self.regions:
             try:
-                found = read_epoch(self.backend.region(spec.name))
+                found = read_epoch(self._raw(spec.name))  # one try: a dead region must not stall the open
             except CasError:
                 continue
             if found[0] > best[0]:

@@ -923,16 +923,19 @@ class Repository:
         )
 
     def verify(
-        self, read_data: bool = False, progress: Progress | None = None, snapshots: list[str] | None = None
+        self, read_data: bool = False, progress: Progress | None = None, snapshots: list[str] | None = None,
+        *, record: bool = False,
     ) -> VerifyReport:
         """Check refs, manifests and chunks (re-hashing every chunk with ``read_data``).
 
         ``snapshots`` limits the check to those snapshots (tags or ids) and the packs they use.
+        Verify changes nothing, unless ``record``: then the outcome of a whole-repository verify
+        is kept in the store (``status/verify.json``) for ``cas serve``'s metrics.
         """
         only = {self.resolve(s).id for s in snapshots} if snapshots is not None else None
         report = self._with_index_recovery(
             lambda: verify_repository(self, read_data=read_data, progress=progress, only=only))
-        if only is None:
+        if record and only is None:
             dr.record_verify(self, report.ok, read_data, len(report.problems))
         return report
 
