@@ -46,6 +46,7 @@ from cas.errors import (
     TagExistsError,
 )
 from cas.ids import PackId, SnapshotId
+from cas.packcache import PackCache, budget_from_env
 from cas.store import REPO_FORMAT_NAME, REPO_VERSION, validate_config
 
 CONFIG_KEY = "config.json"
@@ -138,6 +139,8 @@ class Store:
         self.locks_dir = local_dir / "locks"
         for d in (self.tmp_dir, self.index_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
+        #: remote stores: the packs this machine wrote (and so reads back fastest), kept locally (cas/packcache.py)
+        self.pack_cache = PackCache(local_dir / "pack-cache", 0 if self.is_local else budget_from_env())
         #: the key of every pack seen (data packs end in .pack, manifest packs in .meta)
         self._pack_keys: dict[PackId, str] = {}
         self._keys_lock = threading.Lock()
@@ -204,7 +207,22 @@ class Store:
         """Pack handles opened meanwhile stay open for later reads until it ends (one restore)."""
         return self.backend.hold_open()
 
+    def _cached(self, pack_id: PackId) -> Path | None:
+        return self.pack_cache.path_of(pack_id) if self.pack_cache.enabled else None
+
+    def drop_cached(self, pack_id: PackId) -> bool:
+        """Forget the local copy of a pack (it failed to verify); True if there was one."""
+        had = self._cached(pack_id) is not None
+        self.pack_cache.drop(pack_id)
+        return had
+
     def read_pack_range(self, pack_id: PackId, offset: int, length: int) -> bytes:
+        cached = self._cached(pack_id)
+        if cached is not None:
+            try:
+                return self.pack_cache.pread(cached, offset, length)
+            except OSError:
+                self.pack_cache.drop(pack_id)  # evicted by another process meanwhile: read the store
         try:
             return self.backend.read_range(self.pack_key_of(pack_id), offset, length)
         except ObjectNotFoundError:
@@ -213,6 +231,12 @@ class Store:
 
     def read_pack_ranges(self, pack_id: PackId, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Several ranges of one pack in one batched call (adjacent ranges merge into one request)."""
+        cached = self._cached(pack_id)
+        if cached is not None:
+            try:
+                return self.pack_cache.pread_many(cached, ranges)
+            except OSError:
+                self.pack_cache.drop(pack_id)
         try:
             return self.backend.read_ranges(self.pack_key_of(pack_id), ranges)
         except ObjectNotFoundError:
@@ -220,6 +244,14 @@ class Store:
             raise MissingChunkError(f"pack {pack_id.short()} is missing") from None
 
     def read_pack_into(self, pack_id: PackId, offset: int, dest: memoryview) -> None:
+        cached = self._cached(pack_id)
+        if cached is not None:
+            try:
+                if self.pack_cache.pread_into(cached, offset, dest) == len(dest):
+                    return
+            except OSError:
+                pass
+            self.pack_cache.drop(pack_id)
         try:
             self.backend.read_into(self.pack_key_of(pack_id), offset, dest)
         except ObjectNotFoundError:
@@ -233,13 +265,20 @@ class Store:
     def publish_pack(self, temp_path: Path, pack_id: PackId, meta: bool = False) -> None:
         """Store a sealed, fsynced temp pack under its name (moved into place on a local repository)."""
         key = pack_key(pack_id, meta)
-        self.backend.write_file(key, temp_path)
+        if not self.is_local:
+            self.pack_cache.add(temp_path, pack_id)  # before the upload consumes the temp file
+        try:
+            self.backend.write_file(key, temp_path)
+        except BaseException:
+            self.pack_cache.drop(pack_id)
+            raise
         with self._keys_lock:
             self._pack_keys[pack_id] = key
 
     def delete_pack(self, pack_id: PackId) -> None:
         self.backend.delete(self.pack_key_of(pack_id))
         self._forget_key(pack_id)
+        self.pack_cache.drop(pack_id)
 
     def quarantine_pack(self, pack_id: PackId) -> str:
         """Keep a copy of a damaged pack under ``quarantine/`` (never read, never deleted by gc)."""

@@ -43,6 +43,7 @@ class PackSink:
         self._writer: PackWriter | None = None
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="cas-seal")
         self._publishing: list[Future[SealedPack]] = []
+        self._sealed: list[PackWriter] = []  # in the order of _publishing
         self._flushing: list[Future[None]] = []
         self._unflushed = 0
         self.stored_bytes = 0
@@ -104,12 +105,24 @@ class PackSink:
             return SealedPack(pack_id, size, writer.entries)
 
         self._publishing.append(self._publisher.submit(publish))
+        self._sealed.append(writer)
+
+    def _cancel_queued(self) -> None:
+        """After a failure: drop the publishes not yet started (on a store that stopped answering
+        each would wait out its own timeouts and retries) and remove their temp packs."""
+        self._publisher.shutdown(wait=True, cancel_futures=True)
+        for fut, writer in zip(self._publishing, self._sealed, strict=True):
+            if fut.cancelled():
+                writer.temp_path.unlink(missing_ok=True)
 
     def finish(self) -> list[SealedPack]:
         """Seal the open pack; wait until every pack of this sink is durable."""
         self._seal()
         try:
             return [f.result() for f in self._publishing]
+        except BaseException:
+            self._cancel_queued()
+            raise
         finally:
             self._publisher.shutdown(wait=True)
 
@@ -117,7 +130,7 @@ class PackSink:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        self._publisher.shutdown(wait=True)  # packs already published stay: unreferenced, gc removes them
+        self._cancel_queued()  # packs already published stay: unreferenced, gc removes them
 
 
 class PackSinks:

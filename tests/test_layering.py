@@ -14,7 +14,7 @@ LAYERS: dict[str, int] = {}
 for rank, modules in enumerate([
     ["errors", "arguments", "faults", "ids", "codec", "planes", "_plane_kernels"],  # bytes: pure functions over buffers
     ["backends"],  # dumb byte storage
-    ["pack", "store", "layout", "topology"],  # packs as bytes; the repository's objects over a backend
+    ["pack", "packcache", "store", "layout", "topology"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
     ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository", "session",

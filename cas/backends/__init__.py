@@ -69,6 +69,7 @@ _S3_OPTIONS = {
     "part_size",
     "max_concurrency",
     "coalesce_gap",
+    "read_span",
     "storage_class",
 }
 _RETRY_OPTIONS = {"retry_attempts": "attempts", "retry_base_delay": "base_delay", "retry_max_delay": "max_delay"}

@@ -50,7 +50,7 @@ How it maps the interface:
   ``part_size`` bytes and, if the object is larger, fetches the rest in parallel,
   pinned to the first response's ETag with ``If-Match`` (an overwrite in between
   restarts the read, so a reader never mixes two versions). ``read_ranges`` sorts
-  the ranges, merges neighbours less than ``coalesce_gap`` apart (up to ``part_size``
+  the ranges, merges neighbours less than ``coalesce_gap`` apart (up to ``read_span``, 128 MiB,
   per request), fetches the merged spans in parallel and checks that every response
   came from one version. A range starting at or past the end (HTTP 416) reads as
   ``b""``, as ``pread`` would.
@@ -232,6 +232,7 @@ class S3Backend(Backend):
         max_concurrency: int = 16,
         coalesce_gap: int = 1 * MiB,
         storage_class: str | None = None,
+        read_span: int = 128 * MiB,
     ) -> None:
         if not isinstance(bucket, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
             raise UsageError(f"S3 bucket name {bucket!r} is not valid")
@@ -242,6 +243,8 @@ class S3Backend(Backend):
             raise UsageError(f"S3 part_size must be at least 5 MiB (the service minimum), got {part_size}")
         if multipart_threshold < part_size:
             raise UsageError("S3 multipart_threshold must be at least part_size")
+        if read_span < 1:
+            raise UsageError(f"S3 read_span must be positive, got {read_span}")
         if timeout <= 0 or max_concurrency < 1 or coalesce_gap < 0:
             raise UsageError("S3 timeout and max_concurrency must be positive, coalesce_gap >= 0")
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -256,6 +259,7 @@ class S3Backend(Backend):
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.coalesce_gap = coalesce_gap
+        self.read_span = read_span
         if storage_class is not None and not re.fullmatch(r"[A-Z_]{2,32}", str(storage_class)):
             raise UsageError(f"S3 storage_class {storage_class!r} is not a storage class name (e.g. GLACIER)")
         #: the storage class every write asks for (None: the bucket's default, STANDARD)
@@ -479,22 +483,24 @@ class S3Backend(Backend):
         if all(ln == 0 for _, ln in ranges):
             self._stat(key)
             return [b""] * len(ranges)
-        # Merge neighbours (sorted by offset) into spans of at most part_size; a longer
-        # range is a span of its own, fetched as several part_size pieces.
+        # Merge neighbours (sorted by offset) into spans of at most read_span, one GET each; a
+        # longer range is a span of its own, fetched as several read_span pieces. (Few large GETs
+        # beat many parallel smaller ones where a request has a fixed price: on moto, which copies
+        # the whole object per GET, a 64 MiB pack read whole took 0.53 s, as 4 x 16 MiB 0.95 s.)
         order = sorted((i for i in range(len(ranges)) if ranges[i][1] > 0), key=lambda i: ranges[i][0])
         spans: builtins.list[tuple[int, int, builtins.list[int]]] = []
         for i in order:
             off, ln = ranges[i]
             if spans:
                 start, end, members = spans[-1]
-                if off <= end + self.coalesce_gap and max(end, off + ln) - start <= self.part_size:
+                if off <= end + self.coalesce_gap and max(end, off + ln) - start <= self.read_span:
                     spans[-1] = (start, max(end, off + ln), [*members, i])
                     continue
             spans.append((off, off + ln, [i]))
         pieces = [
-            (s, o, min(self.part_size, end - o))
+            (s, o, min(self.read_span, end - o))
             for s, (start, end, _) in enumerate(spans)
-            for o in range(start, end, self.part_size)
+            for o in range(start, end, self.read_span)
         ]
 
         def fetch() -> builtins.list[bytes]:

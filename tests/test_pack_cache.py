@@ -1,0 +1,116 @@
+"""The local pack cache of remote repositories (cas/packcache.py) and the batched restore reads."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import botocore.client
+import pytest
+import torch
+
+import cas
+from tests.backends.moto_server import MotoServer
+from tests.helpers import assert_same
+
+KEY_ID = SECRET = "testing"
+
+
+@pytest.fixture
+def s3_url(moto_server: MotoServer, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    for k, v in {"AWS_ENDPOINT_URL": moto_server.endpoint, "AWS_ACCESS_KEY_ID": KEY_ID,
+                 "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
+                 "CAS_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(k, v)
+    return f"s3://{s3_bucket}/pc"
+
+
+@pytest.fixture
+def gets(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """GetObject calls of every botocore client, by key suffix (.pack / .meta / other)."""
+    counts: collections.Counter[str] = collections.Counter()
+    original = botocore.client.BaseClient._make_api_call
+
+    def counting(client: Any, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "GetObject":
+            key = str(params.get("Key", ""))
+            counts[".pack" if key.endswith(".pack") else ".meta" if key.endswith(".meta") else "other"] += 1
+        return original(client, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counting)
+    return counts
+
+
+def series(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(64, 1024, generator=g) for i in range(6)}
+
+
+def step(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    out["w0"] = sd["w0"] + 1e-3 * torch.randn(sd["w0"].shape, generator=g)
+    return out
+
+
+def cached_packs(repo: cas.Repository) -> list[Path]:
+    return sorted((repo.path / "pack-cache").glob("*.pack"))
+
+
+def test_saves_keep_their_packs_and_reads_come_from_them(s3_url: str, gets: collections.Counter[str]) -> None:
+    sd0 = series(1)
+    sd1 = step(sd0, 2)
+    with cas.Repository.init(s3_url, chunk_size=64 * 1024) as repo:
+        repo.save(sd0, "a")
+        repo.save(sd1, "b")  # delta bases read from the cached packs of "a"
+        assert cached_packs(repo)
+    gets.clear()
+    with cas.Repository.open(s3_url) as repo:
+        assert_same(repo.load("b"), sd1)
+        assert_same(repo.load("a"), sd0)
+    assert gets[".pack"] == 0, f"a restore on the machine that saved read packs from the store: {gets}"
+
+
+def test_a_damaged_cached_pack_is_dropped_and_read_from_the_store(s3_url: str, gets: collections.Counter[str]) -> None:
+    sd0 = series(3)
+    sd1 = step(sd0, 4)
+    with cas.Repository.init(s3_url, chunk_size=64 * 1024) as repo:
+        repo.save(sd0, "a")
+        repo.save(sd1, "b")
+        files = cached_packs(repo)
+    for f in files:  # bit rot in every cached pack, past the header
+        data = bytearray(f.read_bytes())
+        for i in range(200, len(data) - 200, 4096):
+            data[i] ^= 0xFF
+        f.chmod(0o644)
+        f.write_bytes(bytes(data))
+    gets.clear()
+    with cas.Repository.open(s3_url) as repo:
+        assert_same(repo.load("b"), sd1)
+        assert_same(repo.load("a"), sd0)
+        assert gets[".pack"] > 0
+        repo.verify()
+
+
+def test_cache_off_and_a_fresh_cache_restore_with_few_requests(
+    s3_url: str, gets: collections.Counter[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAS_PACK_CACHE_BYTES", "0")
+    sd = series(5)
+    states = [sd]
+    with cas.Repository.init(s3_url, chunk_size=64 * 1024) as repo:
+        repo.save(sd, "s0")
+        for i in range(1, 4):
+            sd = step(sd, 10 + i)
+            states.append(sd)
+            repo.save(sd, f"s{i}")
+        assert not cached_packs(repo)
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "fresh"))
+    gets.clear()
+    with cas.Repository.open(s3_url) as repo:
+        assert_same(repo.load("s3"), states[3])
+        chunks = 6 * 4  # 24 chunks of 64 KiB in the snapshot, plus chain links
+        packs = len(repo._store.list_packs())
+    # batched: about one request per pack (links prefetched in one batch per pack), not one per chunk
+    assert gets[".pack"] <= 2 * packs < chunks, (gets, packs)
