@@ -19,7 +19,8 @@ for rank, modules in enumerate([
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
     ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository", "session",
      "replication", "regions", "tiering", "dr"],
-    ["cli", "cli_dr", "serve", "importers", "files", "demo", "manager", "validation", "integrations", "__init__"],  # faces
+    ["cli", "cli_dr", "serve", "importers", "files", "demo", "manager", "validation", "integrations",
+     "__init__"],  # faces
 ]):
     for module in modules:
         LAYERS[module] = rank
