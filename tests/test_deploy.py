@@ -39,7 +39,8 @@ def test_the_manifests_parse_and_hold_what_an_operator_needs() -> None:
     assert top.tiers[-1].storage_class == "GLACIER" and top.tiers[-1].retention is None
     jobs = {name: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
             for (kind, name), d in docs.items() if kind == "CronJob"}
-    assert sorted(jobs.values()) == [["cas", "gc"], ["cas", "tier", "run"], ["cas", "verify", "--read-data", "--record"]]
+    assert sorted(jobs.values()) == [
+        ["cas", "gc"], ["cas", "tier", "run"], ["cas", "verify", "--read-data", "--record"]]
     runner = CliRunner()
     for command in [*jobs.values(), ["cas", "config", "apply", "x"], ["cas", "serve"]]:
         args = [a for a in command[1:] if not a.startswith("/") and a != "x"]
