@@ -89,13 +89,17 @@ class CheckpointManager:
         if isinstance(repo_or_path, Repository):
             self.repo, self._owns_repo = repo_or_path, False
         else:
-            path = Path(repo_or_path)
+            location = os.fspath(repo_or_path)
+            remote = "://" in location and not location.startswith("file://")
             try:
-                self.repo = Repository.open(path)
+                self.repo = Repository.open(location)
             except NotARepositoryError:
-                if path.exists() and any(path.iterdir()):
-                    raise
-                self.repo = Repository.init(path)
+                if not remote:
+                    path = Path(location.removeprefix("file://"))
+                    if path.exists() and any(path.iterdir()):
+                        raise
+                # an empty directory or prefix becomes a repository; init refuses anything else
+                self.repo = Repository.init(location)
             self._owns_repo = True
         self.policy = policy
         rules: dict[str, Any] = {}

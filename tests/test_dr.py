@@ -548,3 +548,13 @@ def test_a_client_that_finds_the_primary_dead_at_open_goes_to_the_replica(region
         assert_same(repo.load("s"), s)
         repo.save(state(8), tag="s8")
     assert "refs/s8" in b.objects("refs/")
+
+
+def test_checkpoint_manager_takes_an_s3_url(regions: Callable[[str], Region], monkeypatch: pytest.MonkeyPatch) -> None:
+    a = regions("primary")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", a.server.endpoint)
+    model = torch.nn.Linear(8, 4)
+    with cas.CheckpointManager(URL, async_save=False) as manager:  # an empty prefix becomes a repository
+        assert manager.save(1, {"model": model.state_dict()}, force=True)
+    with cas.CheckpointManager(URL, async_save=False) as manager:  # and opens as one the next time
+        assert_same(manager.repo.load("latest")["model"], model.state_dict())
