@@ -196,8 +196,10 @@ def _release_env(path: Path, env: lmdb.Environment) -> None:
         if key in _open_envs and _open_envs[key][0] is env:
             del _open_envs[key]
             _open_dbs.pop(key, None)
-    with contextlib.suppress(lmdb.Error):
-        env.close()
+        # closed under the lock: LMDB refuses a second environment on a file this process still
+        # has open, so an opener racing this release must find it closed, not merely forgotten
+        with contextlib.suppress(lmdb.Error):
+            env.close()
 
 
 def drop_env(path: Path) -> None:

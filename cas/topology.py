@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from cas.errors import ConfigError, ObjectNotFoundError, UsageError
 from cas.layout import cache_root
 
 TOPOLOGY_KEY = "topology.json"
+log = logging.getLogger("cas")
 TOPOLOGY_VERSION = 1
 #: storage options kept in the topology; anything else (keys, secrets) stays in the process
 KEPT_OPTIONS = ("endpoint", "region", "timeout", "storage_class", "retry_attempts", "retry_base_delay",
@@ -408,10 +411,14 @@ def cache_topology(topology: Topology, *urls: str) -> None:
     data = topology.to_json()
     for url in {normalize_url(u) for u in urls}:
         path = _cache_file(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")  # many openers at once
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:  # a cache: a read-only or full home directory must not stop an open
+            tmp.unlink(missing_ok=True)
+            log.warning("cas: could not cache the topology in %s: %s", path.parent, exc)
 
 
 def cached_topology(url: str) -> Topology | None:

@@ -103,16 +103,20 @@ def test_a_new_tag_is_created_by_exactly_one_save(where: str) -> None:
     with cas.Repository.init(where, chunk_size=CHUNK) as setup:
         setup.save(state(0), tag="base")
     outcomes: list[str] = []
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(4, timeout=120)  # a thread that dies before it must not hang the others
 
     def save(i: int) -> None:
-        with cas.Repository.open(where) as repo:
-            barrier.wait()
-            try:
-                repo.save(state(100 + i, 20_000), tag="race")
-                outcomes.append(f"won {i}")
-            except cas.TagExistsError:
-                outcomes.append("lost")
+        try:
+            with cas.Repository.open(where) as repo:
+                barrier.wait()
+                try:
+                    repo.save(state(100 + i, 20_000), tag="race")
+                    outcomes.append(f"won {i}")
+                except cas.TagExistsError:
+                    outcomes.append("lost")
+        except BaseException as exc:  # noqa: BLE001 - shows in the assertion below
+            outcomes.append(f"error {exc!r}")
+            barrier.abort()
 
     threads = [threading.Thread(target=save, args=(i,)) for i in range(4)]
     for t in threads:
