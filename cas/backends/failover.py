@@ -28,12 +28,14 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 from cas.backends.base import Backend, Capabilities, ObjectInfo, WriteMode
 from cas.backends.retry import RetryingBackend
+from cas.backends.tiered import hold_all
 from cas.errors import StorageUnavailableError, UsageError
 
 T = TypeVar("T")
@@ -214,6 +216,9 @@ class FailoverBackend(Backend):
 
     def _copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         return self._fenced(dst_key).copy(src_key, dst_key)
+
+    def hold_open(self) -> AbstractContextManager[None]:
+        return hold_all(list(self._regions.values()))
 
     def check(self) -> None:
         self._serving_backend().check()

@@ -18,9 +18,11 @@ Moving objects between tiers (by age) is decided above this layer; :meth:`tier_o
 from __future__ import annotations
 
 import builtins
+import contextlib
 import heapq
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +32,14 @@ from cas.errors import ObjectNotFoundError, UsageError
 T = TypeVar("T")
 MOVABLE_PREFIX = "packs/"
 MOVABLE_SUFFIX = ".pack"
+
+
+@contextlib.contextmanager
+def hold_all(backends: list[Backend]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for backend in backends:
+            stack.enter_context(backend.hold_open())
+        yield
 
 
 def is_movable(key: str) -> bool:
@@ -172,6 +182,9 @@ class TieredBackend(Backend):
         if not is_movable(src_key) or self.tier_of(src_key) == 0:
             return self.hot.copy(src_key, dst_key)
         return self._write(dst_key, memoryview(self._read_range(src_key, 0, None)), "overwrite", None)
+
+    def hold_open(self) -> AbstractContextManager[None]:
+        return hold_all([backend for _, backend in self.tiers])  # every tier keeps its handles
 
     def check(self) -> None:
         self.hot.check()
