@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cas.codec import needs_base
-from cas.errors import CorruptionError, FormatVersionError
+from cas.errors import CorruptionError, FormatVersionError, IndexCorruptError
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, Index
 from cas.pack import check_structure
@@ -72,6 +72,8 @@ def verify_repository(
         try:
             for cid, tensor in reached_chunks(repo.reader, sid, label):
                 users.setdefault(cid, []).append((label, tensor))
+        except IndexCorruptError:
+            raise  # the cache is damaged, not the snapshot: the repository rebuilds it and verifies again
         except (CorruptionError, FormatVersionError) as exc:
             report.problems.append(Problem("corrupt-manifest", str(exc), snapshot=label))
 
@@ -112,6 +114,8 @@ def verify_repository(
                     repo.reader.base(cid, f"chunk {cid.short()}")
                 else:
                     repo.reader.read(cid, f"chunk {cid.short()}", loc)
+            except IndexCorruptError:
+                raise
             except CorruptionError as exc:
                 return cid, loc, str(exc)
             return cid, loc, None
