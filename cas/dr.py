@@ -11,6 +11,7 @@ repository opens from the healthiest of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -354,7 +355,10 @@ def set_failover(repo: Repository, **settings: Any) -> FailoverSettings:
 
 
 def set_sync(repo: Repository, **settings: Any) -> SyncSettings:
-    sync = SyncSettings(**{**repo.topology.sync.__dict__, **settings})
+    unknown = sorted(set(settings) - {"mode", "interval", "batch_size"})
+    if unknown:
+        raise UsageError(f"set_sync: unknown setting(s) {', '.join(unknown)} (known: mode, interval, batch_size)")
+    sync = dataclasses.replace(repo.topology.sync, **settings)
     top = repo.topology
     save_topology(repo, Topology(top.primary, top.replicas, top.failover, sync, top.tiers))
     return sync

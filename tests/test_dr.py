@@ -558,3 +558,17 @@ def test_checkpoint_manager_takes_an_s3_url(regions: Callable[[str], Region], mo
         assert manager.save(1, {"model": model.state_dict()}, force=True)
     with cas.CheckpointManager(URL, async_save=False) as manager:  # and opens as one the next time
         assert_same(manager.repo.load("latest")["model"], model.state_dict())
+
+
+def test_bad_settings_are_typed_errors_and_change_nothing(tmp_path: Path) -> None:
+    with cas.Repository.init(tmp_path / "r") as repo:
+        with pytest.raises(cas.UsageError, match="unknown setting"):
+            repo.set_sync(mod="sync")
+        with pytest.raises(cas.ConfigError, match=r"sync\.mode"):
+            repo.set_sync(mode="sometimes")
+        with pytest.raises(cas.ConfigError, match="failure_threshold must be at least 1"):
+            repo.set_failover(failure_threshold=0)
+        with pytest.raises(cas.ConfigError, match="first tier"):
+            repo.set_tiers([{"name": "hot", "url": str(tmp_path / "elsewhere"), "retention": "7d"}])
+        assert not (tmp_path / "r" / "topology.json").exists()
+        assert repo.topology.sync.mode == "async" and repo.topology.failover is None
