@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from cas.backends import TieredBackend
+from cas.backends import FailoverBackend, TieredBackend
 from cas.codec import needs_base
 from cas.errors import ArchivedError, CasError, CorruptionError, ObjectNotFoundError, StorageError
 from cas.ids import ChunkId, PackId, SnapshotId
@@ -51,13 +51,9 @@ class TierReport:
 
 def tiered_backend(repo: Repository) -> TieredBackend | None:
     backend = repo.store.backend
-    inner = getattr(backend, "region", None)
-    if isinstance(backend, TieredBackend):
-        return backend
-    if inner is not None:  # a FailoverBackend: the primary region carries the tiers
-        primary = backend.region(backend.region_names[0])  # type: ignore[attr-defined]
-        return primary if isinstance(primary, TieredBackend) else None
-    return None
+    if isinstance(backend, FailoverBackend):  # the primary region carries the tiers
+        backend = backend.region(backend.region_names[0])
+    return backend if isinstance(backend, TieredBackend) else None
 
 
 def _packs_of(repo: Repository, chunk_ids: list[ChunkId]) -> set[PackId]:
