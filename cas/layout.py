@@ -210,6 +210,11 @@ class Store:
     def _cached(self, pack_id: PackId) -> Path | None:
         return self.pack_cache.path_of(pack_id) if self.pack_cache.enabled else None
 
+    def has_local_copy(self, pack_id: PackId) -> bool:
+        """True if reads of this pack are served from this machine (a local repository, or a remote
+        one's pack cache): per-chunk reads straight into their tensors then cost no request."""
+        return self.is_local or self._cached(pack_id) is not None
+
     def drop_cached(self, pack_id: PackId) -> bool:
         """Forget the local copy of a pack (it failed to verify); True if there was one."""
         had = self._cached(pack_id) is not None

@@ -13,7 +13,7 @@ import numpy as np
 
 from cas.backends import ShortReadError
 from cas.codec import DECODES_IN_PLACE, Buffer, Codec, decode, needs_base, patch
-from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError, StorageError
+from cas.errors import ChunkCorruptError, CorruptionError, MissingChunkError
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, Index
 
@@ -363,8 +363,12 @@ class ChunkReader:
 
     def _run(self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None) -> None:
         reads = sorted(reads, key=lambda r: (r.location.pack_id, r.location.offset))
+        first: BaseException | None = None
+        deferred: list[tuple[ChunkRead, bytes]] = []
         if not self.store.is_local:
-            self._prefetch_links(reads, pool)
+            first, deferred, handled = self._read_link_packs(reads, pool, progress)
+            if handled:
+                reads = [r for r in reads if id(r) not in handled]
         decoded: dict[bytes, Buffer] = {}
         held = 0
         try:
@@ -389,23 +393,27 @@ class ChunkReader:
             else:
                 primary.setdefault(r.chunk_id, r)
                 unique.append(r)
-        first: BaseException | None = None
-        if self.store.is_local:
-            futures = [pool.submit(self.read_into, r) for r in unique]
-            for fut, r in zip(futures, unique, strict=True):
-                exc = fut.exception()
-                if exc is not None and first is None:
-                    first = exc
-                if progress is not None:
-                    progress(len(r.dest))
-        else:
-            # an object store: one batched ranged read per group of a pack's chunks (adjacent ranges
-            # merge into one GET), not one request per chunk
-            for exc, filled in pool.map(self._read_group, _groups(unique)):
-                if exc is not None and first is None:
-                    first = exc
-                if progress is not None:
-                    progress(filled)
+        # chunks of packs this machine holds (a local repository, or a remote one's pack cache) are
+        # read one by one straight into their tensors, in parallel; the rest, from an object store,
+        # with one batched ranged read per group of a pack's chunks (adjacent ranges merge into one
+        # GET), not one request per chunk
+        local_packs = {pid for pid in {r.location.pack_id for r in unique} if self.store.has_local_copy(pid)}
+        nearby = [r for r in unique if r.location.pack_id in local_packs]
+        remote = [r for r in unique if r.location.pack_id not in local_packs]
+        groups = pool.map(self._read_group, _groups(remote)) if remote else iter(())  # first: they wait on the net
+        futures = [pool.submit(self.read_into, r, payload) for r, payload in deferred]
+        futures += [pool.submit(self.read_into, r) for r in nearby]
+        for fut, r in zip(futures, [r for r, _ in deferred] + nearby, strict=True):
+            exc = fut.exception()
+            if exc is not None and first is None:
+                first = exc
+            if progress is not None:
+                progress(len(r.dest))
+        for exc, filled in groups:
+            if exc is not None and first is None:
+                first = exc
+            if progress is not None:
+                progress(filled)
         if first is not None:
             raise first
         for r, source in copies:
@@ -413,12 +421,80 @@ class ChunkReader:
             if progress is not None:
                 progress(len(r.dest))
 
-    def _prefetch_links(self, reads: list[ChunkRead], pool: Executor) -> None:
-        """Fetch the stored bytes of every delta-chain link below ``reads`` (not among the reads
-        themselves) in batched ranged reads, one call per pack, before the chains are rebuilt: on an
-        object store each link read alone is a request (and on moto a copy of its whole pack)."""
-        own = {(r.location.pack_id, r.location.offset) for r in reads}
+    def _read_link_packs(
+        self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None
+    ) -> tuple[BaseException | None, list[tuple[ChunkRead, bytes]], set[int]]:
+        """From an object store, first the packs that hold delta-chain links of ``reads``, each
+        pack's links and reads in ONE batched request (each link fetched alone would be a request,
+        and on moto a copy of its whole pack; fetched apart from the reads of the same pack, the
+        pack would be requested twice). Their chunks that need no base are decoded into place at
+        once; those that do are returned with their stored bytes (deferred: their chains may run
+        through packs still in flight), and every link's stored bytes wait in ``_prefetched`` for
+        the chain rebuilds. Returns (first error, deferred reads, ids of the reads handled)."""
+        links = self._links_below(reads)
+        if not links:
+            return None, [], set()
+        link_packs = {key[0] for key in links}
+        by_pack: dict[bytes, list[ChunkRead]] = {}
+        for r in reads:
+            if r.location.pack_id in link_packs:
+                by_pack.setdefault(r.location.pack_id, []).append(r)
+        jobs: list[tuple[list[ChunkRead], list[ChunkLocation]]] = []
+        pack_links: dict[bytes, list[ChunkLocation]] = {}
+        for loc in sorted(links.values(), key=lambda x: (x.pack_id, x.offset)):
+            pack_links.setdefault(loc.pack_id, []).append(loc)
+        for pack_id, locs in pack_links.items():
+            groups = _groups(by_pack.get(pack_id, []))
+            if not groups:
+                jobs.append(([], locs))
+                continue
+            jobs.append((groups[0], locs))  # the links ride with the pack's first group
+            jobs.extend((g, []) for g in groups[1:])
+
+        def run(job: tuple[list[ChunkRead], list[ChunkLocation]]) -> tuple[BaseException | None, int,
+                                                                             list[tuple[ChunkRead, bytes]]]:
+            group, locs = job
+            pack_id = (group[0].location if group else locs[0]).pack_id
+            wanted = sorted({(r.location.offset, r.location.stored_length) for r in group}
+                            | {(x.offset, x.stored_length) for x in locs})
+            try:
+                got = dict(zip(wanted, self._fetch(pack_id, wanted), strict=True))
+            except CorruptionError as exc:
+                if not group:
+                    return None, 0, []  # the chain rebuilds read (and report) the links one by one
+                return exc, sum(len(r.dest) for r in group), []
+            later: list[tuple[ChunkRead, bytes]] = []
+            for x in locs:
+                self._prefetched[(x.pack_id, x.offset)] = got[(x.offset, x.stored_length)]
+            first: BaseException | None = None
+            filled = 0
+            for r in group:
+                payload = got[(r.location.offset, r.location.stored_length)]
+                if needs_base(r.location.codec):
+                    later.append((r, payload))
+                    continue
+                try:
+                    self.read_into(r, payload)
+                except CorruptionError as exc:
+                    first = first or exc
+                filled += len(r.dest)
+            return first, filled, later
+
+        first: BaseException | None = None
+        deferred: list[tuple[ChunkRead, bytes]] = []
+        for exc, filled, later in pool.map(run, jobs):
+            first = first or exc
+            deferred.extend(later)
+            if progress is not None and filled:
+                progress(filled)
+        handled = {id(r) for group, _ in jobs for r in group}
+        return first, deferred, handled
+
+    def _links_below(self, reads: list[ChunkRead]) -> dict[tuple[bytes, int], ChunkLocation]:
+        """Every delta-chain link below ``reads`` that lies in a pack this machine does not hold and
+        is not already a decoded base, by (pack, offset); links that are reads themselves included."""
         links: dict[tuple[bytes, int], ChunkLocation] = {}
+        local: dict[bytes, bool] = {}
         lookup = self.index.reader()
         try:
             for r in reads:
@@ -431,25 +507,14 @@ class ChunkReader:
                             break
                     loc = lookup.get(loc.base_id)
                     steps += 1
-                    if loc is not None and (loc.pack_id, loc.offset) not in own and loc.stored_length:
-                        links[(loc.pack_id, loc.offset)] = loc
+                    if loc is not None and loc.stored_length:
+                        if loc.pack_id not in local:
+                            local[loc.pack_id] = self.store.has_local_copy(loc.pack_id)
+                        if not local[loc.pack_id]:  # a cached pack is read where the chain needs it
+                            links[(loc.pack_id, loc.offset)] = loc
         finally:
             lookup.close()
-        if not links:
-            return
-        by_pack: dict[bytes, list[ChunkLocation]] = {}
-        for loc in sorted(links.values(), key=lambda x: (x.pack_id, x.offset)):
-            by_pack.setdefault(loc.pack_id, []).append(loc)
-
-        def fetch(locs: list[ChunkLocation]) -> list[tuple[tuple[bytes, int], bytes]]:
-            try:
-                got = self._fetch(locs[0].pack_id, [(x.offset, x.stored_length) for x in locs])
-            except (CorruptionError, StorageError):
-                return []  # the chain rebuild reads (and reports) them one by one
-            return [((x.pack_id, x.offset), data) for x, data in zip(locs, got, strict=True)]
-
-        for pairs in pool.map(fetch, by_pack.values()):
-            self._prefetched.update(pairs)
+        return links
 
     def _fetch(self, pack_id: PackId, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Ranges of one pack (sorted by offset) from an object store: as ONE request for the span

@@ -409,3 +409,63 @@ def test_a_fresh_cache_reads_index_objects_not_every_pack(moto_server: MotoServe
     with cas.Repository.open(url) as repo:
         assert_same(repo.load("s2"), state(2))
         assert repo.verify(read_data=True).ok
+
+
+def test_a_cold_delta_restore_requests_each_pack_once(moto_server: MotoServer, s3_bucket: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """From an empty cache, a snapshot whose changed chunks are delta links on an earlier one reads
+    each pack in one request: the links below the deltas ride with the reads of their own pack
+    (fetched apart, a keyframe pack would be requested twice). Damage in a link's pack is a typed
+    error naming the tensor, and a read of the store's good copy afterwards still restores."""
+    for k, v in s3_env(moto_server, tmp_path / "cache").items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{s3_bucket}/deltas"
+    g = torch.Generator().manual_seed(5)
+    base = {f"w{i}": torch.randn(60_000, generator=g) for i in range(6)}
+    nxt = {k: (v + 1e-3 * torch.randn(v.shape, generator=g)) if k in ("w1", "w4") else v.clone()
+           for k, v in base.items()}
+    with cas.Repository.init(url, chunk_size=CHUNK, pack_size=1 << 20) as repo:
+        repo.save(base, tag="base")
+        snap = repo.save(nxt, tag="next")
+        assert snap.bytes_added < 0.8 * sum(t.numel() * 4 for k, t in nxt.items() if k in ("w1", "w4"))  # deltas
+    from cas.layout import Store
+
+    calls: list[tuple[str, str]] = []
+    ranges_of, range_of = Store.read_pack_ranges, Store.read_pack_range
+
+    def counting_ranges(self: Store, pack_id: PackId, ranges: list[tuple[int, int]]) -> list[bytes]:
+        calls.append(("ranges", pack_id.hex()))
+        return ranges_of(self, pack_id, ranges)
+
+    def counting_range(self: Store, pack_id: PackId, offset: int, length: int) -> bytes:
+        calls.append(("range", pack_id.hex()))
+        return range_of(self, pack_id, offset, length)
+
+    monkeypatch.setattr(Store, "read_pack_ranges", counting_ranges)
+    monkeypatch.setattr(Store, "read_pack_range", counting_range)
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "cold"))
+    with cas.Repository.open(url) as repo:
+        calls.clear()
+        assert_same(repo.load("next"), nxt)
+        data = [(kind, p) for kind, p in calls
+                if not repo.store.pack_key_of(PackId(bytes.fromhex(p))).endswith(".meta")]  # the tree's node
+        tensor_packs = [p for kind, p in data if kind == "ranges"]
+        assert not [c for c in data if c[0] == "range"], calls  # no link read on its own
+        assert len(tensor_packs) == len(set(tensor_packs)) >= 2, calls  # the keyframe pack(s) and the new one(s)
+
+    # rot a byte inside the keyframe chunks of w1 (a link of the delta snapshot), in the bucket
+    with open_backend(url) as backend:
+        keys = sorted(o.key for o in backend.list("packs/") if not o.key.endswith(".meta"))
+        originals = {k: backend.read(k) for k in keys}
+        first = keys[0] if len(keys) == 1 else max(keys, key=lambda k: len(originals[k]))
+        data = bytearray(originals[first])
+        data[len(data) // 3] ^= 0x40
+        backend.write(first, bytes(data))
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "cold-again"))
+    with cas.Repository.open(url) as repo, pytest.raises(cas.ChunkCorruptError, match=r"snapshot \w+, tensor w\d"):
+        repo.load("next")
+    with open_backend(url) as backend:
+        backend.write(first, originals[first])
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "cold-third"))
+    with cas.Repository.open(url) as repo:
+        assert_same(repo.load("next"), nxt)
