@@ -361,7 +361,7 @@ class Repository:
         check_compression(compression)
         previous = None if rehash else (fingerprints or self._fingerprints)
         return SaveSession(self, parent, compression=compression, keyframe=keyframe, previous=previous,
-                           lock=lock, label=label)
+                           lock=lock, label=label, rehash=rehash)
 
     def commit(
         self,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from cas import fingerprints as fingerprint_cache
 from cas.errors import StorageError, UsageError
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId, SnapshotId
@@ -200,6 +201,7 @@ class SaveSession:
         previous: tuple[SnapshotId | None, Fingerprints] | None,
         lock: bool,
         label: int | None = None,
+        rehash: bool = False,
     ) -> None:
         self.repo = repo
         self.id = uuid.uuid4().hex
@@ -221,8 +223,7 @@ class SaveSession:
                 self.sink, self._lookup, repo.pool, compression, repo.chunk_size, window=2 * repo._threads + 2,
                 bases=bases, max_depth=repo.max_delta_depth, max_cost=repo.max_chain_cost,
                 read_base=lambda cid: repo.reader.base(cid, "delta base for a save", scratch=True),
-                # the XXH3 shortcut (FORMAT.md §4) only for a child of the save that took the fingerprints
-                fingerprints=previous[1] if previous is not None and previous[0] == self.parent else None,
+                fingerprints=self._previous_fingerprints(previous, rehash, bases),
                 pack_size_of=repo.reader.pack_size,
             )
         except BaseException:
@@ -242,6 +243,19 @@ class SaveSession:
                 self.finish()
             else:
                 self.abort()
+
+    def _previous_fingerprints(
+        self, previous: tuple[SnapshotId | None, Fingerprints] | None, rehash: bool, bases: Any
+    ) -> Fingerprints | None:
+        """The XXH3 shortcut (FORMAT.md §4) only for a child of the save that took the fingerprints:
+        this process's (or the caller's) last save, else the one this machine left in its cache."""
+        if rehash or self.parent is None:
+            return None
+        if previous is not None and previous[0] == self.parent:
+            return previous[1]
+        if not bases:
+            return None
+        return fingerprint_cache.load(fingerprint_cache.directory_of(self.repo.store.local_dir), self.parent, bases)
 
     @property
     def fingerprints(self) -> Fingerprints:
@@ -421,6 +435,9 @@ class SaveSession:
                                  if_version=ref_version if tag is not None else None)
             # the next save, a child of this one, need not re-hash what did not change
             repo._fingerprints = (snap_id, self.storer.fingerprints)
+            # ... nor one in a new process on this machine (a cache: a save never fails for it)
+            fingerprint_cache.save(fingerprint_cache.directory_of(repo.store.local_dir), snap_id,
+                                   self.storer.fingerprints)
             crash_point("after_ref")
             return repo._snapshot(ref, snap_id, node)
 

@@ -17,8 +17,8 @@ for rank, modules in enumerate([
     ["pack", "packcache", "store", "layout", "topology"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
     ["manifest", "tree", "statedict", "staging", "reports"],  # the model
-    ["reader", "saver", "reach", "storeview", "verify", "gc", "check", "retention", "policy", "repository", "session",
-     "replication", "regions", "tiering", "dr"],
+    ["reader", "saver", "fingerprints", "reach", "storeview", "verify", "gc", "check", "retention", "policy",
+     "repository", "session", "replication", "regions", "tiering", "dr"],
     ["cli", "cli_dr", "serve", "importers", "files", "demo", "manager", "validation", "integrations",
      "__init__"],  # faces
 ]):
