@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -363,28 +363,47 @@ class ChunkReader:
 
     def _run(self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None) -> None:
         reads = sorted(reads, key=lambda r: (r.location.pack_id, r.location.offset))
-        first: BaseException | None = None
-        deferred: list[tuple[ChunkRead, bytes]] = []
+        # chunks of packs this machine holds (a local repository, or a remote one's pack cache) are
+        # read one by one straight into their tensors, in parallel; the rest come from an object
+        # store in one batched ranged read per group of a pack's chunks (adjacent ranges merge
+        # into one GET), fetched ahead of the decoding (cas/reader.py: _Fetches)
         if not self.store.is_local:
-            first, deferred, handled = self._read_link_packs(reads, pool, progress)
-            if handled:
-                reads = [r for r in reads if id(r) not in handled]
+            packs = {r.location.pack_id for r in reads}
+            local_packs = {pid for pid in packs if self.store.has_local_copy(pid)}
+            if len(local_packs) < len(packs) or self._links_below(reads):
+                self._run_remote(reads, local_packs, pool, progress)
+                return
+        decoded = self._decode_shared_bases(reads)
+        unique, copies = self._dedup(reads, decoded, progress)
+        self._collect([pool.submit(self.read_into, r) for r in unique], unique, progress)
+        self._copy(copies, progress)
+
+    def _decode_shared_bases(self, reads: list[ChunkRead]) -> dict[bytes, Buffer]:
+        """Bases that two or more chains go through, decoded once (within the cache's bound)."""
         decoded: dict[bytes, Buffer] = {}
         held = 0
         try:
             for base_id, where in self._shared_bases(reads):
                 if held >= self.base_cache_bytes:
-                    break  # within the cache's bound; later chains decode their own bases
+                    break  # later chains decode their own bases
                 decoded[base_id] = self.base(base_id, where)
                 held += len(decoded[base_id])
         except CorruptionError:
-            pass  # the reads below hit the same damage and report it against their tensors
+            pass  # the reads hit the same damage and report it against their tensors
+        return decoded
+
+    @staticmethod
+    def _dedup(
+        reads: list[ChunkRead], decoded: dict[bytes, Buffer], progress: Callable[[int], None] | None
+    ) -> tuple[list[ChunkRead], list[tuple[ChunkRead, ChunkRead]]]:
+        """(reads to make, (read, read it copies)): a chunk wanted twice (tied or identical tensors)
+        is read once; one decoded (and verified) as a shared base is copied now."""
         primary: dict[bytes, ChunkRead] = {}
-        copies: list[tuple[ChunkRead, ChunkRead]] = []  # the same chunk twice (tied or identical tensors)
+        copies: list[tuple[ChunkRead, ChunkRead]] = []
         unique = []
         for r in reads:
             done = decoded.get(r.chunk_id)
-            if done is not None and len(done) == len(r.dest):  # decoded (and verified) as a shared base
+            if done is not None and len(done) == len(r.dest):
                 r.dest[:] = done
                 if progress is not None:
                     progress(len(r.dest))
@@ -393,102 +412,116 @@ class ChunkReader:
             else:
                 primary.setdefault(r.chunk_id, r)
                 unique.append(r)
-        # chunks of packs this machine holds (a local repository, or a remote one's pack cache) are
-        # read one by one straight into their tensors, in parallel; the rest, from an object store,
-        # with one batched ranged read per group of a pack's chunks (adjacent ranges merge into one
-        # GET), not one request per chunk
-        local_packs = {pid for pid in {r.location.pack_id for r in unique} if self.store.has_local_copy(pid)}
-        nearby = [r for r in unique if r.location.pack_id in local_packs]
-        remote = [r for r in unique if r.location.pack_id not in local_packs]
-        groups = pool.map(self._read_group, _groups(remote)) if remote else iter(())  # first: they wait on the net
-        futures = [pool.submit(self.read_into, r, payload) for r, payload in deferred]
-        futures += [pool.submit(self.read_into, r) for r in nearby]
-        for fut, r in zip(futures, [r for r, _ in deferred] + nearby, strict=True):
+        return unique, copies
+
+    @staticmethod
+    def _collect(futures: list[Future[None]], reads: list[ChunkRead], progress: Callable[[int], None] | None) -> None:
+        first: BaseException | None = None
+        for fut, r in zip(futures, reads, strict=True):
             exc = fut.exception()
             if exc is not None and first is None:
                 first = exc
             if progress is not None:
                 progress(len(r.dest))
-        for exc, filled in groups:
-            if exc is not None and first is None:
-                first = exc
-            if progress is not None:
-                progress(filled)
         if first is not None:
             raise first
+
+    @staticmethod
+    def _copy(copies: list[tuple[ChunkRead, ChunkRead]], progress: Callable[[int], None] | None) -> None:
         for r, source in copies:
             r.dest[:] = source.dest
             if progress is not None:
                 progress(len(r.dest))
 
-    def _read_link_packs(
-        self, reads: list[ChunkRead], pool: Executor, progress: Callable[[int], None] | None
-    ) -> tuple[BaseException | None, list[tuple[ChunkRead, bytes]], set[int]]:
-        """From an object store, first the packs that hold delta-chain links of ``reads``, each
-        pack's links and reads in ONE batched request (each link fetched alone would be a request,
-        and on moto a copy of its whole pack; fetched apart from the reads of the same pack, the
-        pack would be requested twice). Their chunks that need no base are decoded into place at
-        once; those that do are returned with their stored bytes (deferred: their chains may run
-        through packs still in flight), and every link's stored bytes wait in ``_prefetched`` for
-        the chain rebuilds. Returns (first error, deferred reads, ids of the reads handled)."""
-        links = self._links_below(reads)
-        if not links:
-            return None, [], set()
+    def _run_remote(
+        self, reads: list[ChunkRead], local_packs: set[PackId], pool: Executor,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """A restore from an object store, in two phases over one stream of fetches.
+
+        Phase 1: the packs that hold delta-chain links of the reads, each pack's links and reads
+        in ONE batched request (a link fetched alone is a request, and on moto a copy of its whole
+        pack; fetched apart from the reads of its pack, the pack would be requested twice). Their
+        chunks that need no base are decoded into place at once; those that do wait (their chains
+        may run through packs still in flight), and every link's stored bytes wait in
+        ``_prefetched`` for the chain rebuilds. Phase 2: the deferred deltas, the chunks of packs
+        held locally and the other packs. Fetches run ahead of the decoding on threads of their
+        own (a restore waits on the network, not on the cores), at most ``FETCH_AHEAD_BYTES`` of
+        stored bytes fetched and not yet decoded."""
+        unique, copies = self._dedup(reads, {}, progress)
+        nearby = [r for r in unique if r.location.pack_id in local_packs]
+        remote = [r for r in unique if r.location.pack_id not in local_packs]
+        links = self._links_below(unique)
         link_packs = {key[0] for key in links}
         by_pack: dict[bytes, list[ChunkRead]] = {}
-        for r in reads:
-            if r.location.pack_id in link_packs:
-                by_pack.setdefault(r.location.pack_id, []).append(r)
-        jobs: list[tuple[list[ChunkRead], list[ChunkLocation]]] = []
+        for r in remote:
+            by_pack.setdefault(r.location.pack_id, []).append(r)
+        first_jobs: list[_FetchJob] = []
         pack_links: dict[bytes, list[ChunkLocation]] = {}
         for loc in sorted(links.values(), key=lambda x: (x.pack_id, x.offset)):
             pack_links.setdefault(loc.pack_id, []).append(loc)
         for pack_id, locs in pack_links.items():
             groups = _groups(by_pack.get(pack_id, []))
-            if not groups:
-                jobs.append(([], locs))
-                continue
-            jobs.append((groups[0], locs))  # the links ride with the pack's first group
-            jobs.extend((g, []) for g in groups[1:])
+            first_jobs.append(_FetchJob(PackId(pack_id), groups[0] if groups else [], locs))  # links ride along
+            first_jobs.extend(_FetchJob(PackId(pack_id), g, []) for g in groups[1:])
+        later_jobs = [_FetchJob(g[0].location.pack_id, g, [])
+                      for g in _groups([r for r in remote if r.location.pack_id not in link_packs])]
 
-        def run(job: tuple[list[ChunkRead], list[ChunkLocation]]) -> tuple[BaseException | None, int,
-                                                                             list[tuple[ChunkRead, bytes]]]:
-            group, locs = job
-            pack_id = (group[0].location if group else locs[0]).pack_id
-            wanted = sorted({(r.location.offset, r.location.stored_length) for r in group}
-                            | {(x.offset, x.stored_length) for x in locs})
-            try:
-                got = dict(zip(wanted, self._fetch(pack_id, wanted), strict=True))
-            except CorruptionError as exc:
-                if not group:
-                    return None, 0, []  # the chain rebuilds read (and report) the links one by one
-                return exc, sum(len(r.dest) for r in group), []
-            later: list[tuple[ChunkRead, bytes]] = []
-            for x in locs:
+        failures: list[BaseException] = []
+        deferred: list[tuple[ChunkRead, bytes]] = []
+        lock = threading.Lock()
+
+        def process(job: _FetchJob, got: dict[tuple[int, int], bytes] | BaseException, phase: int) -> int:
+            if isinstance(got, BaseException):  # damage where the pack is (missing, short): its reads fail
+                if job.group:
+                    with lock:
+                        failures.append(got)
+                return sum(len(r.dest) for r in job.group)
+            for x in job.links:
                 self._prefetched[(x.pack_id, x.offset)] = got[(x.offset, x.stored_length)]
-            first: BaseException | None = None
             filled = 0
-            for r in group:
+            for r in job.group:
                 payload = got[(r.location.offset, r.location.stored_length)]
-                if needs_base(r.location.codec):
-                    later.append((r, payload))
+                if phase == 1 and needs_base(r.location.codec):
+                    with lock:
+                        deferred.append((r, payload))
                     continue
                 try:
                     self.read_into(r, payload)
                 except CorruptionError as exc:
-                    first = first or exc
+                    with lock:
+                        failures.append(exc)
                 filled += len(r.dest)
-            return first, filled, later
+            return filled
 
-        first: BaseException | None = None
-        deferred: list[tuple[ChunkRead, bytes]] = []
-        for exc, filled, later in pool.map(run, jobs):
+        submitted: list[tuple[Future[None], ChunkRead]] = []
+
+        def barrier() -> None:
+            """Between the phases: shared bases decoded once, then the deferred and the local reads."""
+            decoded = self._decode_shared_bases([r for r, _ in deferred] + nearby)
+            for r, payload in deferred:
+                done = decoded.get(r.chunk_id)
+                if done is not None and len(done) == len(r.dest):
+                    r.dest[:] = done
+                    if progress is not None:
+                        progress(len(r.dest))
+                else:
+                    submitted.append((pool.submit(self.read_into, r, payload), r))
+            submitted.extend((pool.submit(self.read_into, r), r) for r in nearby)
+
+        try:
+            _Fetches(self, pool, progress).run(first_jobs, later_jobs, process, barrier)
+        finally:
+            for fut, _ in submitted:  # no read still writes into the tensors once this returns
+                fut.exception()
+        first: BaseException | None = failures[0] if failures else None
+        try:
+            self._collect([f for f, _ in submitted], [r for _, r in submitted], progress)
+        except BaseException as exc:  # noqa: BLE001 - the first of all errors is raised
             first = first or exc
-            deferred.extend(later)
-            if progress is not None and filled:
-                progress(filled)
-        handled = {id(r) for group, _ in jobs for r in group}
-        return first, deferred, handled
+        if first is not None:
+            raise first
+        self._copy(copies, progress)
 
     def _links_below(self, reads: list[ChunkRead]) -> dict[tuple[bytes, int], ChunkLocation]:
         """Every delta-chain link below ``reads`` that lies in a pack this machine does not hold and
@@ -528,21 +561,6 @@ class ChunkReader:
         (span,) = self.store.read_pack_ranges(pack_id, [(start, end - start)])
         view = memoryview(span)
         return [bytes(view[off - start: off - start + ln]) for off, ln in ranges]
-
-    def _read_group(self, group: list[ChunkRead]) -> tuple[BaseException | None, int]:
-        """Chunks of one pack, fetched in one ``read_ranges`` call, then decoded and verified."""
-        pack_id = group[0].location.pack_id
-        first: BaseException | None = None
-        try:
-            payloads = self._fetch(pack_id, [(r.location.offset, r.location.stored_length) for r in group])
-        except CorruptionError as exc:
-            return exc, sum(len(r.dest) for r in group)
-        for r, payload in zip(group, payloads, strict=True):
-            try:
-                self.read_into(r, payload)
-            except CorruptionError as exc:
-                first = first or exc
-        return first, sum(len(r.dest) for r in group)
 
     def _shared_bases(self, reads: list[ChunkRead]) -> list[tuple[ChunkId, str]]:
         """Bases on the delta chains of two or more of ``reads``, keyframe-most first."""
@@ -591,3 +609,115 @@ def _groups(reads: list[ChunkRead]) -> list[list[ChunkRead]]:
             groups.append([r])
             size = r.location.stored_length
     return groups
+
+
+@dataclass(frozen=True, slots=True)
+class _FetchJob:
+    """One batched read of a pack from an object store: a group of its chunks, and delta-chain links."""
+
+    pack_id: PackId
+    group: list[ChunkRead]
+    links: list[ChunkLocation]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return sorted({(r.location.offset, r.location.stored_length) for r in self.group}
+                      | {(x.offset, x.stored_length) for x in self.links})
+
+    def nbytes(self) -> int:
+        return sum(ln for _, ln in self.ranges())
+
+
+#: stored bytes fetched from an object store and not yet decoded, at most (memory a restore holds)
+FETCH_AHEAD_BYTES = 512 << 20
+#: concurrent batched reads of a restore from an object store (each one request, or a few)
+FETCH_THREADS = 8
+
+_Fetched = dict[tuple[int, int], bytes] | BaseException
+
+
+class _Fetches:
+    """Jobs' fetches run ahead on threads of their own, in order, within ``FETCH_AHEAD_BYTES``;
+    each fetched job is decoded on the pool. Phase-2 jobs are decoded only after every phase-1
+    job is and ``barrier`` ran (their fetches need not wait)."""
+
+    def __init__(self, reader: ChunkReader, pool: Executor, progress: Callable[[int], None] | None) -> None:
+        self.reader = reader
+        self.pool = pool
+        self.progress = progress
+        self._cond = threading.Condition()
+        self._held = 0
+
+    def _fetch(self, job: _FetchJob) -> _Fetched:
+        ranges = job.ranges()
+        try:
+            return dict(zip(ranges, self.reader._fetch(job.pack_id, ranges), strict=True))
+        except CorruptionError as exc:
+            return exc
+
+    def _reserve(self, size: int, waiting_on_fetches: bool) -> bool:
+        """Count ``size`` bytes as held; False (nothing counted) when over the bound and fetches in
+        flight (take their results first); with none in flight wait for decodes to free room."""
+        with self._cond:
+            if self._held and self._held + size > FETCH_AHEAD_BYTES:
+                if waiting_on_fetches:
+                    return False
+                self._cond.wait_for(lambda: not self._held or self._held + size <= FETCH_AHEAD_BYTES)
+            self._held += size
+            return True
+
+    def _release(self, size: int) -> None:
+        with self._cond:
+            self._held -= size
+            self._cond.notify_all()
+
+    def run(
+        self,
+        first: list[_FetchJob],
+        later: list[_FetchJob],
+        process: Callable[[_FetchJob, _Fetched, int], int],
+        barrier: Callable[[], None],
+    ) -> None:
+        jobs = [(1, j) for j in first] + [(2, j) for j in later]
+        fetching: deque[tuple[int, _FetchJob, Future[_Fetched]]] = deque()
+        decoding: dict[int, list[Future[int]]] = {1: [], 2: []}
+        io = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="cas-fetch")
+        nxt = 0
+        barrier_done = False
+        try:
+            while nxt < len(jobs) or fetching:
+                while nxt < len(jobs) and self._reserve(jobs[nxt][1].nbytes(), bool(fetching)):
+                    phase, job = jobs[nxt]
+                    fetching.append((phase, job, io.submit(self._fetch, job)))
+                    nxt += 1
+                phase, job, fut = fetching.popleft()
+                got = fut.result()  # a StorageError (unavailable, denied) ends the restore
+                if phase == 2 and not barrier_done:
+                    self._drain(decoding[1])
+                    barrier()
+                    barrier_done = True
+                decoding[phase].append(self.pool.submit(self._work, process, job, got, phase))
+            if not barrier_done:
+                self._drain(decoding[1])
+                barrier()
+        finally:
+            for _, _, pending in fetching:
+                pending.cancel()
+            io.shutdown(wait=True, cancel_futures=True)
+            for futures in decoding.values():
+                for f in futures:
+                    f.exception()  # no decode still writes into the tensors once this returns
+        self._drain(decoding[2])
+
+    def _work(self, process: Callable[[_FetchJob, _Fetched, int], int], job: _FetchJob, got: _Fetched,
+              phase: int) -> int:
+        try:
+            return process(job, got, phase)
+        finally:
+            self._release(job.nbytes())
+
+    def _drain(self, futures: list[Future[int]]) -> None:
+        for f in futures:
+            filled = f.result()
+            if self.progress is not None and filled:
+                self.progress(filled)
+        futures.clear()

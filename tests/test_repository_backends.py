@@ -453,6 +453,16 @@ def test_a_cold_delta_restore_requests_each_pack_once(moto_server: MotoServer, s
         assert not [c for c in data if c[0] == "range"], calls  # no link read on its own
         assert len(tensor_packs) == len(set(tensor_packs)) >= 2, calls  # the keyframe pack(s) and the new one(s)
 
+    # fetch-ahead bounded to one job at a time (each fetch waits for the decodes before it)
+    monkeypatch.setattr("cas.reader.FETCH_AHEAD_BYTES", 1)
+    monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "cold-bounded"))
+    with cas.Repository.open(url) as repo:
+        assert_same(repo.load("next"), nxt)
+        assert_same(repo.load("base"), base)
+    monkeypatch.undo()
+    for k, v in s3_env(moto_server, tmp_path / "cache").items():
+        monkeypatch.setenv(k, v)
+
     # rot a byte inside the keyframe chunks of w1 (a link of the delta snapshot), in the bucket
     with open_backend(url) as backend:
         keys = sorted(o.key for o in backend.list("packs/") if not o.key.endswith(".meta"))
