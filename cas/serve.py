@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -73,10 +74,14 @@ class ServeState:
     def alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> list[str]:
+        """Ask the loops to end and wait up to ``timeout`` seconds in all; the names of those still
+        running (inside a round that does not end) are returned."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        return [t.name for t in self._threads if t.is_alive()]
 
     def _refresh_loop(self) -> None:
         while not self._stop.is_set():
@@ -242,5 +247,11 @@ def serve(repo: Repository, host: str, port: int, *, replicate_interval: float |
     try:
         server.run()
     finally:
-        state.stop()
+        stuck = state.stop()
         server.close()
+        if stuck:
+            # SIGINT / SIGTERM must end the process: a round that does not return (a store that stopped
+            # answering) is abandoned as a crash would abandon it; every write of a round is crash-safe
+            log.warning("cas serve: %s did not stop within 5 s; exiting without waiting", ", ".join(stuck))
+            logging.shutdown()
+            os._exit(1)

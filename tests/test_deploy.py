@@ -90,3 +90,33 @@ def test_the_probes_point_at_endpoints_cas_serve_answers(tmp_path: Path) -> None
         proc.wait(20)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_serve_stops_within_its_bound_while_a_round_does_not_return(tmp_path: Path) -> None:
+    """SIGINT must end `cas serve`: a replication round stuck on a store that stopped answering is
+    named and abandoned after the stop bound, not waited for."""
+    import threading
+
+    from cas.serve import ServeState
+
+    with cas.Repository.init(tmp_path / "repo") as repo:
+        repo.save({"w": torch.ones(4)}, tag="s")
+        release = threading.Event()
+        entered = threading.Event()
+
+        def stuck_round(*_args: object) -> None:
+            entered.set()
+            release.wait(60)
+            raise cas.StorageUnavailableError("the replica stopped answering")
+
+        repo.replicate = stuck_round  # type: ignore[method-assign,assignment]
+        state = ServeState(repo, refresh_interval=0.1, replicate_interval=0.1)
+        state.start()
+        try:
+            assert entered.wait(10)
+            began = time.monotonic()
+            assert state.stop(timeout=1.0) == ["cas-serve-replicate"]
+            assert time.monotonic() - began < 3.0
+        finally:
+            release.set()
+        assert state.stop(timeout=5.0) == []  # the round ended: nothing left running
