@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -244,9 +245,12 @@ def serve(repo: Repository, host: str, port: int, *, replicate_interval: float |
     log.warning("cas serve: listening on http://%s:%s (/health, /ready, /metrics)", host, bound)
     if ready is not None:
         ready(host, int(bound))
+    handlers = _interrupt_on_signals()
     try:
         server.run()
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         stuck = state.stop()
         server.close()
         if stuck:
@@ -255,3 +259,16 @@ def serve(repo: Repository, host: str, port: int, *, replicate_interval: float |
             log.warning("cas serve: %s did not stop within 5 s; exiting without waiting", ", ".join(stuck))
             logging.shutdown()
             os._exit(1)
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_signals() -> dict[int, Any]:
+    """SIGINT and SIGTERM end the server (through KeyboardInterrupt: the loops stop, the repository
+    closes) whatever disposition the process inherited: a shell starts background jobs with SIGINT
+    ignored, which would leave `cas serve` deaf to it. Returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}

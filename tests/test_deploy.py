@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 from click.testing import CliRunner
@@ -120,3 +121,37 @@ def test_serve_stops_within_its_bound_while_a_round_does_not_return(tmp_path: Pa
         finally:
             release.set()
         assert state.stop(timeout=5.0) == []  # the round ended: nothing left running
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_ends_on_its_signals_even_when_started_with_sigint_ignored(tmp_path: Path, sig: int) -> None:
+    """A shell starts background jobs with SIGINT ignored and the child inherits that; `cas serve`
+    installs its own handlers, so SIGINT (and SIGTERM, what an orchestrator sends) still end it
+    cleanly: the loops stop and the repository closes."""
+    repo_dir = tmp_path / "repo"
+    with cas.Repository.init(repo_dir) as repo:
+        repo.save({"w": torch.ones(4)}, tag="s")
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "CAS_REPO": str(repo_dir), "CAS_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cas.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--replicate"],
+        env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 - the launcher's doing
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if line.startswith("serving http://") or (not line and proc.poll() is not None):
+                break
+        assert line.startswith("serving http://"), "cas serve did not start"
+        began = time.monotonic()
+        proc.send_signal(sig)
+        assert proc.wait(20) == 0
+        assert time.monotonic() - began < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
