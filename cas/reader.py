@@ -366,12 +366,13 @@ class ChunkReader:
         # chunks of packs this machine holds (a local repository, or a remote one's pack cache) are
         # read one by one straight into their tensors, in parallel; the rest come from an object
         # store in one batched ranged read per group of a pack's chunks (adjacent ranges merge
-        # into one GET), fetched ahead of the decoding (cas/reader.py: _Fetches)
+        # into one GET), fetched ahead of the decoding (_Fetches)
         if not self.store.is_local:
             packs = {r.location.pack_id for r in reads}
             local_packs = {pid for pid in packs if self.store.has_local_copy(pid)}
-            if len(local_packs) < len(packs) or self._links_below(reads):
-                self._run_remote(reads, local_packs, pool, progress)
+            links = self._links_below(reads)
+            if len(local_packs) < len(packs) or links:
+                self._run_remote(reads, local_packs, links, pool, progress)
                 return
         decoded = self._decode_shared_bases(reads)
         unique, copies = self._dedup(reads, decoded, progress)
@@ -434,8 +435,8 @@ class ChunkReader:
                 progress(len(r.dest))
 
     def _run_remote(
-        self, reads: list[ChunkRead], local_packs: set[PackId], pool: Executor,
-        progress: Callable[[int], None] | None,
+        self, reads: list[ChunkRead], local_packs: set[PackId], links: dict[tuple[bytes, int], ChunkLocation],
+        pool: Executor, progress: Callable[[int], None] | None,
     ) -> None:
         """A restore from an object store, in two phases over one stream of fetches.
 
@@ -451,7 +452,6 @@ class ChunkReader:
         unique, copies = self._dedup(reads, {}, progress)
         nearby = [r for r in unique if r.location.pack_id in local_packs]
         remote = [r for r in unique if r.location.pack_id not in local_packs]
-        links = self._links_below(unique)
         link_packs = {key[0] for key in links}
         by_pack: dict[bytes, list[ChunkRead]] = {}
         for r in remote:
@@ -678,29 +678,30 @@ class _Fetches:
         barrier: Callable[[], None],
     ) -> None:
         jobs = [(1, j) for j in first] + [(2, j) for j in later]
-        fetching: deque[tuple[int, _FetchJob, Future[_Fetched]]] = deque()
+        sizes = [j.nbytes() for _, j in jobs]
+        fetching: deque[tuple[int, _FetchJob, int, Future[_Fetched]]] = deque()
         decoding: dict[int, list[Future[int]]] = {1: [], 2: []}
         io = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="cas-fetch")
         nxt = 0
         barrier_done = False
         try:
             while nxt < len(jobs) or fetching:
-                while nxt < len(jobs) and self._reserve(jobs[nxt][1].nbytes(), bool(fetching)):
+                while nxt < len(jobs) and self._reserve(sizes[nxt], bool(fetching)):
                     phase, job = jobs[nxt]
-                    fetching.append((phase, job, io.submit(self._fetch, job)))
+                    fetching.append((phase, job, sizes[nxt], io.submit(self._fetch, job)))
                     nxt += 1
-                phase, job, fut = fetching.popleft()
+                phase, job, size, fut = fetching.popleft()
                 got = fut.result()  # a StorageError (unavailable, denied) ends the restore
                 if phase == 2 and not barrier_done:
                     self._drain(decoding[1])
                     barrier()
                     barrier_done = True
-                decoding[phase].append(self.pool.submit(self._work, process, job, got, phase))
+                decoding[phase].append(self.pool.submit(self._work, process, job, got, phase, size))
             if not barrier_done:
                 self._drain(decoding[1])
                 barrier()
         finally:
-            for _, _, pending in fetching:
+            for _, _, _, pending in fetching:
                 pending.cancel()
             io.shutdown(wait=True, cancel_futures=True)
             for futures in decoding.values():
@@ -709,11 +710,11 @@ class _Fetches:
         self._drain(decoding[2])
 
     def _work(self, process: Callable[[_FetchJob, _Fetched, int], int], job: _FetchJob, got: _Fetched,
-              phase: int) -> int:
+              phase: int, size: int) -> int:
         try:
             return process(job, got, phase)
         finally:
-            self._release(job.nbytes())
+            self._release(size)
 
     def _drain(self, futures: list[Future[int]]) -> None:
         for f in futures:
