@@ -8,7 +8,8 @@ interleaved over several rounds; the table gives the median time relative to the
 keyframe snapshot (depth 0) next to the saver's estimate (``cas.saver.link_cost``
 summed over the chain), the model that bounds chains by ``max_chain_cost``.
 
-    .venv/bin/python bench/delta_depth.py [--mib 64] [--depth 12] [--rounds 3] [--pattern dense|sparse]
+    .venv/bin/python bench/delta_depth.py [--mib 64] [--depth 12] [--rounds 3] [--pattern dense|sparse|scattered]
+        [--dtype float32|float64|bfloat16|int8]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from cas.reach import reached_chunks
 from cas.saver import link_cost
 
 
-def _estimate(repo: cas.Repository, tag: str) -> float:
+def _estimate(repo: cas.Repository, tag: str, element_size: int) -> float:
     """The saver's estimated restore cost of the snapshot's chunks (mean over its data chunks)."""
     costs = []
     sid = repo.store.read_ref(tag)
@@ -38,7 +39,7 @@ def _estimate(repo: cas.Repository, tag: str) -> float:
             continue
         cost = 1.0
         while needs_base(loc.codec) and loc.base_id is not None:
-            cost += link_cost(loc.codec, loc.stored_length, loc.raw_length)
+            cost += link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size)
             loc = repo.index.get(loc.base_id)
         costs.append(cost)
     return statistics.mean(costs) if costs else float("nan")
@@ -49,12 +50,16 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--pattern", choices=("dense", "sparse"), default="dense")
-    ap.add_argument("--rows", type=float, default=0.02, help="sparse: share of rows changed per save")
+    ap.add_argument("--pattern", choices=("dense", "sparse", "scattered"), default="dense")
+    ap.add_argument("--rows", type=float, default=0.02,
+                    help="sparse: share of rows changed per save; scattered: share of elements")
+    ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "int8"), default="float32",
+                    help="the saved tensor's dtype (the series itself evolves in float32; int8: w * 2000, rounded)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cas-depth-"))
     try:
-        numel = args.mib * 2**20 // 4
+        dtype = getattr(torch, args.dtype)
+        numel = args.mib * 2**20 // dtype.itemsize
         g = torch.Generator().manual_seed(0)
         w = torch.randn(numel, generator=g) * 0.02
         sizes = []
@@ -64,13 +69,16 @@ def main() -> None:
             for k in range(args.depth + 1):
                 if args.pattern == "dense":
                     w = w + torch.randn(numel, generator=g) * 2e-4
+                elif args.pattern == "scattered":  # elements changed one by one, anywhere (masked updates)
+                    w = w + (torch.rand(numel, generator=g) < args.rows) * torch.randn(numel, generator=g) * 1e-3
                 else:
                     w = w.clone()
                     rows = w.view(-1, 256)
                     touched = torch.randperm(len(rows), generator=g)[: max(1, int(args.rows * len(rows)))]
                     rows[touched] += torch.randn(len(touched), 256, generator=g) * 1e-3
-                sizes.append(repo.save({"w": w}, tag=f"d{k}").bytes_added / (numel * 4))
-                estimates.append(_estimate(repo, f"d{k}"))
+                saved = (w * 2000).round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else w.to(dtype)
+                sizes.append(repo.save({"w": saved}, tag=f"d{k}").bytes_added / (numel * dtype.itemsize))
+                estimates.append(_estimate(repo, f"d{k}", dtype.itemsize))
             times: dict[int, list[float]] = {k: [] for k in range(args.depth + 1)}
             for _ in range(args.rounds):
                 for k in range(args.depth + 1):
@@ -79,7 +87,7 @@ def main() -> None:
                     repo.load(f"d{k}")
                     times[k].append(time.perf_counter() - t0)
         key = statistics.median(times[0])
-        print(f"{args.pattern}, {args.mib} MiB, {args.rounds} rounds")
+        print(f"{args.pattern}, {args.dtype}, {args.mib} MiB, {args.rounds} rounds")
         print()
         print("| depth | stored / raw | restore s (median) | vs keyframe | estimated (link_cost) |")
         print("| ---: | ---: | ---: | ---: | ---: |")

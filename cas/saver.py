@@ -174,19 +174,35 @@ BaseMap = dict[KeyPath, tuple[tuple[Any, ...], list[ChunkId]]]
 Fingerprints = dict[tuple[KeyPath, int], tuple[bytes, ChunkId]]
 
 
-#: Estimated restore time of one delta link, in keyframe restores (bench/delta_depth.py): a
-#: dense delta decodes every byte again; a sparse one costs a fixed part plus what it stores.
-DENSE_LINK_COST = 0.45
-SPARSE_LINK_FIXED = 0.12
-SPARSE_LINK_PER_STORED = 1.4
+#: Estimated restore time of one delta link, in keyframe restores of the same chunk, measured
+#: with bench/delta_depth.py (``--dtype``, ``--pattern``) and on the bf16 revision series. A dense
+#: delta decodes every byte again. A sparse one costs a fixed part plus a part that grows faster
+#: than what it stores: changed rows are few long runs (cheap), elements changed one by one are a
+#: run each (dear), so the fit ``fixed + a r + b r^2`` (``r`` = stored / raw) holds for both.
+#: Relative to its keyframe a link costs more the smaller the elements: a bf16 keyframe stores its
+#: noisy mantissa plane as is while its delta entropy-decodes both planes, and a 1-byte keyframe
+#: is one zstd frame that decodes at memory speed.
+DENSE_LINK_COST = 0.45  # 4- and 8-byte elements (measured 0.34 per link)
+DENSE_LINK_COSTS = {1: 2.5, 2: 0.9}  # measured 2.3 (int8), 0.5 and 0.9 (bf16: synthetic, real weights)
+#: (fixed, a, b) of a sparse link for 4- and 8-byte elements: measured 0.10 (rows, r = 0.015),
+#: 0.18 (rows, r = 0.073), 1.0 (elements changed one by one, r = 0.30)
+SPARSE_LINK = (0.12, 1.4, 6.0)
+#: the same for 1- and 2-byte elements: int8 0.26 (rows, r = 0.04) and 2.4 (one by one, r = 0.26);
+#: bf16 0.2 (rows, r = 0.046) and 1.28 (one by one, r = 0.22)
+SPARSE_LINKS = {1: (0.18, 2.1, 25.0), 2: (0.13, 1.54, 17.0)}
 
 
-def link_cost(codec: int, stored_length: int, raw_length: int) -> float:
-    """Estimated restore time a chunk stored with ``codec`` adds over its base (keyframes: 1)."""
+def link_cost(codec: int, stored_length: int, raw_length: int, element_size: int = 4) -> float:
+    """Estimated restore time a chunk stored with ``codec`` adds over its base (keyframes: 1).
+
+    ``element_size``: of the tensor the chunk belongs to (the index does not record it: callers
+    that do not know it, such as ``Repository.stats``, get the estimate for 4-byte elements)."""
     if codec == Codec.SPARSE_DELTA:
-        return SPARSE_LINK_FIXED + SPARSE_LINK_PER_STORED * stored_length / max(1, raw_length)
+        fixed, a, b = SPARSE_LINKS.get(element_size, SPARSE_LINK)
+        r = stored_length / max(1, raw_length)
+        return fixed + a * r + b * r * r
     if codec == Codec.DELTA:
-        return DENSE_LINK_COST
+        return DENSE_LINK_COSTS.get(element_size, DENSE_LINK_COST)
     return 1.0
 
 
@@ -296,8 +312,9 @@ class ChunkStorer:
             self._stored[link] = ok
         return ok
 
-    def _chain_of(self, cid: bytes) -> tuple[int, float] | None:
-        """(delta links below ``cid``, estimated restore cost) of a stored chunk; None if not stored."""
+    def _chain_of(self, cid: bytes, element_size: int) -> tuple[int, float] | None:
+        """(delta links below ``cid``, estimated restore cost) of a stored chunk; None if not stored.
+        ``element_size``: of the tensor whose chain it is (a chain stays within one tensor)."""
         known = self.chains.get(cid)
         if known is not None:
             return known
@@ -314,12 +331,12 @@ class ChunkStorer:
             if depth < 0:
                 depth, cost = 0, 1.0
             else:
-                depth, cost = depth + 1, cost + link_cost(loc.codec, loc.stored_length, loc.raw_length)
+                depth, cost = depth + 1, cost + link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size)
             self.chains[link] = (depth, cost)
         return self.chains[cid]
 
-    def _fits(self, cid: bytes, link: float) -> bool:
-        info = self._chain_of(cid)
+    def _fits(self, cid: bytes, link: float, element_size: int) -> bool:
+        info = self._chain_of(cid, element_size)
         return info is not None and info[0] + 1 <= self.max_depth and info[1] + link <= self.max_cost
 
     def _bases_for(self, blob: Blob, index: int, cid: ChunkId) -> tuple[list[tuple[ChunkId, float, int]], int]:
@@ -334,19 +351,21 @@ class ChunkStorer:
         if parent == cid:
             return [], 0
         parent_loc = self.lookup.get(parent)
-        if parent_loc is None or self._chain_of(parent) is None or not self._is_stored(parent):
+        k = blob.element_size
+        if parent_loc is None or self._chain_of(parent, k) is None or not self._is_stored(parent):
             return [], 0
         # the new link will likely cost what the parent's did (same tensor, same kind of update)
-        link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length)
-                if needs_base(parent_loc.codec) else DENSE_LINK_COST)
+        link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length, k)
+                if needs_base(parent_loc.codec) else link_cost(Codec.DELTA, 0, 0, k))
         # A keyframe parent gives no hint of the update's kind: try the delta if even the cheapest
         # link fits (``_encode`` checks the real cost and falls back to a keyframe).
-        if self._fits(parent, link if needs_base(parent_loc.codec) else SPARSE_LINK_FIXED):
+        cheapest = link if needs_base(parent_loc.codec) else link_cost(Codec.SPARSE_DELTA, 0, 1, k)
+        if self._fits(parent, cheapest, k):
             return [(parent, 1.0, 0)], 0
-        return self._branches(parent, parent_loc, link)
+        return self._branches(parent, parent_loc, link, k)
 
     def _branches(
-        self, parent: ChunkId, parent_loc: ChunkLocation, link: float
+        self, parent: ChunkId, parent_loc: ChunkLocation, link: float, element_size: int
     ) -> tuple[list[tuple[ChunkId, float, int]], int]:
         """Where a full chain goes on. A delta from an ancestor at depth d-1 (so the new chunk sits at
         depth d), then L - d one-step deltas until the chain is full again: a branch cycle, costing
@@ -377,7 +396,7 @@ class ChunkStorer:
             picks += [1, 2, len(chain) // 2]
         options = []
         for j in sorted(set(picks), reverse=True):
-            if not 0 < j < len(chain) or not self._fits(chain[j][0], link):
+            if not 0 < j < len(chain) or not self._fits(chain[j][0], link, element_size):
                 continue
             depth = len(chain) - 1 - j + 1  # of the new chunk
             room = max(0, links - depth)
@@ -409,7 +428,8 @@ class ChunkStorer:
                     return codec, payload, None  # a keyframe beats the delta: further bases are dearer still
                 continue
             base_chain = self.chains.get(base_id)
-            if base_chain is not None and base_chain[1] + link_cost(codec, len(payload), len(piece)) > self.max_cost:
+            link = link_cost(codec, len(payload), len(piece), blob.element_size)
+            if base_chain is not None and base_chain[1] + link > self.max_cost:
                 continue  # dearer to restore than estimated (a dense step after sparse ones): try the next base
             if not fresh:
                 return codec, payload, base_id
@@ -442,7 +462,7 @@ class ChunkStorer:
 
     def store_blobs(self, blobs: list[Blob], progress: Callable[[int], None] | None = None) -> None:
         hashing: deque[tuple[Blob, int, memoryview, Future[tuple[bytes, bytes]]]] = deque()
-        encoding: deque[tuple[ChunkId, int, Future[tuple[int, Buffer, ChunkId | None]]]] = deque()
+        encoding: deque[tuple[ChunkId, int, int, Future[tuple[int, Buffer, ChunkId | None]]]] = deque()
 
         def drain_hash() -> None:
             blob, index, piece, fut = hashing.popleft()
@@ -452,19 +472,20 @@ class ChunkStorer:
             blob.chunks.append(cid)
             if self._is_new(cid):
                 options, fresh = self._bases_for(blob, index, cid)
-                encoding.append((cid, len(piece), self.pool.submit(self._encode, piece, blob, options, fresh)))
+                encoding.append((cid, len(piece), blob.element_size,
+                                 self.pool.submit(self._encode, piece, blob, options, fresh)))
             if progress is not None:
                 progress(len(piece))
 
         def drain_encode() -> None:
-            cid, raw_length, fut = encoding.popleft()
+            cid, raw_length, element_size, fut = encoding.popleft()
             codec, payload, base_id = fut.result()
             self.sink.add(cid, ChunkKind.DATA, codec, payload, raw_length, base_id)
             base_chain = self.chains.get(base_id) if base_id is not None else None
             if base_chain is None:
                 self.chains[cid] = (0, 1.0)
             else:
-                cost = link_cost(codec, len(payload), raw_length)
+                cost = link_cost(codec, len(payload), raw_length, element_size)
                 self.chains[cid] = (base_chain[0] + 1, base_chain[1] + cost)
 
         for blob in blobs:
@@ -473,11 +494,11 @@ class ChunkStorer:
             hashing.append((blob, index, piece, self.pool.submit(self._identify, piece, (blob.path, index))))
             while len(hashing) > self.window:
                 drain_hash()
-            while encoding and (len(encoding) > self.window or encoding[0][2].done()):
+            while encoding and (len(encoding) > self.window or encoding[0][3].done()):
                 drain_encode()
         while hashing:
             drain_hash()
-            while encoding and encoding[0][2].done():
+            while encoding and encoding[0][3].done():
                 drain_encode()
         while encoding:
             drain_encode()

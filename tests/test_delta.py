@@ -51,15 +51,16 @@ def test_chain_depth_bound_over_50_saves(tmp_path: Path) -> None:
         assert repo.verify(read_data=True).ok
 
 
-def chain_costs(repo: cas.Repository) -> dict[bytes, float]:
-    """The saver's estimated restore cost of every chunk (keyframe 1 + link_cost per delta)."""
+def chain_costs(repo: cas.Repository, element_size: int = 4) -> dict[bytes, float]:
+    """The saver's estimated restore cost of every chunk (keyframe 1 + link_cost per delta), for
+    a repository whose tensors have elements of ``element_size`` bytes."""
     entries = dict(repo.index.iter_chunks())
     costs: dict[bytes, float] = {}
 
     def cost(cid: bytes) -> float:
         if cid not in costs:
             loc = entries[cid]
-            link = link_cost(loc.codec, loc.stored_length, loc.raw_length)
+            link = link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size)
             costs[cid] = 1.0 if loc.base_id is None else cost(loc.base_id) + link
         return costs[cid]
 
@@ -106,6 +107,28 @@ def test_default_chain_cost_bound_keeps_dense_chains_short_and_lets_sparse_ones_
         for i in (0, 7, 8, 29):
             assert_same(repo.load(f"s{i}"), states[i])
         assert repo.verify(read_data=True).ok
+
+
+@pytest.mark.parametrize(("dtype", "deepest"), [(torch.float32, 2), (torch.bfloat16, 1), (torch.int8, 0)])
+def test_the_default_chain_bound_holds_for_each_element_size(tmp_path: Path, dtype: torch.dtype, deepest: int) -> None:
+    """Relative to its keyframe a link costs more the smaller the elements (bench/delta_depth.py
+    --dtype: 0.34 keyframe restores per float32 link, 0.5-0.9 per bf16 link, 2.3 per int8 link), so
+    under the default bound of 2 keyframe restores float32 chains take 2 links, bf16 chains 1, and
+    1-byte elements that all move get no delta at all."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100_000, generator=g) * 0.02
+    states = []
+    with cas.Repository.init(tmp_path / "r", chunk_size=64 * 1024) as repo:
+        for i in range(6):
+            w = w + torch.randn(len(w), generator=g) * 2e-3
+            t = (w * 2000).round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else w.to(dtype)
+            states.append({"w": t})
+            repo.save(states[-1], tag=f"s{i}")
+        element_size = states[0]["w"].element_size()
+        assert max(chain_depths(repo).values()) == deepest
+        assert max(chain_costs(repo, element_size).values()) <= repo.max_chain_cost
+        for i in (0, 3, 5):
+            assert_same(repo.load(f"s{i}"), states[i])
 
 
 def test_deltas_make_incremental_saves_smaller(tmp_path: Path) -> None:
