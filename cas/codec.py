@@ -461,6 +461,7 @@ def encode(
     is_float: bool = False,
     base: Buffer | None = None,
     delta_ceiling: float = 1.0,
+    sparse: bool = True,
 ) -> tuple[Codec, Buffer]:
     """Encode ``data``; returns the codec used and the payload.
 
@@ -472,7 +473,8 @@ def encode(
     used only if it has the same length. With the defaults this is plain zstd.
     ``delta_ceiling``: a delta is kept only when it is smaller than this fraction of
     the best keyframe encoding (the saver lowers it where restarting a delta chain
-    pays off over the next saves).
+    pays off over the next saves). ``sparse=False``: never the sparse delta (the saver
+    asks for a dense one when a sparse delta would decode too slowly for its chain).
 
     Never stores more than raw: when compression does not shrink the chunk the
     raw bytes are kept (and returned as the same buffer, no copy).
@@ -489,7 +491,7 @@ def encode(
         base_arr = np.frombuffer(_bytes_view(base), np.uint8)
         if len(base_arr) != n:
             base_arr = None
-    sparse = base_arr is not None and changed_share(arr, base_arr, k) <= SPARSE_MAX_CHANGED
+    sparse = sparse and base_arr is not None and changed_share(arr, base_arr, k) <= SPARSE_MAX_CHANGED
     cands = _candidates(compression, k, is_float, base_arr is not None, sparse)
     strong = compression == "max"
 

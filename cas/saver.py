@@ -405,6 +405,13 @@ class ChunkStorer:
                 options.append((ChunkId(chain[j][0]), min(1.0, ceiling), room))
         return options, (fresh if len(options) > 1 else 0)
 
+    def _link_fits(
+        self, base_chain: tuple[int, float] | None, codec: int, payload: Buffer, piece: memoryview, blob: Blob
+    ) -> bool:
+        """The chunk encoded as ``payload`` (a delta) stays within the cost bound on that base's chain."""
+        link = link_cost(codec, len(payload), len(piece), blob.element_size)
+        return base_chain is None or base_chain[1] + link <= self.max_cost
+
     def _encode(
         self, piece: memoryview, blob: Blob, options: list[tuple[ChunkId, float, int]], fresh: int
     ) -> tuple[int, Buffer, ChunkId | None]:
@@ -422,14 +429,19 @@ class ChunkStorer:
                 piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
                 delta_ceiling=ceiling,
             )
+            base_chain = self.chains.get(base_id)
+            if codec == Codec.SPARSE_DELTA and not self._link_fits(base_chain, codec, payload, piece, blob):
+                # a sparse delta of many short runs decodes slowly; a dense one may still fit
+                codec, payload = encode(
+                    piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
+                    delta_ceiling=ceiling, sparse=False,
+                )
             if not needs_base(codec):
                 keyframe = codec, payload
                 if not fresh:
                     return codec, payload, None  # a keyframe beats the delta: further bases are dearer still
                 continue
-            base_chain = self.chains.get(base_id)
-            link = link_cost(codec, len(payload), len(piece), blob.element_size)
-            if base_chain is not None and base_chain[1] + link > self.max_cost:
+            if not self._link_fits(base_chain, codec, payload, piece, blob):
                 continue  # dearer to restore than estimated (a dense step after sparse ones): try the next base
             if not fresh:
                 return codec, payload, base_id

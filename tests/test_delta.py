@@ -131,6 +131,28 @@ def test_the_default_chain_bound_holds_for_each_element_size(tmp_path: Path, dty
             assert_same(repo.load(f"s{i}"), states[i])
 
 
+def test_a_sparse_delta_too_slow_for_its_chain_gives_way_to_a_dense_one(tmp_path: Path) -> None:
+    """48 % of a bf16 tensor's elements change, one by one: the sparse delta (a run per element,
+    ~1.5 keyframe restores to decode) does not fit the bound, the dense one (0.9) does."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200_000, generator=g) * 0.02
+    states = []
+    added = []
+    with cas.Repository.init(tmp_path / "r", chunk_size=128 * 1024) as repo:
+        for i in range(3):
+            if i:
+                moved = torch.rand(len(w), generator=g) < 0.48
+                w = w + moved * w.abs() * 0.3
+            states.append({"w": w.bfloat16()})
+            added.append(repo.save(states[-1], tag=f"s{i}").bytes_added)
+        codecs = [loc.codec for _cid, loc in repo.index.iter_chunks() if loc.kind == 0]
+        assert Codec.DELTA in codecs and Codec.SPARSE_DELTA not in codecs
+        assert added[1] < 0.5 * added[0]  # dense deltas, not keyframes
+        assert max(chain_costs(repo, 2).values()) <= repo.max_chain_cost
+        for i in range(3):
+            assert_same(repo.load(f"s{i}"), states[i])
+
+
 def test_deltas_make_incremental_saves_smaller(tmp_path: Path) -> None:
     states = training_run(6, numel=200_000)
     sizes = {}
