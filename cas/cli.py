@@ -519,7 +519,7 @@ def stats(ctx: Context, as_json: bool) -> None:
                f"overall ratio     {report.ratio:.2f}x\n"
                f"chunks / packs    {report.chunk_count} / {report.pack_count}\n"
                f"delta chains      deepest {report.deepest_chain} links, "
-               f"costliest {report.costliest_chain:.2f} keyframe restores (estimated)")
+               f"costliest {report.costliest_chain:.2f} keyframe restores (estimated as for 4-byte elements)")
     if report.codecs:
         codecs = Table("codec", "chunks", "raw", "stored", "stored / raw")
         for name, row in sorted(report.codecs.items(), key=lambda kv: -kv[1]["stored_bytes"]):

@@ -94,7 +94,9 @@ class StatsReport:
     per_snapshot: list[dict[str, Any]]
     #: codec name -> {"chunks", "raw_bytes", "stored_bytes"} over every indexed chunk
     codecs: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: most delta links below a chunk, and the highest estimated restore cost (keyframe restores)
+    #: most delta links below a chunk, and the highest estimated restore cost (keyframe restores),
+    #: estimated as for 4-byte elements: the index does not record element sizes (the saver, which
+    #: knows them, bounds bf16 and 1-byte chains by their own, higher link costs)
     deepest_chain: int = 0
     costliest_chain: float = 1.0
 

@@ -187,9 +187,9 @@ DENSE_LINK_COSTS = {1: 2.5, 2: 0.9}  # measured 2.3 (int8), 0.5 and 0.9 (bf16: s
 #: (fixed, a, b) of a sparse link for 4- and 8-byte elements: measured 0.10 (rows, r = 0.015),
 #: 0.18 (rows, r = 0.073), 1.0 (elements changed one by one, r = 0.30)
 SPARSE_LINK = (0.12, 1.4, 6.0)
-#: the same for 1- and 2-byte elements: int8 0.26 (rows, r = 0.04) and 2.4 (one by one, r = 0.26);
+#: the same for 1- and 2-byte elements: int8 0.26 (rows, r = 0.04) and 2.5 (one by one, r = 0.23);
 #: bf16 0.2 (rows, r = 0.046) and 1.28 (one by one, r = 0.22)
-SPARSE_LINKS = {1: (0.18, 2.1, 25.0), 2: (0.13, 1.54, 17.0)}
+SPARSE_LINKS = {1: (0.18, 2.1, 36.0), 2: (0.13, 1.54, 17.0)}
 
 
 def link_cost(codec: int, stored_length: int, raw_length: int, element_size: int = 4) -> float:
