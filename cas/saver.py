@@ -178,7 +178,9 @@ Fingerprints = dict[tuple[KeyPath, int], tuple[bytes, ChunkId]]
 #: with bench/delta_depth.py (``--dtype``, ``--pattern``) and on the bf16 revision series. A dense
 #: delta decodes every byte again. A sparse one costs a fixed part plus a part that grows faster
 #: than what it stores: changed rows are few long runs (cheap), elements changed one by one are a
-#: run each (dear), so the fit ``fixed + a r + b r^2`` (``r`` = stored / raw) holds for both.
+#: run each (dear), and the fit ``fixed + a r + b r^2`` (``r`` = stored / raw) covers both, but
+#: for elements changed one by one near r = 0.1 (0.42 measured per link against 0.35: the index
+#: records no run count, bench/delta_depth.py --pattern scattered --rows 0.1).
 #: Relative to its keyframe a link costs more the smaller the elements: a bf16 keyframe stores its
 #: noisy mantissa plane as is while its delta entropy-decodes both planes, and a 1-byte keyframe
 #: is one zstd frame that decodes at memory speed.
