@@ -28,7 +28,8 @@ Grouped payload (codecs 2 and 3; integers little-endian)::
     1       1     flags: bit 0 = exponent-aligned (k > 1 only)
                          bit 1 = difference (codec 3 only; not with bit 0)
                          bits 2-7 zero
-    2       5*k   k plane descriptors: u8 mode (0 = stored, 1 = zstd frame) | u32 stored length
+    2       5*k   k plane descriptors: u8 mode (0 = stored, 1 = zstd frame, 2 = zero runs,
+                  format version 3) | u32 stored length
     2+5k    ...   the k plane payloads, in plane order, each exactly its stored length
     end-t   t     the tail, t = raw_length mod k bytes: the chunk's last t bytes
                   (codec 3: XORed with the base's last t bytes)
@@ -41,9 +42,23 @@ replaces each by ``x XOR b`` or, with the difference flag, by
 the exponent-aligned flag each integer is rotated left by one bit: the sign
 moves to bit 0, so for float32/float64/bfloat16 the top byte holds only exponent
 bits. Plane ``i`` is byte ``i`` of every integer (plane ``k-1``: the most
-significant bytes), ``n`` bytes, stored as is (mode 0, stored length ``n``) or
-as one zstd frame whose content size is ``n`` (mode 1). The payload length is
-exactly ``2 + 5k + sum(stored lengths) + t``. Decoding reverses each step.
+significant bytes), ``n`` bytes, stored as is (mode 0, stored length ``n``), as
+one zstd frame whose content size is ``n`` (mode 1) or as zero runs (mode 2). The
+payload length is exactly ``2 + 5k + sum(stored lengths) + t``. Decoding reverses
+each step.
+
+Zero-run plane (mode 2, repositories of format version 3; ``m`` nonzero bytes)::
+
+    offset  size  field
+    0       4     m (u32)
+    4       4     g: gap stream length (u32), m <= g <= m + (n - m) // 255
+    8       5     gap stream: u8 mode (0 stored, 1 zstd frame) | u32 stored length
+    13      5     value stream: u8 mode (0 stored, 1 zstd frame) | u32 stored length
+    18      ...   the gap stream (g bytes decoded), then the values (m bytes)
+
+The values are the nonzero bytes in order; before each, the gap stream holds the
+count ``z`` of zero bytes since the previous one as ``z // 255`` bytes of 255 and
+one byte ``z % 255`` (see ``cas.planes.zero_runs``).
 
 Sparse delta payload (codec 4; for chunks where few elements changed): the
 element size and flags as above, then::
@@ -92,8 +107,10 @@ the winner with zstd 19 where that is smaller. Planes are entropy-coded by zstd
 with parameters that make it a fast Huffman coder of literals (strategy fast,
 256-entry hash table, min match 7): within 0.5 % of the planes' order-0 entropy
 on float data and several times faster than zstd level 1, while still finding
-long runs (sparse deltas, repeated rows). A plane that this does not shrink is
-stored; a payload not smaller than the chunk is replaced by raw.
+long runs (sparse deltas, repeated rows). With ``zero_runs`` (format version 3) a
+plane with at most 30 % nonzero bytes is also coded as zero runs and the smaller
+kept (at most 10 %: zero runs, untried against zstd). A plane that this does not
+shrink is stored; a payload not smaller than the chunk is replaced by raw.
 """
 
 from __future__ import annotations
@@ -141,6 +158,14 @@ FLAG_DIFFERENCE = 0x02
 
 _PLANE_STORED = 0
 _PLANE_ZSTD = 1
+_PLANE_ZERO_RUNS = 2
+#: plane mode 2: nonzero bytes m, gap stream length g, then the two streams' descriptors
+_ZERO_RUNS_HEAD = struct.Struct("<IIBIBI")
+#: a plane is tried as zero runs (mode 2) when at most this share of its bytes are nonzero
+ZERO_RUNS_MAX_NONZERO = 0.3
+#: at most this share nonzero, zero runs are kept without trying zstd on the whole plane
+#: (measured: 0.55-0.6x zstd's size from 0.5 % to 10 % nonzero, bench/codec_ratios.py)
+_ZERO_RUNS_SURE = 0.1
 _UINT = planes.UINT
 _MAX_PLANE = 0xFFFFFFFF  # stored lengths are u32
 
@@ -235,13 +260,44 @@ def _mode(base_arr: np.ndarray | None, flags: int) -> int:
     return planes.DIFFERENCE if flags & FLAG_DIFFERENCE else planes.XOR
 
 
-def _code_plane(plane: np.ndarray, strong: bool) -> tuple[int, Buffer]:
+def _code_stream(stream: np.ndarray, strong: bool) -> tuple[int, Buffer]:
+    """A zero-run stream stored, or as one zstd frame where that is smaller."""
+    best: tuple[int, Buffer] = (_PLANE_STORED, stream.data)
+    if len(stream) < 32:
+        return best
+    frame = _plane_compressor().compress(stream.data)
+    if strong:
+        frame = min(frame, _compressor(_STRONG_LEVEL).compress(stream.data), key=len)
+    return (_PLANE_ZSTD, frame) if len(frame) < len(stream) else best
+
+
+def _zero_runs_body(plane: np.ndarray, strong: bool) -> memoryview:
+    """Plane mode 2: the gap stream and the nonzero bytes, each entropy-coded on its own."""
+    gaps, values = planes.zero_runs(plane)
+    (gap_mode, gap_body), (value_mode, value_body) = _code_stream(gaps, strong), _code_stream(values, strong)
+    head = _ZERO_RUNS_HEAD.pack(len(values), len(gaps), gap_mode, len(gap_body), value_mode, len(value_body))
+    return _assemble([head, gap_body, value_body])
+
+
+def _code_plane(plane: np.ndarray, strong: bool, zero_runs: bool = True) -> tuple[int, Buffer]:
+    """A plane stored, as one zstd frame or (``zero_runs``, mostly zero bytes) as zero runs: the smallest.
+
+    A Huffman stage spends at least one bit per byte; the high byte of a delta is ~95 %
+    zeros, whose order-0 entropy is ~0.3 bits: zero runs get within ~5 % of it.
+    """
     n = len(plane)
     best: tuple[int, Buffer] = (_PLANE_STORED, plane.data)
     if n < 32:  # a zstd frame costs more than it can save
         return best
+    nonzero = int(np.count_nonzero(plane)) if zero_runs else n
+    if nonzero <= ZERO_RUNS_MAX_NONZERO * n:
+        body = _zero_runs_body(plane, strong)
+        if len(body) < n:
+            best = (_PLANE_ZERO_RUNS, body)
+        if nonzero <= _ZERO_RUNS_SURE * n and not strong:
+            return best
     frame = _plane_compressor().compress(plane.data)
-    if len(frame) < n:
+    if len(frame) < len(best[1]):
         best = (_PLANE_ZSTD, frame)
     if strong and best[0] == _PLANE_ZSTD and len(best[1]) > 64:  # stored planes are noise
         frame = _compressor(_STRONG_LEVEL).compress(plane.data)
@@ -251,14 +307,17 @@ def _code_plane(plane: np.ndarray, strong: bool) -> tuple[int, Buffer]:
 
 
 def _encode_grouped(
-    arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool, noise: frozenset[int] = frozenset()
+    arr: np.ndarray, base_arr: np.ndarray | None, k: int, flags: int, strong: bool, noise: frozenset[int] = frozenset(),
+    zero_runs: bool = True,
 ) -> memoryview:
-    """Codec 2 (``base_arr`` None) or 3 payload for ``arr`` (uint8); planes in ``noise`` are stored untried."""
+    """Codec 2 (``base_arr`` None) or 3 payload for ``arr`` (uint8); planes in ``noise`` are stored untried;
+    ``zero_runs``: planes may use mode 2."""
     n = len(arr) // k
     if n > _MAX_PLANE:
         raise UsageError("byte-grouped codecs hold at most 2**32 - 1 elements per chunk")
     split = planes.split(arr, base_arr, k, _mode(base_arr, flags), bool(flags & FLAG_EXPONENT_ALIGNED))
-    coded = [(_PLANE_STORED, plane.data) if i in noise else _code_plane(plane, strong) for i, plane in enumerate(split)]
+    coded = [(_PLANE_STORED, plane.data) if i in noise else _code_plane(plane, strong, zero_runs)
+             for i, plane in enumerate(split)]
     tail = arr[n * k :] if base_arr is None else np.bitwise_xor(arr[n * k :], base_arr[n * k :])
     header = struct.pack("<BB" + "BI" * k, k, flags, *(x for mode, body in coded for x in (mode, len(body))))
     return _assemble([header, *(body for _, body in coded), tail.data])
@@ -302,7 +361,9 @@ def _change_runs(x: np.ndarray, b: np.ndarray, merge_gap: int) -> tuple[np.ndarr
     return starts, ends - starts
 
 
-def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, strong: bool) -> memoryview:
+def _encode_sparse(
+    arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, strong: bool, zero_runs: bool = True
+) -> memoryview:
     """Codec 4 payload: the runs of changed elements and their transformed values, byte-grouped."""
     n = len(arr) // k
     if n > _MAX_PLANE:
@@ -321,7 +382,7 @@ def _encode_sparse(arr: np.ndarray, base_arr: np.ndarray, k: int, flags: int, st
     if m:
         split = planes.split(x[idx].view(np.uint8), b[idx].view(np.uint8), k,
                              _mode(base_arr, flags), bool(flags & FLAG_EXPONENT_ALIGNED))
-        coded = [_code_plane(plane, strong) for plane in split]
+        coded = [_code_plane(plane, strong, zero_runs) for plane in split]
     else:
         coded = [(_PLANE_STORED, b"")] * k
     tail = np.bitwise_xor(arr[n * k :], base_arr[n * k :])
@@ -347,12 +408,14 @@ def encode_as(
     difference: bool = False,
     base: Buffer | None = None,
     level: int | None = None,
+    zero_runs: bool = True,
 ) -> Buffer:
     """Encode ``data`` with one given codec and variant; returns the payload, even if larger than raw.
 
     For benchmarks, tests and callers that want a fixed codec. ``level``: the
     zstd level of codec 1 (default 3); for codecs 2 and 3, a level of 19 or more
-    also tries zstd 19 on every plane.
+    also tries zstd 19 on every plane. ``zero_runs=False``: no plane uses mode 2
+    (what repositories of format version 1 and 2 hold).
     """
     view = _bytes_view(data)
     if codec == Codec.RAW:
@@ -374,8 +437,8 @@ def encode_as(
         if len(base_arr) != len(arr):
             raise UsageError(f"base chunk holds {len(base_arr)} bytes, the chunk {len(arr)}")
         if codec == Codec.SPARSE_DELTA:
-            return _encode_sparse(arr, base_arr, k, flags, strong)
-    return _encode_grouped(arr, base_arr, k, flags, strong)
+            return _encode_sparse(arr, base_arr, k, flags, strong, zero_runs)
+    return _encode_grouped(arr, base_arr, k, flags, strong, zero_runs=zero_runs)
 
 
 def _sample(arr: np.ndarray) -> np.ndarray:
@@ -419,15 +482,15 @@ def _candidates(compression: str, k: int, is_float: bool, delta: bool, sparse: b
 
 def _encode_candidate(
     cand: _Candidate, arr: np.ndarray, base_arr: np.ndarray | None, level: int, strong: bool,
-    noise: frozenset[int] = frozenset(),
+    noise: frozenset[int] = frozenset(), zero_runs: bool = True,
 ) -> Buffer:
     codec, k, flags = cand
     if codec == Codec.ZSTD:
         return _compressor(level).compress(arr.data)
     if codec == Codec.SPARSE_DELTA:
         assert base_arr is not None
-        return _encode_sparse(arr, base_arr, k, flags, strong)
-    return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong, noise)
+        return _encode_sparse(arr, base_arr, k, flags, strong, zero_runs)
+    return _encode_grouped(arr, base_arr if codec == Codec.DELTA else None, k, flags, strong, noise, zero_runs)
 
 
 def _noise_planes(cand: _Candidate, sample_payload: Buffer) -> frozenset[int]:
@@ -462,6 +525,7 @@ def encode(
     base: Buffer | None = None,
     delta_ceiling: float = 1.0,
     sparse: bool = True,
+    zero_runs: bool = True,
 ) -> tuple[Codec, Buffer]:
     """Encode ``data``; returns the codec used and the payload.
 
@@ -475,6 +539,8 @@ def encode(
     the best keyframe encoding (the saver lowers it where restarting a delta chain
     pays off over the next saves). ``sparse=False``: never the sparse delta (the saver
     asks for a dense one when a sparse delta would decode too slowly for its chain).
+    ``zero_runs=False``: no plane is coded as zero runs (plane mode 2, format version 3);
+    the saver asks for that in repositories of an older version.
 
     Never stores more than raw: when compression does not shrink the chunk the
     raw bytes are kept (and returned as the same buffer, no copy).
@@ -499,7 +565,7 @@ def encode(
     if not strong and n >= SAMPLE_THRESHOLD:
         sample = _sample(arr)
         base_sample = None if base_arr is None else _sample(base_arr)
-        sampled = [_encode_candidate(c, sample, base_sample, level, False) for c in cands]
+        sampled = [_encode_candidate(c, sample, base_sample, level, False, zero_runs=zero_runs) for c in cands]
         sizes = [_score(c, len(p), delta_ceiling) for c, p in zip(cands, sampled, strict=True)]
         pick = sizes.index(min(sizes))
         cands = [cands[pick]]
@@ -508,12 +574,12 @@ def encode(
     best: tuple[Codec, Buffer] = (Codec.RAW, data)
     best_size, best_score, best_cand = n, float(n), None
     for cand in cands:
-        payload = _encode_candidate(cand, arr, base_arr, level, False, noise)
+        payload = _encode_candidate(cand, arr, base_arr, level, False, noise, zero_runs)
         score = _score(cand, len(payload), delta_ceiling)
         if score < best_score and len(payload) < n:
             best, best_size, best_score, best_cand = (cand[0], payload), len(payload), score, cand
     if strong and best_cand is not None and best_cand[0] != Codec.ZSTD:
-        payload = _encode_candidate(best_cand, arr, base_arr, level, True)
+        payload = _encode_candidate(best_cand, arr, base_arr, level, True, zero_runs=zero_runs)
         if len(payload) < best_size:
             best = (best_cand[0], payload)
     return best
@@ -557,7 +623,7 @@ def _zstd_frame(frame: Buffer, size: int, what: str, checked: bool = False) -> b
 
 
 def _read_planes(
-    name: str, payload: memoryview, pos: int, n: int, k: int, what: str = "plane"
+    name: str, payload: memoryview, pos: int, n: int, k: int, what: str = "plane", zero_runs: bool = True
 ) -> tuple[list[tuple[int, memoryview]], int]:
     """Parse ``k`` plane descriptors at ``pos`` and check each plane against ``n`` elements.
 
@@ -581,19 +647,57 @@ def _read_planes(
                 raise ChunkCorruptError(f"{name} {what} {i} stores {length} bytes, expected {n}")
         elif mode == _PLANE_ZSTD:
             _zstd_content_size(piece, n, f"{name} {what} {i}")
+        elif mode == _PLANE_ZERO_RUNS and zero_runs:
+            _zero_runs_streams(piece, n, f"{name} {what} {i}")
         else:
             raise ChunkCorruptError(f"{name} {what} {i} has unknown mode {mode}")
         pieces.append((mode, piece))
     return pieces, pos
 
 
+def _zero_runs_streams(piece: memoryview, n: int, what: str) -> tuple[tuple[int, memoryview, int], ...]:
+    """Check a mode-2 plane's header against a plane of ``n`` bytes; its two streams as (mode, bytes, length)."""
+    head = _ZERO_RUNS_HEAD.size
+    if len(piece) < head:
+        raise ChunkCorruptError(f"{what}: zero-run plane of {len(piece)} bytes is too short for its header")
+    m, g, gap_mode, gap_len, value_mode, value_len = _ZERO_RUNS_HEAD.unpack_from(piece, 0)
+    if m > n or g < m or g > m + (n - m) // 255:
+        raise ChunkCorruptError(f"{what}: zero runs declare {m} nonzero bytes in a gap stream of {g}, plane of {n}")
+    if head + gap_len + value_len != len(piece):
+        raise ChunkCorruptError(f"{what}: zero-run plane holds {len(piece)} bytes, its header accounts for "
+                                f"{head + gap_len + value_len}")
+    streams = ((gap_mode, piece[head : head + gap_len], g), (value_mode, piece[head + gap_len :], m))
+    for label, (mode, body, size) in zip(("gap stream", "values"), streams, strict=True):
+        if mode == _PLANE_STORED:
+            if len(body) != size:
+                raise ChunkCorruptError(f"{what}: zero-run {label} stores {len(body)} bytes, expected {size}")
+        elif mode == _PLANE_ZSTD:
+            _zstd_content_size(body, size, f"{what} zero-run {label}")
+        else:
+            raise ChunkCorruptError(f"{what}: zero-run {label} has unknown mode {mode}")
+    return streams
+
+
+def _plane_bytes(mode: int, piece: memoryview, n: int, what: str) -> Buffer:
+    """A checked plane's ``n`` bytes: stored, a zstd frame decoded or zero runs expanded."""
+    if mode == _PLANE_STORED:
+        return piece
+    if mode == _PLANE_ZSTD:
+        return _zstd_frame(piece, n, what, checked=True)
+    gaps, values = (
+        np.frombuffer(body if kind == _PLANE_STORED else _zstd_frame(body, size, what, checked=True), np.uint8)
+        for kind, body, size in _zero_runs_streams(piece, n, what)
+    )
+    plane = np.empty(n, np.uint8)
+    if not planes.zero_runs_join(gaps, values, plane):
+        raise ChunkCorruptError(f"{what}: zero runs do not describe {n} bytes with {len(values)} nonzero ones")
+    return plane.data
+
+
 def _plane_arrays(name: str, pieces: list[tuple[int, memoryview]], n: int) -> list[np.ndarray]:
-    """The planes' bytes (zstd frames decoded), as uint8 arrays of ``n`` bytes."""
-    out = []
-    for i, (mode, piece) in enumerate(pieces):
-        plane = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}", checked=True)
-        out.append(np.frombuffer(plane, np.uint8))
-    return out
+    """The planes' bytes (zstd frames decoded, zero runs expanded), as uint8 arrays of ``n`` bytes."""
+    return [np.frombuffer(_plane_bytes(mode, piece, n, f"{name} plane {i}"), np.uint8)
+            for i, (mode, piece) in enumerate(pieces)]
 
 
 def _check_base(name: str, base: Buffer | None, raw_length: int) -> np.ndarray:
@@ -654,7 +758,7 @@ def _patch_sparse(payload: memoryview, raw_length: int, buf: np.ndarray) -> None
     n, tail = divmod(raw_length, k)
     if m > n or runs > m:
         raise ChunkCorruptError(f"{name} payload declares {runs} runs of {m} elements in a chunk of {n}")
-    table_pieces, pos = _read_planes(name, payload, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table")
+    table_pieces, pos = _read_planes(name, payload, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table", zero_runs=False)
     pieces, pos = _read_planes(name, payload, pos, m, k)
     if pos + tail != len(payload):
         raise ChunkCorruptError(f"{name} payload holds {len(payload)} bytes, its header accounts for {pos + tail}")
@@ -752,12 +856,12 @@ def coded_planes(codec: int, payload: Buffer, raw_length: int) -> list[tuple[str
         if len(view) < _SPARSE_HEAD.size:
             raise ChunkCorruptError(f"{name} payload of {len(view)} bytes is too short for its header")
         runs, n = _SPARSE_HEAD.unpack_from(view, 0)[2:4]
-        table, pos = _read_planes(name, view, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table")
+        table, pos = _read_planes(name, view, _SPARSE_HEAD.size - 5, 8 * runs, 1, "run table", zero_runs=False)
         for mode, piece in table:
             body = piece if mode == _PLANE_STORED else _zstd_frame(piece, 8 * runs, f"{name} run table")
             out.append((f"{codec}/{flags}/{k}/runs", len(piece), np.frombuffer(body, np.uint8)))
     pieces, pos = _read_planes(name, view, pos, n, k)
     for i, (mode, piece) in enumerate(pieces):
-        body = piece if mode == _PLANE_STORED else _zstd_frame(piece, n, f"{name} plane {i}")
-        out.append((f"{codec}/{flags}/{k}/{i}", len(piece), np.frombuffer(body, np.uint8)))
+        plane = _plane_bytes(mode, piece, n, f"{name} plane {i}")
+        out.append((f"{codec}/{flags}/{k}/{i}", len(piece), np.frombuffer(plane, np.uint8)))
     return out

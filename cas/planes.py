@@ -213,6 +213,51 @@ def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarr
     return True
 
 
+def zero_runs(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gap stream and the nonzero bytes of ``plane`` (uint8): plane mode 2 (FORMAT.md §3).
+
+    Before each nonzero byte the gap stream holds the count ``g`` of zero bytes since the
+    previous one, as ``g // 255`` bytes of 255 then ``g % 255``; zeros after the last
+    nonzero byte are implied by the plane's length.
+    """
+    kernels = _get_kernels()
+    if kernels is not None:
+        gaps, values = kernels.zero_runs(plane, int(np.count_nonzero(plane)))
+        return gaps, values
+    return _np_zero_runs(plane)
+
+
+def _np_zero_runs(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    where = np.flatnonzero(plane)
+    gap = np.diff(where, prepend=-1) - 1
+    escapes = gap // 255
+    gaps = np.full(len(where) + int(escapes.sum()), 255, np.uint8)
+    gaps[np.cumsum(escapes + 1) - 1] = gap % 255
+    return gaps, plane[where]
+
+
+def zero_runs_join(gaps: np.ndarray, values: np.ndarray, out: np.ndarray) -> bool:
+    """Write the plane that ``zero_runs`` gave ``gaps``/``values`` into ``out`` (uint8, every
+    byte). Returns False, writing nothing, if the streams do not describe ``len(out)`` bytes
+    with exactly ``len(values)`` nonzero ones (each value nonzero, no trailing 255)."""
+    kernels = _get_kernels()
+    if kernels is not None:
+        return bool(kernels.zero_run_expand(gaps, values, out) == 0)
+    return _np_zero_runs_join(gaps, values, out)
+
+
+def _np_zero_runs_join(gaps: np.ndarray, values: np.ndarray, out: np.ndarray) -> bool:
+    ends = gaps != 255
+    if int(np.count_nonzero(ends)) != len(values) or (len(gaps) and not ends[-1]):
+        return False
+    where = np.cumsum(gaps.astype(np.int64) + ends)[ends] - 1
+    if len(where) and (int(where[-1]) >= len(out) or not values.all()):
+        return False
+    out[:] = 0
+    out[where] = values
+    return True
+
+
 def warm_up() -> bool:
     """Load (or compile, the first time on a machine) the kernels now rather than in the first save.
 
@@ -232,4 +277,6 @@ def warm_up() -> bool:
                 if mode != PLAIN:
                     join(stored, out, out, k, mode, rotate)
                     apply_runs(stored, np.zeros(1, "<u4"), np.full(1, 4, "<u4"), out, k, mode, rotate)
+    gaps, values = zero_runs(np.array([0, 3, 0, 0, 7], np.uint8))
+    zero_runs_join(gaps, values, np.empty(5, np.uint8))
     return True

@@ -48,6 +48,9 @@ class ChunkReader:
         self._prefetched: dict[tuple[bytes, int], bytes] = {}
         #: packs whose local cached copy failed and was dropped (reads of them go to the store)
         self._uncached: set[PackId] = set()
+        #: one thread at a time drops cached packs: a thread that finds a pack already gone must
+        #: see it in ``_uncached`` (two threads failing on one damaged pack at once)
+        self._uncache_lock = threading.Lock()
 
     def pack_size(self, pack_id: PackId) -> int | None:
         """The size of a pack, or None if it is not there."""
@@ -289,18 +292,19 @@ class ChunkReader:
             packs.update(link.pack_id for _, link in links)
         except CorruptionError:
             pass
-        dropped = False
-        for pack_id in packs:
-            if self.store.drop_cached(pack_id):
-                dropped = True
-                with self._lock:
-                    self._uncached.add(pack_id)
-        if dropped:
-            self.clear_cache()
-            self._prefetched.clear()
-            return True
-        with self._lock:  # another thread dropped them while this read had the cached bytes
-            return bool(packs & self._uncached)
+        with self._uncache_lock:
+            dropped = False
+            for pack_id in packs:
+                if self.store.drop_cached(pack_id):
+                    dropped = True
+                    with self._lock:
+                        self._uncached.add(pack_id)
+            if dropped:
+                self.clear_cache()
+                self._prefetched.clear()
+                return True
+            with self._lock:  # another thread dropped them while this read had the cached bytes
+                return bool(packs & self._uncached)
 
     def _read_into(self, job: ChunkRead, payload: bytes | None = None) -> None:
         loc = job.location

@@ -252,6 +252,11 @@ class Repository:
         """Version 2 repositories keep manifest nodes in packs of their own (``.meta``)."""
         return int(self.config["version"]) >= 2
 
+    @property
+    def codes_zero_runs(self) -> bool:
+        """Version 3 repositories may code a mostly-zero plane as zero runs (plane mode 2)."""
+        return int(self.config["version"]) >= 3
+
     def pack_sinks(self, prefix: str) -> PackSinks:
         """Where new chunks go: packs sealed at the configured size, nodes apart from data (version 2)."""
         return PackSinks(lambda: self._store.new_temp_path(prefix), self._store.publish_pack,

@@ -252,8 +252,11 @@ class ChunkStorer:
         read_base: Callable[[ChunkId], Buffer] | None = None,
         fingerprints: Fingerprints | None = None,
         pack_size_of: Callable[[PackId], int | None] | None = None,
+        zero_runs: bool = True,
     ) -> None:
         self.sink = sink
+        #: planes may be coded as zero runs (plane mode 2: repositories of format version 3)
+        self.zero_runs = zero_runs
         self.pack_size_of = pack_size_of
         self._pack_sizes: dict[bytes, int | None] = {}
         self._stored: dict[bytes, bool] = {}
@@ -429,14 +432,14 @@ class ChunkStorer:
                 continue
             codec, payload = encode(
                 piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
-                delta_ceiling=ceiling,
+                delta_ceiling=ceiling, zero_runs=self.zero_runs,
             )
             base_chain = self.chains.get(base_id)
             if codec == Codec.SPARSE_DELTA and not self._link_fits(base_chain, codec, payload, piece, blob):
                 # a sparse delta of many short runs decodes slowly; a dense one may still fit
                 codec, payload = encode(
                     piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
-                    delta_ceiling=ceiling, sparse=False,
+                    delta_ceiling=ceiling, sparse=False, zero_runs=self.zero_runs,
                 )
             if not needs_base(codec):
                 keyframe = codec, payload
@@ -454,7 +457,8 @@ class ChunkStorer:
             return best[1], best[2], best[3]
         if keyframe is not None:
             return keyframe[0], keyframe[1], None
-        codec, payload = encode(piece, self.compression, element_size=blob.element_size, is_float=blob.is_float)
+        codec, payload = encode(piece, self.compression, element_size=blob.element_size, is_float=blob.is_float,
+                                zero_runs=self.zero_runs)
         return codec, payload, None
 
     def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, int, memoryview]]:
@@ -521,6 +525,6 @@ class ChunkStorer:
     def store_node(self, data: bytes) -> ChunkId:
         cid = ChunkId(hash_bytes(data))
         if self._is_new(cid):
-            codec, payload = encode(data, self.compression)
+            codec, payload = encode(data, self.compression, zero_runs=self.zero_runs)
             self.sink.add(cid, ChunkKind.NODE, codec, payload, len(data))
         return cid

@@ -224,7 +224,7 @@ class SaveSession:
                 bases=bases, max_depth=repo.max_delta_depth, max_cost=repo.max_chain_cost,
                 read_base=lambda cid: repo.reader.base(cid, "delta base for a save", scratch=True),
                 fingerprints=self._previous_fingerprints(previous, rehash, bases),
-                pack_size_of=repo.reader.pack_size,
+                pack_size_of=repo.reader.pack_size, zero_runs=repo.codes_zero_runs,
             )
         except BaseException:
             self._stack.close()

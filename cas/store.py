@@ -28,9 +28,16 @@ from cas.errors import (
 )
 
 REPO_FORMAT_NAME = "cas-repository"
-REPO_VERSION = 2  # 2: manifest nodes in packs of their own (FORMAT.md §1); 1 still opens
-READABLE_VERSIONS = (1, 2)
+# 2: manifest nodes in packs of their own; 3: planes coded as zero runs (FORMAT.md §1); 1 and 2 still open
+REPO_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_NAME = "config.json"
+
+
+def _readable_versions() -> str:
+    """``1, 2 or 3``."""
+    *head, last = map(str, READABLE_VERSIONS)
+    return f"{', '.join(head)} or {last}" if head else last
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]{0,127}")
 HEX_ID = re.compile(r"[0-9a-f]{64}")
 RESERVED_TAGS = frozenset({"latest"})
@@ -126,7 +133,7 @@ def validate_config(config: dict[str, Any], root: Path | str) -> dict[str, Any]:
         raise NotARepositoryError(f"{where} is not a cas repository ({CONFIG_NAME} is not a cas config)")
     version = config.get("version")
     if not _is_int(version):
-        raise bad("version", f"it must be an integer format version ({' or '.join(map(str, READABLE_VERSIONS))})")
+        raise bad("version", f"it must be an integer format version ({_readable_versions()})")
     if version not in READABLE_VERSIONS:
         raise FormatVersionError(
             f"{where} has repository format version {version!r}; this cas reads versions "

@@ -64,9 +64,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("repository_id", 12345, "32 hexadecimal digits"),
     ("repository_id", "ab" * 17, "32 hexadecimal digits"),
     ("repository_id", MISSING, "missing"),
-    ("version", "1", "integer format version (1 or 2)"),
-    ("version", True, "integer format version (1 or 2)"),
-    ("version", None, "integer format version (1 or 2)"),
+    ("version", "1", "integer format version (1, 2 or 3)"),
+    ("version", True, "integer format version (1, 2 or 3)"),
+    ("version", None, "integer format version (1, 2 or 3)"),
     ("retention", 5, "object of retention rules"),
     ("retention", [["keep_last", 5]], "object of retention rules"),
     ("retention", "keep_last=5", "object of retention rules"),
@@ -159,7 +159,7 @@ def test_foreign_and_future_configs_keep_their_errors(template: Path, tmp_path: 
     with pytest.raises(cas.NotARepositoryError):
         cas.Repository.open(path)
     _write(path, "format", "cas-repository")
-    _write(path, "version", 3)  # a version from the future
+    _write(path, "version", 4)  # a version from the future
     with pytest.raises(cas.FormatVersionError, match="upgrade cas"):
         cas.Repository.open(path)
 

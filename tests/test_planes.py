@@ -56,3 +56,55 @@ def test_float_rotation_puts_the_exponent_in_the_top_plane(k: int) -> None:
     top = planes.split(values.view(np.uint8), None, k, planes.PLAIN, rotate=True)[k - 1]
     # +x and -x differ only in the sign bit, which the rotation moved out of the top byte
     assert top[0] == top[1] and top[2] == top[3] and top[0] != top[2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(0, 3000),
+    density=st.floats(0, 1),
+    long_gaps=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_zero_runs_match_the_numpy_reference(n: int, density: float, long_gaps: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    plane = np.where(rng.random(n) < density, rng.integers(1, 256, n), 0).astype(np.uint8)
+    if long_gaps and n:  # gaps of exactly 254, 255, 256 and 510 zero bytes: escapes and their edges
+        plane[:] = 0
+        for pos in (0, 255, 511, 767, 1278, 2000):
+            if pos < n:
+                plane[pos] = 1 + pos % 255
+    gaps, values = planes.zero_runs(plane)
+    ref_gaps, ref_values = planes._np_zero_runs(plane)
+    assert np.array_equal(gaps, ref_gaps) and np.array_equal(values, ref_values)
+    assert np.array_equal(values, plane[plane != 0])
+    assert not len(gaps) or gaps[-1] != 255
+    for join in (planes.zero_runs_join, planes._np_zero_runs_join):
+        out = np.full(n, 0xAB, np.uint8)
+        assert join(gaps, values, out) and np.array_equal(out, plane)
+
+
+def test_zero_runs_of_a_hand_made_plane() -> None:
+    plane = np.zeros(600, np.uint8)
+    plane[[0, 10, 300, 599]] = [7, 1, 2, 9]
+    gaps, values = planes.zero_runs(plane)
+    # 0 zeros before byte 0; 9 before byte 10; 289 = 255 + 34 before byte 300; 298 = 255 + 43 before 599
+    assert bytes(gaps) == bytes([0, 9, 255, 34, 255, 43]) and bytes(values) == bytes([7, 1, 2, 9])
+
+
+@pytest.mark.parametrize(
+    ("gaps", "values", "n"),
+    [
+        ([0, 9], [7], 20),  # more gap entries than values
+        ([0], [7, 1], 20),  # more values than gap entries
+        ([0, 255], [7], 300),  # a trailing escape
+        ([19, 0], [7, 1], 20),  # the second value lands past the plane
+        ([255, 255], [], 600),  # escapes and no value
+        ([3], [0], 20),  # a zero value: not what zero_runs writes
+        ([20], [5], 20),  # exactly one past the end
+    ],
+)
+def test_zero_runs_that_do_not_describe_the_plane_are_refused(gaps: list[int], values: list[int], n: int) -> None:
+    for join in (planes.zero_runs_join, planes._np_zero_runs_join):
+        out = np.full(n, 0xAB, np.uint8)
+        assert not join(np.array(gaps, np.uint8), np.array(values, np.uint8), out)
+        assert (out == 0xAB).all()  # nothing written
