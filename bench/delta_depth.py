@@ -9,19 +9,25 @@ keyframe snapshot (depth 0) next to the saver's estimate (``cas.saver.link_cost`
 summed over the chain), the model that bounds chains by ``max_chain_cost``.
 
     .venv/bin/python bench/delta_depth.py [--mib 64] [--depth 12] [--rounds 3] [--pattern dense|sparse|scattered]
-        [--dtype float32|float64|bfloat16|int8]
+        [--dtype float32|float64|bfloat16|int8] [--files 'DIR/ckpt-*.safetensors']
+
+``--files``: real checkpoints instead (safetensors or torch.save files, in name order, e.g. from
+``tools/make_series.py``): checkpoint k is snapshot k, its changed chunks at depth k.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 import cas
 from cas.codec import needs_base
@@ -39,10 +45,21 @@ def _estimate(repo: cas.Repository, tag: str, element_size: int) -> float:
             continue
         cost = 1.0
         while needs_base(loc.codec) and loc.base_id is not None:
-            cost += link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size)
+            cost += link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size, repo.codes_zero_runs)
             loc = repo.index.get(loc.base_id)
         costs.append(cost)
     return statistics.mean(costs) if costs else float("nan")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) checkpoint."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def main() -> None:
@@ -55,6 +72,7 @@ def main() -> None:
                     help="sparse: share of rows changed per save; scattered: share of elements")
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "int8"), default="float32",
                     help="the saved tensor's dtype (the series itself evolves in float32; int8: w * 2000, rounded)")
+    ap.add_argument("--files", help="glob of .safetensors or .pt checkpoints, saved in name order (not --mib, --dtype)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cas-depth-"))
     try:
@@ -66,7 +84,19 @@ def main() -> None:
         estimates = []
         rows = w.view(-1, 256)
         with cas.Repository.init(work / "r", max_delta_depth=args.depth, max_chain_cost=1e9) as repo:
+            files = sorted(glob.glob(args.files))[: args.depth + 1] if args.files else []
+            if args.files and len(files) < args.depth + 1:
+                raise SystemExit(f"--files matches {len(files)} files; --depth {args.depth} needs {args.depth + 1}")
             for k in range(args.depth + 1):
+                if files:
+                    state = load_file(files[k]) if files[k].endswith(".safetensors") else torch.load(
+                        files[k], weights_only=True)
+                    tensors = _tensors(state)
+                    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                    largest = max(tensors, key=lambda t: t.numel())
+                    sizes.append(repo.save(state, tag=f"d{k}").bytes_added / nbytes)
+                    estimates.append(_estimate(repo, f"d{k}", largest.element_size()))
+                    continue
                 if args.pattern == "dense":
                     w = w + torch.randn(numel, generator=g) * 2e-4
                 elif args.pattern == "scattered":  # elements changed one by one, anywhere (masked updates)
@@ -87,7 +117,8 @@ def main() -> None:
                     repo.load(f"d{k}")
                     times[k].append(time.perf_counter() - t0)
         key = statistics.median(times[0])
-        print(f"{args.pattern}, {args.dtype}, {args.mib} MiB, {args.rounds} rounds")
+        what = f"{len(files)} files {args.files}" if files else f"{args.pattern}, {args.dtype}, {args.mib} MiB"
+        print(f"{what}, {args.rounds} rounds")
         print()
         print("| depth | stored / raw | restore s (median) | vs keyframe | estimated (link_cost) |")
         print("| ---: | ---: | ---: | ---: | ---: |")

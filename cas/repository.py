@@ -913,7 +913,8 @@ class Repository:
             row["raw_bytes"] += loc.raw_length
             row["stored_bytes"] += loc.stored_length
             if loc.base_id is not None:
-                bases[cid] = (loc.base_id, link_cost(loc.codec, loc.stored_length, loc.raw_length))
+                bases[cid] = (loc.base_id, link_cost(loc.codec, loc.stored_length, loc.raw_length,
+                                                     zero_runs=self.codes_zero_runs))
         depth, cost = chain_extremes(bases)
         packs = self.index.packs()
         stored = sum(size for size, _count in packs.values())

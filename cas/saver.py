@@ -184,8 +184,15 @@ Fingerprints = dict[tuple[KeyPath, int], tuple[bytes, ChunkId]]
 #: Relative to its keyframe a link costs more the smaller the elements: a bf16 keyframe stores its
 #: noisy mantissa plane as is while its delta entropy-decodes both planes, and a 1-byte keyframe
 #: is one zstd frame that decodes at memory speed.
-DENSE_LINK_COST = 0.45  # 4- and 8-byte elements (measured 0.34 per link)
-DENSE_LINK_COSTS = {1: 2.5, 2: 0.9}  # measured 2.3 (int8), 0.5 and 0.9 (bf16: synthetic, real weights)
+#: Real checkpoints cost more per dense link than synthetic ones: their deltas entropy-code planes
+#: their keyframes store as is (float32 weights: the third byte; a plane of random noise compresses
+#: in neither). Measured with --files on tools/make_series.py checkpoints: float32 weights + AdamW
+#: (pretrain, 98 MiB) 1.63-1.65x / 2.12-2.16x / 2.69-2.82x at depth 1 / 2 / 3, 0.47-0.66 a link
+#: (synthetic float32: 0.27-0.31); bf16 weights (120 MiB) 1.62x / 2.20x / 2.93x, 0.58-0.73 a link
+#: with zero-run planes, 0.9 without (synthetic: 0.45-0.5).
+DENSE_LINK_COST = 0.6  # 4- and 8-byte elements
+DENSE_LINK_COSTS = {1: 2.5, 2: 0.7}  # zero-run planes (format version 3); int8 measured 2.3 without them
+DENSE_LINK_COSTS_V2 = {1: 2.5, 2: 0.9}  # repositories of format versions 1 and 2: no zero-run planes
 #: (fixed, a, b) of a sparse link for 4- and 8-byte elements: measured 0.10 (rows, r = 0.015),
 #: 0.18 (rows, r = 0.073), 1.0 (elements changed one by one, r = 0.30)
 SPARSE_LINK = (0.12, 1.4, 6.0)
@@ -194,17 +201,20 @@ SPARSE_LINK = (0.12, 1.4, 6.0)
 SPARSE_LINKS = {1: (0.18, 2.1, 36.0), 2: (0.13, 1.54, 17.0)}
 
 
-def link_cost(codec: int, stored_length: int, raw_length: int, element_size: int = 4) -> float:
+def link_cost(
+    codec: int, stored_length: int, raw_length: int, element_size: int = 4, zero_runs: bool = True
+) -> float:
     """Estimated restore time a chunk stored with ``codec`` adds over its base (keyframes: 1).
 
     ``element_size``: of the tensor the chunk belongs to (the index does not record it: callers
-    that do not know it, such as ``Repository.stats``, get the estimate for 4-byte elements)."""
+    that do not know it, such as ``Repository.stats``, get the estimate for 4-byte elements).
+    ``zero_runs``: the repository codes planes as zero runs (format version 3), which decode faster."""
     if codec == Codec.SPARSE_DELTA:
         fixed, a, b = SPARSE_LINKS.get(element_size, SPARSE_LINK)
         r = stored_length / max(1, raw_length)
         return fixed + a * r + b * r * r
     if codec == Codec.DELTA:
-        return DENSE_LINK_COSTS.get(element_size, DENSE_LINK_COST)
+        return (DENSE_LINK_COSTS if zero_runs else DENSE_LINK_COSTS_V2).get(element_size, DENSE_LINK_COST)
     return 1.0
 
 
@@ -336,7 +346,8 @@ class ChunkStorer:
             if depth < 0:
                 depth, cost = 0, 1.0
             else:
-                depth, cost = depth + 1, cost + link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size)
+                depth, cost = depth + 1, cost + link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size,
+                                                               self.zero_runs)
             self.chains[link] = (depth, cost)
         return self.chains[cid]
 
@@ -360,11 +371,12 @@ class ChunkStorer:
         if parent_loc is None or self._chain_of(parent, k) is None or not self._is_stored(parent):
             return [], 0
         # the new link will likely cost what the parent's did (same tensor, same kind of update)
-        link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length, k)
-                if needs_base(parent_loc.codec) else link_cost(Codec.DELTA, 0, 0, k))
+        zr = self.zero_runs
+        link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length, k, zr)
+                if needs_base(parent_loc.codec) else link_cost(Codec.DELTA, 0, 0, k, zr))
         # A keyframe parent gives no hint of the update's kind: try the delta if even the cheapest
         # link fits (``_encode`` checks the real cost and falls back to a keyframe).
-        cheapest = link if needs_base(parent_loc.codec) else link_cost(Codec.SPARSE_DELTA, 0, 1, k)
+        cheapest = link if needs_base(parent_loc.codec) else link_cost(Codec.SPARSE_DELTA, 0, 1, k, zr)
         if self._fits(parent, cheapest, k):
             return [(parent, 1.0, 0)], 0
         return self._branches(parent, parent_loc, link, k)
@@ -414,7 +426,7 @@ class ChunkStorer:
         self, base_chain: tuple[int, float] | None, codec: int, payload: Buffer, piece: memoryview, blob: Blob
     ) -> bool:
         """The chunk encoded as ``payload`` (a delta) stays within the cost bound on that base's chain."""
-        link = link_cost(codec, len(payload), len(piece), blob.element_size)
+        link = link_cost(codec, len(payload), len(piece), blob.element_size, self.zero_runs)
         return base_chain is None or base_chain[1] + link <= self.max_cost
 
     def _encode(
@@ -503,7 +515,7 @@ class ChunkStorer:
             if base_chain is None:
                 self.chains[cid] = (0, 1.0)
             else:
-                cost = link_cost(codec, len(payload), raw_length, element_size)
+                cost = link_cost(codec, len(payload), raw_length, element_size, self.zero_runs)
                 self.chains[cid] = (base_chain[0] + 1, base_chain[1] + cost)
 
         for blob in blobs:
