@@ -187,10 +187,11 @@ Fingerprints = dict[tuple[KeyPath, int], tuple[bytes, ChunkId]]
 #: Real checkpoints cost more per dense link than synthetic ones: their deltas entropy-code planes
 #: their keyframes store as is (float32 weights: the third byte; a plane of random noise compresses
 #: in neither). Measured with --files on tools/make_series.py checkpoints: float32 weights + AdamW
-#: (pretrain, 98 MiB) 1.63-1.65x / 2.12-2.16x / 2.69-2.82x at depth 1 / 2 / 3, 0.47-0.66 a link
-#: (synthetic float32: 0.27-0.31); bf16 weights (120 MiB) 1.62x / 2.20x / 2.93x, 0.58-0.73 a link
-#: with zero-run planes, 0.9 without (synthetic: 0.45-0.5).
-DENSE_LINK_COST = 0.6  # 4- and 8-byte elements
+#: (pretrain, 98 MiB) 1.63-1.72x / 2.12-2.31x / 2.65-2.82x at depth 1 / 2 / 3 with ~3/4 of the
+#: chunks deltas, ~0.8-1.0 a link (per chunk: a 0.54-0.75 ms patch against a 0.75 ms keyframe
+#: restore; synthetic float32: 0.27-0.31); bf16 weights (120 MiB) 1.62-1.63x / 2.05-2.20x /
+#: 2.62-2.93x, 0.58-0.73 a link with zero-run planes, 0.9 without (synthetic: 0.45-0.5).
+DENSE_LINK_COST = 0.8  # 4- and 8-byte elements
 DENSE_LINK_COSTS = {1: 2.5, 2: 0.7}  # zero-run planes (format version 3); int8 measured 2.3 without them
 DENSE_LINK_COSTS_V2 = {1: 2.5, 2: 0.9}  # repositories of format versions 1 and 2: no zero-run planes
 #: (fixed, a, b) of a sparse link for 4- and 8-byte elements: measured 0.10 (rows, r = 0.015),
