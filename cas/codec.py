@@ -100,7 +100,8 @@ delta wins ties within 3 %: it decodes faster). k = 1
 (bytes, int8, fp8, non-tensor data) uses plain zstd as before (level 1 / 3 / 19)
 plus codec 3 with a base. ``"fast"`` and ``"default"`` pick among their
 candidates on a sample (4 slices of 16 KiB, 64 KiB in all) when the chunk is at
-least 256 KiB, else by encoding each, and then encode the winner (planes that
+least 256 KiB (float tensors: without plain grouping and the XOR delta, which never
+won there), else by encoding each, and then encode the winner (planes that
 zstd could not shrink at all in the sample, mantissa noise, are stored untried). ``"max"``
 encodes every variant (and plain zstd 19) in full, then re-codes each plane of
 the winner with zstd 19 where that is smaller. Planes are entropy-coded by zstd
@@ -515,6 +516,13 @@ def _score(cand: _Candidate, size: int, delta_ceiling: float) -> float:
 
 _SPARSE_PREFERENCE = 0.97
 
+#: on float chunks large enough to be sampled these never won (bench/codec_ratios.py, and 0 of
+#: 496 such chunks of the dedup series, 2 plain-grouped ones of 0.1 MiB aside): sampling them
+#: cost as much as the chosen encoding itself. Smaller chunks still try every candidate.
+_FLOAT_NEVER_SAMPLED = frozenset(
+    (codec, k, 0) for codec in (Codec.BYTE_GROUPED, Codec.DELTA) for k in ELEMENT_SIZES if k > 1
+)
+
 
 def encode(
     data: Buffer,
@@ -563,6 +571,8 @@ def encode(
 
     noise: frozenset[int] = frozenset()
     if not strong and n >= SAMPLE_THRESHOLD:
+        if is_float and k > 1:
+            cands = [c for c in cands if c not in _FLOAT_NEVER_SAMPLED]
         sample = _sample(arr)
         base_sample = None if base_arr is None else _sample(base_arr)
         sampled = [_encode_candidate(c, sample, base_sample, level, False, zero_runs=zero_runs) for c in cands]
