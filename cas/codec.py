@@ -300,7 +300,7 @@ def _code_plane(plane: np.ndarray, strong: bool, zero_runs: bool = True) -> tupl
     frame = _plane_compressor().compress(plane.data)
     if len(frame) < len(best[1]):
         best = (_PLANE_ZSTD, frame)
-    if strong and best[0] == _PLANE_ZSTD and len(best[1]) > 64:  # stored planes are noise
+    if strong and best[0] != _PLANE_STORED and len(best[1]) > 64:  # stored planes are noise
         frame = _compressor(_STRONG_LEVEL).compress(plane.data)
         if len(frame) < len(best[1]):
             best = (_PLANE_ZSTD, frame)
