@@ -208,6 +208,8 @@ class LocalBackend(Backend):
         p = parent
         while not os.path.isdir(p):
             if os.path.lexists(p):
+                if os.path.isdir(p):  # another writer made it between the two checks
+                    break
                 raise StorageError(
                     f"{self.describe()}: write {key}: {os.path.relpath(p, self.root)} is an object, so no key "
                     "below it can be stored in a directory"

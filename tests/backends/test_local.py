@@ -104,6 +104,30 @@ def test_key_below_an_object(tmp_path: Path) -> None:
     assert b.read("d/e") == b"z"
 
 
+def test_a_directory_another_writer_makes_meanwhile_is_not_an_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Racing first writes below a new directory: one writer sees ``refs/`` missing, another
+    makes it, and the first then finds it. That is a directory, not an object in the way (seen
+    as a StorageError from a create-only race of 8 threads)."""
+    backend = LocalBackend(tmp_path / "store")
+    refs = os.path.join(backend.root, "refs")
+    real_isdir = os.path.isdir
+    seen: list[str] = []
+
+    def isdir_then_made(path: str | os.PathLike[str]) -> bool:
+        if os.fspath(path) == refs and len(seen) < 2:  # missing at the first two checks; made after them
+            seen.append(refs)
+            if len(seen) == 2:
+                os.mkdir(refs)
+            return False
+        return real_isdir(path)
+
+    monkeypatch.setattr(os.path, "isdir", isdir_then_made)
+    backend.write("refs/raced", b"one", mode="create")
+    assert seen and backend.read("refs/raced") == b"one"
+
+
 def test_versions_differ_for_same_size_rewrites(tmp_path: Path) -> None:
     b = LocalBackend(tmp_path, fsync=False)
     versions = [b.write("refs/x", b"%03d" % (i % 2)).version for i in range(200)]  # inode numbers get reused
