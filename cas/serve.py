@@ -239,20 +239,24 @@ def serve(repo: Repository, host: str, port: int, *, replicate_interval: float |
     from waitress.server import create_server  # noqa: PLC0415 - only the serving process needs it
 
     state = ServeState(repo, refresh_interval=refresh_interval, replicate_interval=replicate_interval)
-    state.start()
-    server = create_server(make_app(state), host=host, port=port, threads=4, ident="cas")
-    bound = server.effective_port  # type: ignore[union-attr]
-    log.warning("cas serve: listening on http://%s:%s (/health, /ready, /metrics)", host, bound)
-    if ready is not None:
-        ready(host, int(bound))
+    server = None
+    # the handlers go in before anything starts or is announced: a signal sent as soon as the
+    # address is printed (an orchestrator's, a test's) must end the server, not kill it unclean
     handlers = _interrupt_on_signals()
     try:
+        state.start()
+        server = create_server(make_app(state), host=host, port=port, threads=4, ident="cas")
+        bound = server.effective_port  # type: ignore[union-attr]
+        log.warning("cas serve: listening on http://%s:%s (/health, /ready, /metrics)", host, bound)
+        if ready is not None:
+            ready(host, int(bound))
         server.run()
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         stuck = state.stop()
-        server.close()
+        if server is not None:
+            server.close()
         if stuck:
             # SIGINT / SIGTERM must end the process: a round that does not return (a store that stopped
             # answering) is abandoned as a crash would abandon it; every write of a round is crash-safe
