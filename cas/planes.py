@@ -213,16 +213,18 @@ def apply_runs(planes: Sequence[np.ndarray], gaps: np.ndarray, lengths: np.ndarr
     return True
 
 
-def zero_runs(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def zero_runs(plane: np.ndarray, nonzero: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The gap stream and the nonzero bytes of ``plane`` (uint8): plane mode 2 (FORMAT.md §3).
 
     Before each nonzero byte the gap stream holds the count ``g`` of zero bytes since the
     previous one, as ``g // 255`` bytes of 255 then ``g % 255``; zeros after the last
-    nonzero byte are implied by the plane's length.
+    nonzero byte are implied by the plane's length. ``nonzero``: the plane's count of
+    nonzero bytes, when the caller has it already.
     """
     kernels = _get_kernels()
     if kernels is not None:
-        gaps, values = kernels.zero_runs(plane, int(np.count_nonzero(plane)))
+        count = int(np.count_nonzero(plane)) if nonzero is None else nonzero
+        gaps, values = kernels.zero_runs(plane, count)
         return gaps, values
     return _np_zero_runs(plane)
 

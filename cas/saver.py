@@ -347,10 +347,14 @@ class ChunkStorer:
             if depth < 0:
                 depth, cost = 0, 1.0
             else:
-                depth, cost = depth + 1, cost + link_cost(loc.codec, loc.stored_length, loc.raw_length, element_size,
-                                                               self.zero_runs)
+                depth, cost = depth + 1, cost + self._link_cost(loc.codec, loc.stored_length, loc.raw_length,
+                                                                     element_size)
             self.chains[link] = (depth, cost)
         return self.chains[cid]
+
+    def _link_cost(self, codec: int, stored_length: int, raw_length: int, element_size: int) -> float:
+        """``link_cost`` for this repository's format (zero-run planes or not)."""
+        return link_cost(codec, stored_length, raw_length, element_size, self.zero_runs)
 
     def _fits(self, cid: bytes, link: float, element_size: int) -> bool:
         info = self._chain_of(cid, element_size)
@@ -372,12 +376,11 @@ class ChunkStorer:
         if parent_loc is None or self._chain_of(parent, k) is None or not self._is_stored(parent):
             return [], 0
         # the new link will likely cost what the parent's did (same tensor, same kind of update)
-        zr = self.zero_runs
-        link = (link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length, k, zr)
-                if needs_base(parent_loc.codec) else link_cost(Codec.DELTA, 0, 0, k, zr))
+        link = (self._link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length, k)
+                if needs_base(parent_loc.codec) else self._link_cost(Codec.DELTA, 0, 0, k))
         # A keyframe parent gives no hint of the update's kind: try the delta if even the cheapest
         # link fits (``_encode`` checks the real cost and falls back to a keyframe).
-        cheapest = link if needs_base(parent_loc.codec) else link_cost(Codec.SPARSE_DELTA, 0, 1, k, zr)
+        cheapest = link if needs_base(parent_loc.codec) else self._link_cost(Codec.SPARSE_DELTA, 0, 1, k)
         if self._fits(parent, cheapest, k):
             return [(parent, 1.0, 0)], 0
         return self._branches(parent, parent_loc, link, k)
@@ -427,7 +430,7 @@ class ChunkStorer:
         self, base_chain: tuple[int, float] | None, codec: int, payload: Buffer, piece: memoryview, blob: Blob
     ) -> bool:
         """The chunk encoded as ``payload`` (a delta) stays within the cost bound on that base's chain."""
-        link = link_cost(codec, len(payload), len(piece), blob.element_size, self.zero_runs)
+        link = self._link_cost(codec, len(payload), len(piece), blob.element_size)
         return base_chain is None or base_chain[1] + link <= self.max_cost
 
     def _encode(
@@ -516,7 +519,7 @@ class ChunkStorer:
             if base_chain is None:
                 self.chains[cid] = (0, 1.0)
             else:
-                cost = link_cost(codec, len(payload), raw_length, element_size, self.zero_runs)
+                cost = self._link_cost(codec, len(payload), raw_length, element_size)
                 self.chains[cid] = (base_chain[0] + 1, base_chain[1] + cost)
 
         for blob in blobs:
