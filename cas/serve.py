@@ -250,7 +250,9 @@ def serve(repo: Repository, host: str, port: int, *, replicate_interval: float |
         log.warning("cas serve: listening on http://%s:%s (/health, /ready, /metrics)", host, bound)
         if ready is not None:
             ready(host, int(bound))
-        server.run()
+        server.run()  # returns on KeyboardInterrupt (waitress catches it)
+    except KeyboardInterrupt:
+        pass  # a signal before the loop ran (while starting or announcing): the same request to end
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
