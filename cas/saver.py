@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -237,6 +237,17 @@ def chain_extremes(bases: dict[bytes, tuple[bytes | None, float]]) -> tuple[int,
     return max(d for d, _ in known.values()), max(c for _, c in known.values())
 
 
+class _Cycle(NamedTuple):
+    """What a full chain's options are weighed with: the size of a one-step delta and of the keyframe."""
+
+    fresh: int
+    keyframe: int
+
+
+#: the room of the option that is the parent itself (a one-step delta): its size is the one-step size
+_ONE_STEP = -1
+
+
 class ChunkStorer:
     """Stores blobs and nodes for one save, deduplicating against the index and itself.
 
@@ -360,34 +371,43 @@ class ChunkStorer:
         info = self._chain_of(cid, element_size)
         return info is not None and info[0] + 1 <= self.max_depth and info[1] + link <= self.max_cost
 
-    def _bases_for(self, blob: Blob, index: int, cid: ChunkId) -> tuple[list[tuple[ChunkId, float, int]], int]:
+    def _bases_for(
+        self, blob: Blob, index: int, cid: ChunkId
+    ) -> tuple[list[tuple[ChunkId, float, int]], _Cycle | None]:
         """Delta bases to try for a new chunk, each with its delta ceiling and the one-step saves it
-        leaves room for after it; and the size of a one-step delta (0: take the first that works)."""
+        leaves room for after it; and the cycle to weigh them by (None: take the first that works)."""
         if not self.max_depth or self.compression == "none":  # "none" stores raw: a base would be read for nothing
-            return [], 0
+            return [], None
         entry = self.bases.get(blob.path)
         if entry is None or entry[0] != blob.signature or index >= len(entry[1]):
-            return [], 0
+            return [], None
         parent = entry[1][index]
         if parent == cid:
-            return [], 0
+            return [], None
         parent_loc = self.lookup.get(parent)
         k = blob.element_size
         if parent_loc is None or self._chain_of(parent, k) is None or not self._is_stored(parent):
-            return [], 0
+            return [], None
         # the new link will likely cost what the parent's did (same tensor, same kind of update)
         link = (self._link_cost(parent_loc.codec, parent_loc.stored_length, parent_loc.raw_length, k)
                 if needs_base(parent_loc.codec) else self._link_cost(Codec.DELTA, 0, 0, k))
         # A keyframe parent gives no hint of the update's kind: try the delta if even the cheapest
         # link fits (``_encode`` checks the real cost and falls back to a keyframe).
-        cheapest = link if needs_base(parent_loc.codec) else self._link_cost(Codec.SPARSE_DELTA, 0, 1, k)
-        if self._fits(parent, cheapest, k):
-            return [(parent, 1.0, 0)], 0
-        return self._branches(parent, parent_loc, link, k)
+        cheapest = self._link_cost(Codec.SPARSE_DELTA, 0, 1, k)
+        if self._fits(parent, link if needs_base(parent_loc.codec) else cheapest, k):
+            return [(parent, 1.0, 0)], None
+        branches, cycle = self._branches(parent, parent_loc, link, k)
+        if parent_loc.codec == Codec.SPARSE_DELTA and self._fits(parent, cheapest, k):
+            # The parent may itself be a branch: a delta spanning several saves, whose size says little
+            # of the next one-step link. Try that link first (``_encode`` checks its real cost, and its
+            # size is the one-step size the branches are weighed with); without this, every save after
+            # a branch branched again.
+            return [(parent, 1.0, _ONE_STEP), *branches], cycle
+        return branches, cycle
 
     def _branches(
         self, parent: ChunkId, parent_loc: ChunkLocation, link: float, element_size: int
-    ) -> tuple[list[tuple[ChunkId, float, int]], int]:
+    ) -> tuple[list[tuple[ChunkId, float, int]], _Cycle | None]:
         """Where a full chain goes on. A delta from an ancestor at depth d-1 (so the new chunk sits at
         depth d), then L - d one-step deltas until the chain is full again: a branch cycle, costing
         per save (c + (L - d) f) / (1 + L - d) for a branch delta c and one-step deltas f. It is
@@ -395,21 +415,21 @@ class ChunkStorer:
         c < (1 + L - d)(K + L f) / (L + 1) - (L - d) f, a ceiling relative to the keyframe.
         Dense chains branch from their keyframe (a two-level tree under each keyframe); sparse
         chains, cheap to decode, also try the parent's base and grandparent and the chain's middle,
-        and keep the cheapest cycle."""
+        and keep the cheapest cycle (``_encode`` weighs each with the room its real cost leaves)."""
         chain = [(parent, parent_loc)]
         loc = parent_loc
         while needs_base(loc.codec) and loc.base_id is not None:
             base_loc = self.lookup.get(loc.base_id)
             if base_loc is None or len(chain) > 4096:
-                return [], 0
+                return [], None
             chain.append((loc.base_id, base_loc))
             loc = base_loc
         if len(chain) < 2:
-            return [], 0
+            return [], None
         keyframe = chain[-1][1].stored_length
         fresh = parent_loc.stored_length if needs_base(parent_loc.codec) else chain[-2][1].stored_length
         if not keyframe or not fresh:
-            return [], 0
+            return [], None
         links = self.max_depth if link <= 0 else max(1, min(self.max_depth, int((self.max_cost - 1.0) / link)))
         ratio = min(1.0, fresh / keyframe)
         picks = [len(chain) - 1]  # the keyframe
@@ -424,7 +444,13 @@ class ChunkStorer:
             ceiling = (1 + room) * (1 + links * ratio) / (links + 1) - room * ratio
             if ceiling > 0:
                 options.append((ChunkId(chain[j][0]), min(1.0, ceiling), room))
-        return options, (fresh if len(options) > 1 else 0)
+        return options, (_Cycle(fresh, keyframe) if options else None)
+
+    def _room(self, base_id: ChunkId, link: float, one_step: float) -> int:
+        """One-step saves a chain still takes after a new chunk of ``link`` on ``base_id``."""
+        depth, cost = self.chains.get(base_id, (self.max_depth, self.max_cost))
+        by_cost = int((self.max_cost - cost - link) / one_step) if one_step > 0 else self.max_depth
+        return max(0, min(self.max_depth - depth - 1, by_cost))
 
     def _link_fits(
         self, base_chain: tuple[int, float] | None, codec: int, payload: Buffer, piece: memoryview, blob: Blob
@@ -434,12 +460,16 @@ class ChunkStorer:
         return base_chain is None or base_chain[1] + link <= self.max_cost
 
     def _encode(
-        self, piece: memoryview, blob: Blob, options: list[tuple[ChunkId, float, int]], fresh: int
+        self, piece: memoryview, blob: Blob, options: list[tuple[ChunkId, float, int]], cycle: _Cycle | None
     ) -> tuple[int, Buffer, ChunkId | None]:
-        """Encode against the first option that gives a delta within the cost bound; with ``fresh``
-        (several branch points), against each, keeping the cheapest cycle per save."""
+        """Encode against the first option that gives a delta within the cost bound; with a ``cycle``
+        (several branch points), against each, keeping the cheapest cycle per save: a delta c whose real
+        cost leaves room for r one-step deltas f costs (c + r f) / (1 + r) per save, a restart (keyframe
+        K, then L one-step deltas) (K + L f) / (1 + L)."""
         best: tuple[float, int, Buffer, ChunkId] | None = None
         keyframe: tuple[int, Buffer] | None = None
+        k = blob.element_size
+        fresh = cycle.fresh if cycle is not None else 0
         for base_id, ceiling, room in options:
             try:
                 base = self.read_base(base_id) if self.read_base is not None else None
@@ -447,35 +477,50 @@ class ChunkStorer:
                 log.warning("cas: delta base %s cannot be read (%s); trying the next base", base_id.short(), exc)
                 continue
             codec, payload = encode(
-                piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
+                piece, self.compression, element_size=k, is_float=blob.is_float, base=base,
                 delta_ceiling=ceiling, zero_runs=self.zero_runs,
             )
             base_chain = self.chains.get(base_id)
             if codec == Codec.SPARSE_DELTA and not self._link_fits(base_chain, codec, payload, piece, blob):
                 # a sparse delta of many short runs decodes slowly; a dense one may still fit
                 codec, payload = encode(
-                    piece, self.compression, element_size=blob.element_size, is_float=blob.is_float, base=base,
+                    piece, self.compression, element_size=k, is_float=blob.is_float, base=base,
                     delta_ceiling=ceiling, sparse=False, zero_runs=self.zero_runs,
                 )
             if not needs_base(codec):
                 keyframe = codec, payload
-                if not fresh:
+                if cycle is None:
                     return codec, payload, None  # a keyframe beats the delta: further bases are dearer still
                 continue
             if not self._link_fits(base_chain, codec, payload, piece, blob):
                 continue  # dearer to restore than estimated (a dense step after sparse ones): try the next base
-            if not fresh:
+            if cycle is None:
                 return codec, payload, base_id
-            per_save = (len(payload) + room * fresh) / (1 + room)
+            if room == _ONE_STEP:
+                fresh = min(fresh, len(payload))  # the parent's one-step delta: what the next saves will add
+            one_step = self._link_cost(codec, fresh, len(piece), k)
+            after = self._room(base_id, self._link_cost(codec, len(payload), len(piece), k), one_step)
+            per_save = (len(payload) + after * fresh) / (1 + after)
             if best is None or per_save < best[0]:
                 best = (per_save, codec, payload, base_id)
+        if best is not None and cycle is not None:
+            one_step = self._link_cost(best[1], fresh, len(piece), k)
+            links = self._room_from_keyframe(one_step)
+            restart = len(keyframe[1]) if keyframe is not None else cycle.keyframe
+            if (restart + links * fresh) / (1 + links) < best[0]:
+                best = None  # restarting the chain costs less per save than any branch
         if best is not None:
             return best[1], best[2], best[3]
         if keyframe is not None:
             return keyframe[0], keyframe[1], None
-        codec, payload = encode(piece, self.compression, element_size=blob.element_size, is_float=blob.is_float,
+        codec, payload = encode(piece, self.compression, element_size=k, is_float=blob.is_float,
                                 zero_runs=self.zero_runs)
         return codec, payload, None
+
+    def _room_from_keyframe(self, one_step: float) -> int:
+        """One-step deltas a fresh keyframe takes before its chain is full."""
+        by_cost = int((self.max_cost - 1.0) / one_step) if one_step > 0 else self.max_depth
+        return max(0, min(self.max_depth, by_cost))
 
     def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, int, memoryview]]:
         size = self.chunk_size
@@ -505,9 +550,9 @@ class ChunkStorer:
             self.fingerprints[(blob.path, index)] = (fingerprint, cid)
             blob.chunks.append(cid)
             if self._is_new(cid):
-                options, fresh = self._bases_for(blob, index, cid)
+                options, cycle = self._bases_for(blob, index, cid)
                 encoding.append((cid, len(piece), blob.element_size,
-                                 self.pool.submit(self._encode, piece, blob, options, fresh)))
+                                 self.pool.submit(self._encode, piece, blob, options, cycle)))
             if progress is not None:
                 progress(len(piece))
 
