@@ -244,10 +244,6 @@ class _Cycle(NamedTuple):
     keyframe: int
 
 
-#: the room of the option that is the parent itself (a one-step delta): its size is the one-step size
-_ONE_STEP = -1
-
-
 class ChunkStorer:
     """Stores blobs and nodes for one save, deduplicating against the index and itself.
 
@@ -373,9 +369,9 @@ class ChunkStorer:
 
     def _bases_for(
         self, blob: Blob, index: int, cid: ChunkId
-    ) -> tuple[list[tuple[ChunkId, float, int]], _Cycle | None]:
-        """Delta bases to try for a new chunk, each with its delta ceiling and the one-step saves it
-        leaves room for after it; and the cycle to weigh them by (None: take the first that works)."""
+    ) -> tuple[list[tuple[ChunkId, float, bool]], _Cycle | None]:
+        """Delta bases to try for a new chunk, each with its delta ceiling and whether it is the parent
+        itself (a one-step delta); and the cycle to weigh them by (None: take the first that works)."""
         if not self.max_depth or self.compression == "none":  # "none" stores raw: a base would be read for nothing
             return [], None
         entry = self.bases.get(blob.path)
@@ -395,19 +391,19 @@ class ChunkStorer:
         # link fits (``_encode`` checks the real cost and falls back to a keyframe).
         cheapest = self._link_cost(Codec.SPARSE_DELTA, 0, 1, k)
         if self._fits(parent, link if needs_base(parent_loc.codec) else cheapest, k):
-            return [(parent, 1.0, 0)], None
+            return [(parent, 1.0, True)], None
         branches, cycle = self._branches(parent, parent_loc, link, k)
         if parent_loc.codec == Codec.SPARSE_DELTA and self._fits(parent, cheapest, k):
             # The parent may itself be a branch: a delta spanning several saves, whose size says little
             # of the next one-step link. Try that link first (``_encode`` checks its real cost, and its
             # size is the one-step size the branches are weighed with); without this, every save after
             # a branch branched again.
-            return [(parent, 1.0, _ONE_STEP), *branches], cycle
+            return [(parent, 1.0, True), *branches], cycle
         return branches, cycle
 
     def _branches(
         self, parent: ChunkId, parent_loc: ChunkLocation, link: float, element_size: int
-    ) -> tuple[list[tuple[ChunkId, float, int]], _Cycle | None]:
+    ) -> tuple[list[tuple[ChunkId, float, bool]], _Cycle | None]:
         """Where a full chain goes on. A delta from an ancestor at depth d-1 (so the new chunk sits at
         depth d), then L - d one-step deltas until the chain is full again: a branch cycle, costing
         per save (c + (L - d) f) / (1 + L - d) for a branch delta c and one-step deltas f. It is
@@ -443,14 +439,13 @@ class ChunkStorer:
             room = max(0, links - depth)
             ceiling = (1 + room) * (1 + links * ratio) / (links + 1) - room * ratio
             if ceiling > 0:
-                options.append((ChunkId(chain[j][0]), min(1.0, ceiling), room))
+                options.append((ChunkId(chain[j][0]), min(1.0, ceiling), False))
         return options, (_Cycle(fresh, keyframe) if options else None)
 
-    def _room(self, base_id: ChunkId, link: float, one_step: float) -> int:
-        """One-step saves a chain still takes after a new chunk of ``link`` on ``base_id``."""
-        depth, cost = self.chains.get(base_id, (self.max_depth, self.max_cost))
-        by_cost = int((self.max_cost - cost - link) / one_step) if one_step > 0 else self.max_depth
-        return max(0, min(self.max_depth - depth - 1, by_cost))
+    def _room(self, depth: int, cost: float, one_step: float) -> int:
+        """One-step deltas a chain still takes on top of a chunk at ``depth`` whose restore costs ``cost``."""
+        by_cost = int((self.max_cost - cost) / one_step) if one_step > 0 else self.max_depth
+        return max(0, min(self.max_depth - depth, by_cost))
 
     def _link_fits(
         self, base_chain: tuple[int, float] | None, codec: int, payload: Buffer, piece: memoryview, blob: Blob
@@ -460,7 +455,7 @@ class ChunkStorer:
         return base_chain is None or base_chain[1] + link <= self.max_cost
 
     def _encode(
-        self, piece: memoryview, blob: Blob, options: list[tuple[ChunkId, float, int]], cycle: _Cycle | None
+        self, piece: memoryview, blob: Blob, options: list[tuple[ChunkId, float, bool]], cycle: _Cycle | None
     ) -> tuple[int, Buffer, ChunkId | None]:
         """Encode against the first option that gives a delta within the cost bound; with a ``cycle``
         (several branch points), against each, keeping the cheapest cycle per save: a delta c whose real
@@ -470,7 +465,7 @@ class ChunkStorer:
         keyframe: tuple[int, Buffer] | None = None
         k = blob.element_size
         fresh = cycle.fresh if cycle is not None else 0
-        for base_id, ceiling, room in options:
+        for base_id, ceiling, one_step_of_parent in options:
             try:
                 base = self.read_base(base_id) if self.read_base is not None else None
             except CorruptionError as exc:  # a damaged base: skip it (a keyframe at worst), never fail the save
@@ -496,16 +491,17 @@ class ChunkStorer:
                 continue  # dearer to restore than estimated (a dense step after sparse ones): try the next base
             if cycle is None:
                 return codec, payload, base_id
-            if room == _ONE_STEP:
+            if one_step_of_parent:
                 fresh = min(fresh, len(payload))  # the parent's one-step delta: what the next saves will add
             one_step = self._link_cost(codec, fresh, len(piece), k)
-            after = self._room(base_id, self._link_cost(codec, len(payload), len(piece), k), one_step)
+            depth, cost = base_chain if base_chain is not None else (self.max_depth, self.max_cost)
+            after = self._room(depth + 1, cost + self._link_cost(codec, len(payload), len(piece), k), one_step)
             per_save = (len(payload) + after * fresh) / (1 + after)
             if best is None or per_save < best[0]:
                 best = (per_save, codec, payload, base_id)
         if best is not None and cycle is not None:
             one_step = self._link_cost(best[1], fresh, len(piece), k)
-            links = self._room_from_keyframe(one_step)
+            links = self._room(0, 1.0, one_step)
             restart = len(keyframe[1]) if keyframe is not None else cycle.keyframe
             if (restart + links * fresh) / (1 + links) < best[0]:
                 best = None  # restarting the chain costs less per save than any branch
@@ -516,11 +512,6 @@ class ChunkStorer:
         codec, payload = encode(piece, self.compression, element_size=k, is_float=blob.is_float,
                                 zero_runs=self.zero_runs)
         return codec, payload, None
-
-    def _room_from_keyframe(self, one_step: float) -> int:
-        """One-step deltas a fresh keyframe takes before its chain is full."""
-        by_cost = int((self.max_cost - 1.0) / one_step) if one_step > 0 else self.max_depth
-        return max(0, min(self.max_depth, by_cost))
 
     def _pieces(self, blobs: Iterable[Blob]) -> Iterator[tuple[Blob, int, memoryview]]:
         size = self.chunk_size
