@@ -250,7 +250,9 @@ def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
         if repair and damaged:
             _repair(repo, damaged, salvage, lost, report)
 
-        # Which snapshots and tensors reach what is gone (lost now, or missing from the index)?
+        # Which snapshots and tensors reach what is gone (lost now, or missing from the index),
+        # themselves or through a delta base anywhere down their chain?
+        broken: dict[bytes, bool] = {}
         for name in store.ref_names():
             try:
                 sid = store.read_ref(name)
@@ -268,10 +270,32 @@ def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
             present = repo.index.get_many(cid for cid, _ in reached)
             hit: dict[str, None] = {}
             for cid, tensor in reached:
-                if cid in lost or cid not in present:
+                if _chain_broken(repo, cid, present, lost, broken):
                     hit.setdefault(tensor)
             report.affected.extend({"snapshot": label, "tensor": t} for t in hit)
     return report
+
+
+def _chain_broken(
+    repo: Repository, cid: bytes, present: dict[bytes, ChunkLocation], lost: set[bytes], broken: dict[bytes, bool]
+) -> bool:
+    """Whether ``cid`` or a base its chain decodes through is lost or missing from the index."""
+    path: list[bytes] = []
+    cursor: bytes | None = cid
+    result = False
+    while cursor is not None:
+        if cursor in broken:
+            result = broken[cursor]
+            break
+        path.append(cursor)
+        loc = present.get(cursor) if cursor == cid else repo.index.get(cursor)
+        if cursor in lost or loc is None or len(path) > 4096:
+            result = True
+            break
+        cursor = bytes(loc.base_id) if loc.base_id is not None and needs_base(loc.codec) else None
+    for link in path:
+        broken[link] = result
+    return result
 
 
 def _recover_elsewhere(

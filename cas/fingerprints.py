@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import struct
 import time
 import uuid
@@ -36,6 +37,10 @@ KEEP = 4  # files kept per repository on this machine (the latest saves' parents
 
 def directory_of(local_dir: Path) -> Path:
     return local_dir / "fingerprints"
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without a writer
 
 
 def _path(directory: Path, snap_id: SnapshotId) -> Path:
@@ -98,8 +103,15 @@ def load(
     """The fingerprints of snapshot ``snap_id``'s chunks at their positions, the positions and ids
     taken from the parent's tree (``cas.tree.base_candidates``: blob path -> (signature, chunk
     ids)), the fingerprints from the file; None without an intact file."""
+    # a cache: anything but a regular file no larger than the parent's chunks can need is ignored
+    # (a device, a FIFO or a huge file there must not hang or exhaust a save)
+    limit = len(MAGIC) + COUNT.size + CHECKSUM.size + ENTRY.size * sum(len(c) for _s, c in parent_chunks.values())
     try:
-        data = _path(directory, snap_id).read_bytes()
+        with open(_path(directory, snap_id), "rb", opener=_nonblocking) as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+                return None
+            data = f.read(limit + 1)
     except OSError:
         return None
     by_chunk = decode(data)

@@ -27,13 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cas.codec import needs_base
 from cas.errors import CorruptionError, FormatVersionError, GcRefusedError, StorageError, UsageError
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId
 from cas.index import ChunkLocation, SealedPack
 from cas.pack import FOOTER_ENTRY, HEADER, RECORD_HEADER, TRAILER, PackEntry
 from cas.reach import reached_chunks, snapshot_label
-from cas.storeview import StoreView, reconcile, scan_store
+from cas.storeview import StoreView, choose_copies, reconcile, scan_store
 
 log = logging.getLogger("cas")
 #: an unfinished multipart upload older than this belongs to a saver that died (none runs beside gc)
@@ -144,6 +145,8 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             report.mark_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             dead, delete, repack, location = _plan(repo, view, live, repack_below)
+            if not dry_run and attempt < 3 and _index_healed(repo, view, live, location):
+                continue  # live chunks whose chains resolve again (a base re-saved): indexed, plan again
             # A pack about to go may hold the only good copy of a live chunk the index places elsewhere
             # (a duplicate): drop it only once the indexed copy verifies; else the index is pointed at
             # the good copy, and mark and plan run again (that copy's delta bases must be live too).
@@ -238,12 +241,51 @@ def _plan(
             dead.append(cid)
     delete: list[PackId] = []
     repack: list[PackId] = []
+    unindexed = _unindexed_live(view, live, location)
     for pack_id, entries in view.packs.items():  # unreadable packs are never deleted nor repacked
+        if any(bytes(e.chunk_id) in unindexed for e in entries):
+            continue  # the only copies of live chunks the index lost (a base gone): kept whole, never proven dead
         if live_count.get(pack_id, 0) == 0:
             delete.append(pack_id)
         elif live_count[pack_id] < len(entries) and live_bytes[pack_id] < repack_below * view.sizes[pack_id]:
             repack.append(pack_id)  # a fully live pack is never rewritten, whatever its overhead
     return dead, delete, repack, location
+
+
+def _unindexed_live(view: StoreView, live: set[bytes], location: dict[bytes, bytes]) -> set[bytes]:
+    """Live chunks the index names nowhere, but a pack holds (reconcile drops a delta whose base
+    chain no longer resolves: a later save of the base's bytes heals it, so its record must stay).
+    The delta bases those records name are added to ``live`` (transitively) and to the result
+    where the index does not name them either."""
+    held: dict[bytes, list[bytes]] = {}  # chunk -> the bases its copies name
+    for entries in view.packs.values():
+        for e in entries:
+            held.setdefault(bytes(e.chunk_id), [])
+            if e.base_id is not None and needs_base(e.codec):
+                held[bytes(e.chunk_id)].append(bytes(e.base_id))
+    unindexed = {cid for cid in live if cid not in location and cid in held}
+    stack = list(unindexed)
+    while stack:
+        for base in held.get(stack.pop(), ()):
+            if base not in live:
+                live.add(base)
+            if base not in location and base in held and base not in unindexed:
+                unindexed.add(base)
+                stack.append(base)
+    return unindexed
+
+
+def _index_healed(repo: Repository, view: StoreView, live: set[bytes], location: dict[bytes, bytes]) -> bool:
+    """Index the live chunks the index lost whose copies resolve to a keyframe again (a save wrote
+    the lost base anew after ``check --repair``): the snapshots that need them load again."""
+    unindexed = _unindexed_live(view, live, location)
+    if not unindexed:
+        return False
+    chosen = choose_copies(view.copies())
+    heal = [(cid, chosen[cid][0]) for cid in unindexed if cid in chosen]
+    if heal:
+        repo.index.apply(put_chunks=heal)
+    return bool(heal)
 
 
 def _size(path: Path) -> int:
