@@ -143,6 +143,7 @@ class Store:
         self.pack_cache = PackCache(local_dir / "pack-cache", 0 if self.is_local else budget_from_env())
         #: the key of every pack seen (data packs end in .pack, manifest packs in .meta)
         self._pack_keys: dict[PackId, str] = {}
+        self._store_reads = 0  # > 0: reads bypass the pack cache (see reading_the_store)
         self._keys_lock = threading.Lock()
         #: lock objects this process holds -> when each was last written (refreshed)
         self._held: dict[str, float] = {}
@@ -208,7 +209,20 @@ class Store:
         return self.backend.hold_open()
 
     def _cached(self, pack_id: PackId) -> Path | None:
-        return self.pack_cache.path_of(pack_id) if self.pack_cache.enabled else None
+        if self._store_reads or not self.pack_cache.enabled:
+            return None
+        return self.pack_cache.path_of(pack_id)
+
+    @contextlib.contextmanager
+    def reading_the_store(self) -> Iterator[None]:
+        """Meanwhile every pack read goes to the store, never to this machine's pack cache: what
+        ``verify`` and ``check`` judge is the store's bytes (a cached copy may be intact while the
+        bucket's is damaged, and every other machine reads the bucket)."""
+        self._store_reads += 1
+        try:
+            yield
+        finally:
+            self._store_reads -= 1
 
     def has_local_copy(self, pack_id: PackId) -> bool:
         """True if reads of this pack are served from this machine (a local repository, or a remote

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -939,8 +940,9 @@ class Repository:
         is kept in the store (``status/verify.json``) for ``cas serve``'s metrics.
         """
         only = {self.resolve(s).id for s in snapshots} if snapshots is not None else None
-        report = self._with_index_recovery(
-            lambda: verify_repository(self, read_data=read_data, progress=progress, only=only))
+        with self._store.reading_the_store() if read_data else contextlib.nullcontext():
+            report = self._with_index_recovery(
+                lambda: verify_repository(self, read_data=read_data, progress=progress, only=only))
         if record and only is None:
             dr.record_verify(self, report.ok, read_data, len(report.problems))
         return report
@@ -1008,7 +1010,8 @@ class Repository:
     def check(self, *, repair: bool = False) -> CheckReport:
         """Find damaged packs; with ``repair``, keep what is readable and unindex what is lost."""
         heal = dr.heal_sources(self) if repair else []
-        return self._with_index_recovery(lambda: check_repository(self, repair=repair, heal_from=heal))
+        with self._store.reading_the_store():  # the store's bytes are judged, not this machine's cached copies
+            return self._with_index_recovery(lambda: check_repository(self, repair=repair, heal_from=heal))
 
     # disaster recovery: replicas, sync, failover, tiers ------------------------
     def add_replica(

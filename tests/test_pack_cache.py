@@ -114,3 +114,21 @@ def test_cache_off_and_a_fresh_cache_restore_with_few_requests(
         packs = len(repo._store.list_packs())
     # batched: about one request per pack (links prefetched in one batch per pack), not one per chunk
     assert gets[".pack"] <= 2 * packs < chunks, (gets, packs)
+
+
+def test_verify_and_check_judge_the_bucket_not_the_cached_copy(s3_url: str, s3_bucket: str, admin_client: Any) -> None:
+    """A pack damaged in the bucket while this machine's cached copy is intact: a load here would
+    succeed, every other machine's would fail; verify and check on this machine must say so."""
+    sd0 = series(11)
+    with cas.Repository.init(s3_url, chunk_size=64 * 1024) as repo:
+        repo.save(sd0, "a")
+        assert cached_packs(repo)
+        key = next(o["Key"] for o in admin_client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+                   if o["Key"].endswith(".pack"))
+        body = bytearray(admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+        body[len(body) // 3] ^= 0x01  # a payload byte: the size and footer still check
+        admin_client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+        assert_same(repo.load("a"), sd0)  # served from the intact cached copy
+        report = repo.verify(read_data=True)
+        assert not report.ok and any("does not match its hash" in p for p in map(str, report.problems)), report
+        assert key.rsplit("/", 1)[-1].removesuffix(".pack") in repo.check().damaged_packs
