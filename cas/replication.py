@@ -34,16 +34,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cas.backends import Backend
+from cas.codec import decode, needs_base
 from cas.errors import (
     CasError,
     ConfigError,
+    CorruptionError,
+    FormatVersionError,
     ObjectNotFoundError,
     PackCorruptError,
     PreconditionFailedError,
 )
-from cas.ids import PackId, SnapshotId
+from cas.ids import PackId, SnapshotId, hash_bytes
 from cas.layout import CONFIG_KEY, INDEXES, PACK_KEY, PACKS, REFS, Store
-from cas.pack import MemorySource, check_structure
+from cas.pack import MemorySource, PackEntry, check_structure
 from cas.topology import TOPOLOGY_KEY
 
 log = logging.getLogger("cas")
@@ -121,12 +124,49 @@ def _copy_checked(source: Backend, target: Backend, key: str) -> int:
     data = source.read(key)
     m = PACK_KEY.fullmatch(key)
     if m:
-        check_structure(MemorySource(key.rsplit("/", 1)[-1], data), PackId(bytes.fromhex(m.group(2))))
+        entries = check_structure(MemorySource(key.rsplit("/", 1)[-1], data), PackId(bytes.fromhex(m.group(2))))
+        _check_payloads(key, data, entries)
     try:
         target.write(key, data, mode="create")
     except PreconditionFailedError:
         return 0  # already there (immutable and content-named: the same object)
     return len(data)
+
+
+def _check_payloads(key: str, data: bytes, entries: list[PackEntry]) -> None:
+    """Decode and BLAKE3-hash every record whose chain resolves inside the pack (keyframes, and
+    deltas on a base in the same pack): one that does not match its id is a damaged pack.
+    A delta on a base in another pack is checked by every read on the replica."""
+    view = memoryview(data)
+    by_id = {bytes(e.chunk_id): e for e in entries}
+    bases = {bytes(e.base_id) for e in entries if e.base_id is not None and needs_base(e.codec)}
+    decoded: dict[bytes, bytes] = {}  # only what a delta in this pack decodes against
+
+    def raw(entry: PackEntry, depth: int) -> bytes | None:
+        cid = bytes(entry.chunk_id)
+        if cid in decoded:
+            return decoded[cid]
+        base: bytes | None = None
+        if needs_base(entry.codec):
+            base_entry = by_id.get(bytes(entry.base_id)) if entry.base_id is not None else None
+            if base_entry is None or depth > len(entries):
+                return None
+            base = raw(base_entry, depth + 1)
+            if base is None:
+                return None
+        payload = view[entry.offset:entry.offset + entry.stored_length]
+        try:
+            out = bytes(decode(entry.codec, payload, entry.raw_length, base))
+        except (CorruptionError, FormatVersionError) as exc:
+            raise PackCorruptError(f"pack {key}: chunk {entry.chunk_id.short()} does not decode ({exc})") from None
+        if hash_bytes(out) != cid:
+            raise PackCorruptError(f"pack {key}: chunk {entry.chunk_id.short()} does not match its hash")
+        if cid in bases:
+            decoded[cid] = out
+        return out
+
+    for entry in entries:
+        raw(entry, 0)
 
 
 def _copy_all(source: Backend, target: Backend, keys: list[str], batch_size: int, out: ReplicaRound,

@@ -572,3 +572,25 @@ def test_bad_settings_are_typed_errors_and_change_nothing(tmp_path: Path) -> Non
             repo.set_tiers([{"name": "hot", "url": str(tmp_path / "elsewhere"), "retention": "7d"}])
         assert not (tmp_path / "r" / "topology.json").exists()
         assert repo.topology.sync.mode == "async" and repo.topology.failover is None
+
+
+def test_a_pack_with_a_damaged_payload_is_not_replicated(tmp_path: Path) -> None:
+    """Structure intact, one payload byte flipped: the round decodes and hashes what it copies, so
+    the pack stays on the source, no ref is written, and the replica holds nothing damaged."""
+    primary, mirror = tmp_path / "primary", tmp_path / "mirror"
+    with cas.Repository.init(primary, chunk_size=CHUNK, pack_size=PACK, compression="default") as repo:
+        repo.save(state(1), tag="a")
+        packs = sorted((primary / "packs").rglob("*.pack"), key=lambda p: p.stat().st_size)
+        damaged = packs[-1]
+        raw = bytearray(damaged.read_bytes())
+        raw[len(raw) // 3] ^= 0x01
+        damaged.write_bytes(bytes(raw))
+        repo.add_replica("mirror", mirror)
+        result = repo.replicate()
+        assert not result.ok
+        [round_] = result.rounds
+        [why] = round_.not_copied
+        assert damaged.name in why and "does not match its hash" in why, why
+        assert round_.refs_created == []
+    assert not (mirror / damaged.relative_to(primary)).exists()
+    assert not [p for p in (mirror / "refs").rglob("*") if p.is_file()]
