@@ -594,11 +594,11 @@ def forget(ctx: Context, /, dry_run: bool, save_policy: bool, prune: bool, as_js
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in rules.items()
              if v not in (0, None, ()) and not (k == "mode" and v == "min")}
     with ctx.open() as repo:
-        if save_policy:
-            if not given:
-                raise UsageError("--save-policy needs at least one --keep-* rule")
-            repo.set_retention_policy(None, **given)
+        if save_policy and not given:
+            raise UsageError("--save-policy needs at least one --keep-* rule")
         report = repo.forget(dry_run=dry_run, **given)
+        if save_policy and not dry_run:  # a dry run changes nothing, the stored policy included
+            repo.set_retention_policy(None, **given)
         gc_report = repo.gc() if prune and not dry_run else None
     if as_json:
         emit_json({**report.to_dict(), "gc": gc_report.to_dict() if gc_report else None})

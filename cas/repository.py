@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from cas.codec import check_compression, codec_name
 from cas.errors import (
     AmbiguousSnapshotError,
     ArchivedError,
+    ArgumentError,
     CorruptionError,
     FormatVersionError,
     IndexCorruptError,
@@ -40,7 +43,7 @@ from cas.manifest import SnapshotNode, check_metadata, unpack_node
 from cas.pack import ChunkKind, PackEntry
 from cas.reader import ChunkRead, ChunkReader
 from cas.reports import DiffReport, RebuildReport, Snapshot, StatsReport, VerifyReport
-from cas.retention import ForgetReport, RetentionPolicy, apply_policy
+from cas.retention import ForgetReport, RetentionPolicy, apply_policy, metric_of
 from cas.saver import Fingerprints, PackSinks, chain_extremes, link_cost
 from cas.session import SavedPart, SaveSession
 from cas.store import CHUNK_SIZE_MAX as MAX_CHUNK_SIZE
@@ -960,7 +963,7 @@ class Repository:
     def set_retention_policy(self, policy: RetentionPolicy | None = None, **rules: Any) -> RetentionPolicy | None:
         """Store a retention policy in the config (``None`` and no rules clears it)."""
         if policy is None and rules:
-            policy = RetentionPolicy(**rules)
+            policy = _retention_policy("set_retention_policy", rules)
         with self._store.lock(exclusive=False):
             config = self._reload_config()
             if policy is None or policy.empty:
@@ -989,10 +992,15 @@ class Repository:
         keep_best with metric and mode ("min"/"max"), keep_every_steps. With no rules, the
         policy stored in the config applies. Space returns with ``gc()``.
         """
-        policy = RetentionPolicy(**rules) if rules else self.retention_policy()
+        policy = _retention_policy("forget", rules) if rules else self.retention_policy()
         if policy is None:
             raise UsageError("no retention rule given and none stored in the repository config")
         snaps = self.snapshots()
+        if policy.keep_best and snaps and all(metric_of(s, policy.metric or "") is None for s in snaps):
+            # ranking on a metric no snapshot has would keep none of them: most likely a misspelt name
+            present = sorted({k for s in snaps for k in _metric_names(s)})
+            raise UsageError(f"keep_best: no snapshot has a metric {policy.metric!r}, so nothing would be kept by it; "
+                             f"metrics saved: {', '.join(present) or 'none'}. Nothing was removed")
         reasons, removed = apply_policy(snaps, policy)
         report = ForgetReport(dry_run=dry_run)
         report.kept = [(s, reasons[s.id]) for s in snaps if s.id in reasons]
@@ -1294,3 +1302,21 @@ def _merge_values(target: dict[Any, Any], loaded: dict[Any, Any]) -> None:
             _merge_values(current, value)
         else:
             target[key] = value
+
+
+def _retention_policy(call: str, rules: dict[str, Any]) -> RetentionPolicy:
+    """``RetentionPolicy(**rules)``; a misspelt rule is an ArgumentError naming the rules there are."""
+    names = [f.name for f in dataclasses.fields(RetentionPolicy)]
+    for name in rules:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ArgumentError(f"{call}() got an unexpected keyword argument {name!r}{hint} "
+                                f"(rules: {', '.join(names)})")
+    return RetentionPolicy(**rules)
+
+
+def _metric_names(snap: Snapshot) -> list[str]:
+    metrics = snap.metadata.get("metrics")
+    out = [str(k) for k in metrics] if isinstance(metrics, dict) else []
+    return out + [str(k) for k, v in snap.metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

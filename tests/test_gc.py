@@ -134,6 +134,9 @@ def test_cli_forget_and_gc(tmp_path: Path) -> None:
     assert gc_json["bytes_freed"] == 0
     run("forget", "--keep-last", "1", "--save-policy", "--dry-run", repo=path)
     with cas.Repository.open(path) as repo:
+        assert repo.retention_policy() is None  # a dry run stores nothing either
+    run("forget", "--keep-last", "1", "--save-policy", repo=path)
+    with cas.Repository.open(path) as repo:
         assert repo.retention_policy() == cas.RetentionPolicy(keep_last=1)
     run("index", "rebuild", repo=path)
     assert "ok" in run("verify", "--read-data", repo=path).stdout

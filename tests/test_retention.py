@@ -117,3 +117,34 @@ def test_forget_on_a_repository(tmp_path: Path) -> None:
         assert repo.retention_policy() == RetentionPolicy(keep_last=1)
         repo.forget()
         assert [s.tag for s in repo.snapshots()] == ["step-5"]
+
+
+def test_a_misspelt_metric_or_rule_removes_nothing(tmp_path: Path) -> None:
+    with cas.Repository.init(tmp_path / "r", chunk_size=4096) as repo:
+        for i, loss in enumerate([0.9, 0.5, 0.7]):
+            repo.save({"x": i}, tag=f"step-{i}", metadata={"metrics": {"loss": loss}})
+        with pytest.raises(cas.UsageError, match=r"no snapshot has a metric 'los'.*metrics saved: loss"):
+            repo.forget(keep_best=2, metric="los")
+        with pytest.raises(cas.ArgumentError, match="did you mean 'keep_last'"):
+            repo.forget(keep_lst=1)
+        with pytest.raises(cas.ArgumentError, match="keep_lst"):
+            repo.set_retention_policy(keep_lst=1)
+        assert [s.tag for s in repo.snapshots()] == ["step-0", "step-1", "step-2"]
+        assert repo.retention_policy() is None
+
+
+def test_cli_forget_dry_run_does_not_store_the_policy(tmp_path: Path) -> None:
+    from tests.test_cli import run
+
+    root = tmp_path / "r"
+    with cas.Repository.init(root, chunk_size=4096) as repo:
+        for i in range(3):
+            repo.save({"x": i}, tag=f"step-{i}")
+    run("forget", "--keep-last", "1", "--save-policy", "--dry-run", repo=root)
+    with cas.Repository.open(root) as repo:
+        assert repo.retention_policy() is None
+        assert len(repo.snapshots()) == 3
+    run("forget", "--keep-last", "1", "--save-policy", repo=root)
+    with cas.Repository.open(root) as repo:
+        assert repo.retention_policy() == RetentionPolicy(keep_last=1)
+        assert [s.tag for s in repo.snapshots()] == ["step-2"]
