@@ -127,6 +127,8 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._last_time: float | None = None
         self._last_full_time: float | None = None
+        #: (last step, time, full-save time) before the save in flight, restored if it fails
+        self._rollback: tuple[int | None, float | None, float | None] | None = None
         self._model_bytes = 0
         self._commits = 0
         self._parent_id: str | None = None
@@ -144,10 +146,13 @@ class CheckpointManager:
         fut, self._inflight = self._inflight, None
         if fut is None:
             return
+        rollback, self._rollback = self._rollback, None
         try:
             self.history.append(fut.result())
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised by the next call
             self._error = exc
+            if rollback is not None:  # the step did not commit: the interval counts from the last one that did
+                self._last_step, self._last_time, self._last_full_time = rollback
 
     def wait(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
@@ -206,12 +211,18 @@ class CheckpointManager:
         self._model_bytes = self._stager.staged_bytes
         blocked = time.perf_counter() - started
         now = self.clock()
+        rollback = (self._last_step, self._last_time, self._last_full_time)
         self._last_step, self._last_time = step, now
         if full:
             self._last_full_time = now
         if self._executor is None:
-            self.history.append(self._commit(step, staged, meta, full, started, blocked))
+            try:
+                self.history.append(self._commit(step, staged, meta, full, started, blocked))
+            except BaseException:
+                self._last_step, self._last_time, self._last_full_time = rollback
+                raise
         else:
+            self._rollback = rollback
             self._inflight = self._executor.submit(self._commit, step, staged, meta, full, started, blocked)
         return True
 

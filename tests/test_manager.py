@@ -306,3 +306,29 @@ def test_parent_is_the_runs_own_previous_snapshot(tmp_path: Path) -> None:
         mgr.save(4, {"w": w + 3e-4})
         mgr.wait()
         assert mgr.all_steps() == [3, 4] and mgr.repo.resolve("step-4").parent == mgr.repo.resolve("step-3").id
+
+
+def test_a_failed_background_save_does_not_count_as_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit fails (a storage error injected into the repository's save): the error surfaces on
+    the next call, and the step is due again, so the checkpoint is retried rather than skipped for a
+    whole interval."""
+    mgr = cas.CheckpointManager(tmp_path / "r", policy=cas.EveryNSteps(10))
+    real = mgr.repo.save
+    failing = [True]
+
+    def save(*args: Any, **kwargs: Any) -> Any:
+        if failing[0]:
+            raise cas.StorageError("disk full (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mgr.repo, "save", save)
+    assert mgr.save(10, {"w": torch.ones(4)})
+    with pytest.raises(cas.StorageError, match="injected"):
+        mgr.wait()
+    failing[0] = False
+    assert mgr.should_save(10)  # before the fix: False until step 20
+    assert mgr.save(10, {"w": torch.ones(4)})
+    mgr.wait()
+    assert mgr.all_steps() == [10]
+    assert not mgr.should_save(10) and mgr.should_save(20)
+    mgr.close()
