@@ -447,27 +447,36 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
-def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    """``obj`` with every floating-point tensor converted to ``dtype`` (nn.Parameters stay parameters)."""
+def cast_floats(obj: Any, dtype: torch.dtype, _memo: dict[tuple[Any, ...], Any] | None = None) -> Any:
+    """``obj`` with every floating-point tensor converted to ``dtype`` (nn.Parameters stay parameters).
+
+    Tensors that are the same view of one storage (tied weights) stay one tensor after the cast."""
     if not isinstance(dtype, torch.dtype):
         raise UsageError(f"dtype must be a torch.dtype such as torch.bfloat16, not {dtype!r}")
+    if not dtype.is_floating_point:
+        raise UsageError(f"dtype casts floating-point tensors: it must be a floating-point dtype, not {dtype}")
+    memo: dict[tuple[Any, ...], Any] = {} if _memo is None else _memo
     if isinstance(obj, torch.Tensor):
         if not obj.is_floating_point() or obj.dtype == dtype:
             return obj
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype,
+               isinstance(obj, torch.nn.Parameter))
+        if obj.numel() and key in memo:
+            return memo[key]
         cast = obj.detach().to(dtype)
-        if isinstance(obj, torch.nn.Parameter):
-            return torch.nn.Parameter(cast, requires_grad=obj.requires_grad)
-        return cast
+        out = torch.nn.Parameter(cast, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else cast
+        memo[key] = out
+        return out
     if isinstance(obj, dict):
-        out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
+        out_dict = type(obj)() if type(obj) in (dict, OrderedDict) else {}
         for k, v in obj.items():
-            out[k] = cast_floats(v, dtype)
+            out_dict[k] = cast_floats(v, dtype, memo)
         meta = getattr(obj, "_metadata", None)
         if meta is not None:
-            out._metadata = meta  # type: ignore[attr-defined]
-        return out
+            out_dict._metadata = meta  # type: ignore[attr-defined]
+        return out_dict
     if type(obj) in (list, tuple):
-        return type(obj)(cast_floats(v, dtype) for v in obj)
+        return type(obj)(cast_floats(v, dtype, memo) for v in obj)
     return obj
 
 

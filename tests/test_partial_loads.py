@@ -62,6 +62,17 @@ def test_dtype_casts_floating_tensors_only(repo: Any) -> None:
     assert isinstance(out["p"], torch.nn.Parameter) and out["p"].dtype == torch.bfloat16
     with pytest.raises(cas.UsageError, match=r"torch\.dtype"):
         repo.load("s", dtype="bf16")
+    with pytest.raises(cas.UsageError, match=r"floating-point dtype, not torch\.int32"):
+        repo.load("s", dtype=torch.int32)  # would truncate every float silently
+
+
+def test_dtype_cast_keeps_tied_weights_tied(repo: Any) -> None:
+    shared = torch.randn(8, 4)
+    repo.save({"embed.weight": shared, "head.weight": shared, "other": torch.randn(3)}, tag="tied")
+    out = repo.load("tied", dtype=torch.bfloat16)
+    assert out["embed.weight"] is out["head.weight"]
+    assert torch.equal(out["embed.weight"], shared.to(torch.bfloat16))
+    assert out["other"].dtype == torch.bfloat16
 
 
 def test_load_into_lenient_reports_missing_and_unexpected(repo: Any) -> None:
