@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from typing import Any, TypeVar
 
 from cas.errors import ArgumentError
@@ -28,16 +28,21 @@ def checked_kwargs(fn: F, owner: str | None = None) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for name in kwargs:
-            if name not in names:
-                close = difflib.get_close_matches(name, shown, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ArgumentError(
-                    f"{qual}() got an unexpected keyword argument {name!r}{hint} (it takes: {', '.join(shown)})"
-                )
+        check_names(qual, kwargs, names, shown)
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_names(qual: str, given: Iterable[str], names: Container[str], shown: list[str]) -> None:
+    """An ArgumentError for the first of ``given`` not in ``names`` (the closest of ``shown`` as a hint)."""
+    for name in given:
+        if name not in names:
+            close = difflib.get_close_matches(name, shown, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ArgumentError(
+                f"{qual}() got an unexpected keyword argument {name!r}{hint} (it takes: {', '.join(shown)})"
+            )
 
 
 def check_public_kwargs(cls: C) -> C:

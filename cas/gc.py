@@ -144,8 +144,8 @@ def collect_garbage(repo: Repository, *, repack_below: float = 0.5, dry_run: boo
             report.live_chunks = len(live)
             report.mark_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            dead, delete, repack, location = _plan(repo, view, live, repack_below)
-            if not dry_run and attempt < 3 and _index_healed(repo, view, live, location):
+            dead, delete, repack, location, unindexed = _plan(repo, view, live, repack_below)
+            if not dry_run and attempt < 3 and _index_healed(repo, view, unindexed):
                 continue  # live chunks whose chains resolve again (a base re-saved): indexed, plan again
             # A pack about to go may hold the only good copy of a live chunk the index places elsewhere
             # (a duplicate): drop it only once the indexed copy verifies; else the index is pointed at
@@ -225,8 +225,9 @@ def _footer_bytes(entries: list[PackEntry]) -> bytes:
 
 def _plan(
     repo: Repository, view: StoreView, live: set[bytes], repack_below: float
-) -> tuple[list[bytes], list[PackId], list[PackId], dict[bytes, bytes]]:
-    """Dead index entries, packs to delete, packs to repack, and where each live chunk is indexed."""
+) -> tuple[list[bytes], list[PackId], list[PackId], dict[bytes, bytes], set[bytes]]:
+    """Dead index entries, packs to delete, packs to repack, where each live chunk is indexed, and the
+    live chunks the index names nowhere (see ``_unindexed_live``)."""
     live_bytes: dict[bytes, int] = defaultdict(int)  # what the live records take in the file
     live_count: dict[bytes, int] = defaultdict(int)
     location: dict[bytes, bytes] = {}
@@ -249,7 +250,7 @@ def _plan(
             delete.append(pack_id)
         elif live_count[pack_id] < len(entries) and live_bytes[pack_id] < repack_below * view.sizes[pack_id]:
             repack.append(pack_id)  # a fully live pack is never rewritten, whatever its overhead
-    return dead, delete, repack, location
+    return dead, delete, repack, location, unindexed
 
 
 def _unindexed_live(view: StoreView, live: set[bytes], location: dict[bytes, bytes]) -> set[bytes]:
@@ -275,10 +276,9 @@ def _unindexed_live(view: StoreView, live: set[bytes], location: dict[bytes, byt
     return unindexed
 
 
-def _index_healed(repo: Repository, view: StoreView, live: set[bytes], location: dict[bytes, bytes]) -> bool:
+def _index_healed(repo: Repository, view: StoreView, unindexed: set[bytes]) -> bool:
     """Index the live chunks the index lost whose copies resolve to a keyframe again (a save wrote
     the lost base anew after ``check --repair``): the snapshots that need them load again."""
-    unindexed = _unindexed_live(view, live, location)
     if not unindexed:
         return False
     chosen = choose_copies(view.copies())

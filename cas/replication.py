@@ -156,14 +156,15 @@ def _check_payloads(key: str, data: bytes, entries: list[PackEntry]) -> None:
                 return None
         payload = view[entry.offset:entry.offset + entry.stored_length]
         try:
-            out = bytes(decode(entry.codec, payload, entry.raw_length, base))
+            out = memoryview(decode(entry.codec, payload, entry.raw_length, base)).cast("B")
         except (CorruptionError, FormatVersionError) as exc:
             raise PackCorruptError(f"pack {key}: chunk {entry.chunk_id.short()} does not decode ({exc})") from None
         if hash_bytes(out) != cid:
             raise PackCorruptError(f"pack {key}: chunk {entry.chunk_id.short()} does not match its hash")
-        if cid in bases:
-            decoded[cid] = out
-        return out
+        if cid not in bases:
+            return b""  # checked; nothing here decodes against it
+        decoded[cid] = bytes(out)
+        return decoded[cid]
 
     for entry in entries:
         raw(entry, 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -15,13 +14,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cas import dr, tiering
-from cas.arguments import check_public_kwargs
+from cas.arguments import check_names, check_public_kwargs
 from cas.check import CheckReport, check_repository
 from cas.codec import check_compression, codec_name
 from cas.errors import (
     AmbiguousSnapshotError,
     ArchivedError,
-    ArgumentError,
     CorruptionError,
     FormatVersionError,
     IndexCorruptError,
@@ -1307,12 +1305,7 @@ def _merge_values(target: dict[Any, Any], loaded: dict[Any, Any]) -> None:
 def _retention_policy(call: str, rules: dict[str, Any]) -> RetentionPolicy:
     """``RetentionPolicy(**rules)``; a misspelt rule is an ArgumentError naming the rules there are."""
     names = [f.name for f in dataclasses.fields(RetentionPolicy)]
-    for name in rules:
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ArgumentError(f"{call}() got an unexpected keyword argument {name!r}{hint} "
-                                f"(rules: {', '.join(names)})")
+    check_names(call, rules, names, names)
     return RetentionPolicy(**rules)
 
 
