@@ -89,12 +89,12 @@ class Context:
             raise UsageError("no repository given: pass --repo PATH_OR_URL or set CAS_REPO")
         return self.repo_path
 
-    def open(self) -> Repository:
+    def open(self, check_index: bool = False) -> Repository:
         path = self.path()
         if "://" not in path and Path(path).is_file():
             raise NotARepositoryError(f"{path} is a regular file, not a repository directory; "
                                       "--repo takes the directory `cas init` created")
-        return Repository.open(path, storage_options=self.storage_options or None)
+        return Repository.open(path, storage_options=self.storage_options or None, check_index=check_index)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -487,7 +487,7 @@ def cat(ctx: Context, snapshot: str, key: str, raw: bool, output: Path | None) -
 @pass_ctx
 def verify(ctx: Context, read_data: bool, record: bool, as_json: bool) -> None:
     """Check every snapshot reaches intact chunks; exit 1 on any problem."""
-    with ctx.open() as repo, progress_bar("verifying") as update:
+    with ctx.open(check_index=True) as repo, progress_bar("verifying") as update:
         report = repo.verify(read_data=read_data, progress=update, record=record)
     if as_json:
         emit_json(report.to_dict())
@@ -621,7 +621,7 @@ def forget(ctx: Context, /, dry_run: bool, save_policy: bool, prune: bool, as_js
 @pass_ctx
 def gc(ctx: Context, repack_below: float, dry_run: bool, as_json: bool) -> None:
     """Delete chunks no snapshot reaches; repack sparse packs; remove crash leftovers."""
-    with ctx.open() as repo:
+    with ctx.open(check_index=True) as repo:
         if _lock_is_held(repo):
             click.echo("cas: waiting for the save or restore in flight to finish (gc runs alone)...", err=True)
         report = repo.gc(repack_below=repack_below, dry_run=dry_run)
@@ -663,7 +663,7 @@ def index() -> None:
 @pass_ctx
 def index_rebuild(ctx: Context) -> None:
     """Recreate the LMDB index from pack footers and refs."""
-    with ctx.open() as repo:
+    with ctx.open(check_index=True) as repo:
         report = repo.rebuild_index()
     for pack, why in report.unreadable_packs.items():
         click.echo(f"cas: warning: pack {pack[:12]} is damaged ({why}); kept on disk", err=True)
@@ -682,7 +682,7 @@ def index_rebuild(ctx: Context) -> None:
 @pass_ctx
 def check(ctx: Context, repair: bool, as_json: bool) -> None:
     """Read every pack and chunk; report the snapshots and tensors that lost data. Exit 1 if any."""
-    with ctx.open() as repo:
+    with ctx.open(check_index=True) as repo:
         report = repo.check(repair=repair)
     if as_json:
         emit_json(report.to_dict())

@@ -15,6 +15,9 @@ import contextlib
 import os
 import resource
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -131,12 +134,110 @@ def _lmdb_errors(path: Path, doing: str) -> Iterator[None]:
             "Free space (cas forget + cas gc work on a full disk) and try again"
         ) from None
     except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
-            lmdb.PanicError, lmdb.BadTxnError, lmdb.BadValsizeError) as exc:
+            lmdb.PanicError, lmdb.BadTxnError, lmdb.BadValsizeError, lmdb.BadDbiError, lmdb.IncompatibleError,
+            lmdb.CursorFullError, lmdb.PageFullError) as exc:
         raise IndexCorruptError(
             f"the index at {path} is damaged ({exc}) while {doing}; `cas index rebuild` recreates it from the packs"
         ) from None
     except lmdb.Error as exc:
         raise RepositoryError(f"the index at {path} failed while {doing}: {exc}") from None
+
+
+# What an index file still holds, read by a child process: LMDB trusts its pages, so a damaged
+# one can send a read past the end of the file (SIGBUS) and kill the reader. The child takes
+# that risk; a rebuild learns from its death that the old index is damaged and goes on.
+_DUMP_IN_CHILD = r"""
+import struct, sys
+import lmdb
+out = sys.stdout.buffer
+env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=8, subdir=True, map_size=int(sys.argv[2]))
+for tag, name in ((b"c", b"chunks"), (b"s", b"snapshots")):
+    db = env.open_db(name, create=False)
+    with env.begin(db=db) as txn:
+        for key, value in txn.cursor():
+            key, value = bytes(key), bytes(value)
+            out.write(tag + struct.pack("<II", len(key), len(value)) + key + value)
+out.write(b"E")
+out.flush()
+if len(sys.argv) > 3:  # a write on a copy: the pages only writes touch (the free list) must hold too
+    import os, shutil
+    try:
+        shutil.copyfile(os.path.join(sys.argv[1], "data.mdb"), os.path.join(sys.argv[3], "data.mdb"))
+    except OSError as exc:
+        sys.stderr.write(f"no copy to write: {exc}")
+        sys.exit(3)
+    copy = lmdb.open(sys.argv[3], map_size=int(sys.argv[2]), max_dbs=8, subdir=True, sync=False, metasync=False)
+    with copy.begin(write=True) as txn:
+        for name in (b"chunks", b"packs", b"snapshots"):
+            txn.drop(copy.open_db(name, txn=txn, create=False), delete=False)
+    copy.close()
+out.write(b"W")
+out.flush()
+"""
+_DUMP_RECORD = struct.Struct("<II")
+
+
+@dataclass
+class IndexContents:
+    """What an old index still holds: chunk locations whose checksum holds, cached snapshot nodes
+    (unchecked: callers hash them), and why the file is damaged (None: every page read cleanly)."""
+
+    chunks: list[tuple[ChunkId, ChunkLocation]]
+    snapshot_nodes: dict[bytes, bytes]
+    damage: str | None
+
+
+def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
+    """Every chunk location and snapshot node of the index at ``path``, read in a child process
+    (no lmdb call of this process touches the file), which then clears a scratch copy of it
+    (a write reads the free list, which no read touches). What the child wrote before it died
+    or failed is kept; the death itself is reported as damage."""
+    contents = IndexContents([], {}, None)
+    if not (path / "data.mdb").exists():
+        return contents
+    out = b""
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".index-probe-") as scratch:
+            done = subprocess.run(
+                [sys.executable, "-c", _DUMP_IN_CHILD, str(path), str(_map_size(path)), scratch],
+                capture_output=True, timeout=timeout, check=False,
+            )
+    except subprocess.TimeoutExpired as exc:
+        out, contents.damage = exc.stdout or b"", f"reading it took over {timeout:.0f} s"
+    except OSError as exc:
+        return IndexContents([], {}, f"no process could read it ({exc})")
+    else:
+        out = done.stdout
+        wrote = out.endswith(b"EW")
+        out = out[:-1] if wrote else out
+        if done.returncode < 0:
+            doing = "clearing a copy of it" if out.endswith(b"E") else "reading it"
+            contents.damage = f"{doing} killed the process (signal {-done.returncode})"
+        elif done.returncode not in (0, 3):  # 3: no room for the scratch copy (the write is not tried)
+            last = (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            contents.damage = f"reading it failed: {last[:300]}"
+    pos, bad = 0, 0
+    while pos < len(out) and out[pos:pos + 1] in (b"c", b"s"):
+        head = pos + 1 + _DUMP_RECORD.size
+        if head > len(out):
+            break
+        klen, vlen = _DUMP_RECORD.unpack_from(out, pos + 1)
+        if head + klen + vlen > len(out):
+            break
+        key, value = out[head:head + klen], out[head + klen:head + klen + vlen]
+        if out[pos:pos + 1] == b"s":
+            contents.snapshot_nodes[key] = value
+        else:
+            try:
+                contents.chunks.append((ChunkId(key), decode_location(key, value)))
+            except IndexCorruptError:
+                bad += 1
+        pos = head + klen + vlen
+    if contents.damage is None and out[pos:] != b"E":
+        contents.damage = "its contents ended early"
+    if contents.damage is None and bad:
+        contents.damage = f"{bad} chunk entries fail their checksum"
+    return contents
 
 
 # LMDB allows one environment per file per process: Repository objects that open the

@@ -35,7 +35,7 @@ from cas.errors import (
 )
 from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
-from cas.index import Index, drop_env
+from cas.index import Index, IndexContents, SealedPack, drop_env, read_in_child
 from cas.layout import Store, create_store
 from cas.manifest import SnapshotNode, check_metadata, unpack_node
 from cas.pack import ChunkKind, PackEntry
@@ -87,7 +87,9 @@ def _default_threads() -> int:
 class Repository:
     """A cas repository on local disk. Use ``Repository.init`` or ``Repository.open``."""
 
-    def __init__(self, store: Store, config: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(
+        self, store: Store, config: dict[str, Any], threads: int | None = None, *, check_index: bool = False
+    ) -> None:
         self._store = store
         self.config = config
         #: where the repository is: a directory, or an object-store URL (``s3://BUCKET/PREFIX``)
@@ -103,13 +105,24 @@ class Repository:
         self.topology = dr.default_topology(store.url)
         self._dr = dr.DrState(store.backend)
         self._last_replication: dr.ReplicationReport | None = None
-        try:
-            self.index = Index(store.index_dir)
-            damaged_index = False
-        except IndexCorruptError as exc:
-            log.warning("cas: %s; rebuilding it from the packs", exc)
-            self.index = self._fresh_index()
-            damaged_index = True
+        self._old_index: IndexContents | None = None  # read in a child: what rebuild learns from
+        damaged_index = False
+        if check_index:
+            self._old_index = read_in_child(store.index_dir)
+            if self._old_index.damage is None:
+                self._old_index = None  # sound: nothing to keep (a rebuild reads it again)
+            else:
+                log.warning("cas: the index at %s is damaged (%s); rebuilding it from the packs",
+                            store.index_dir, self._old_index.damage)
+                self.index = self._fresh_index()
+                damaged_index = True
+        if not damaged_index:
+            try:
+                self.index = Index(store.index_dir)
+            except IndexCorruptError as exc:
+                log.warning("cas: %s; rebuilding it from the packs", exc)
+                self.index = self._fresh_index()
+                damaged_index = True
         self.reader = ChunkReader(store, self.index)
         try:
             self._check_index(damaged_index)
@@ -142,9 +155,8 @@ class Repository:
             if not rebuild:
                 rebuild = self.index.chunk_count() == 0 and bool(on_disk)
             stale = not rebuild and bool(set(self.index.packs()) - on_disk)
-        except IndexCorruptError as exc:
+        except IndexCorruptError as exc:  # rebuild reads what it still holds in a child, then replaces it
             log.warning("cas: %s; rebuilding it from the packs", exc)
-            self.reader.index = self.index = self._replace_index()
             rebuild, stale = True, False
         if rebuild:
             self.rebuild_index()
@@ -209,12 +221,19 @@ class Repository:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, threads: int | None = None, storage_options: dict[str, Any] | None = None
+        cls, path: str | os.PathLike[str], *, threads: int | None = None, storage_options: dict[str, Any] | None = None,
+        check_index: bool = False,
     ) -> Repository:
-        """Open an existing repository (a directory or a URL, as ``init``); a clear error if it is not one."""
+        """Open an existing repository (a directory or a URL, as ``init``); a clear error if it is not one.
+
+        ``check_index=True`` first reads the whole local index in a child process, and rebuilds
+        it from the packs if that fails: LMDB trusts its pages, and a damaged one can kill the
+        process that reads it (SIGBUS). ``cas check``, ``gc``, ``verify`` and ``index rebuild``
+        open this way; it costs one pass over the index.
+        """
         store, config, topology, state = dr.open_repository_store(path, storage_options)
         try:
-            repo = cls(store, config, threads)
+            repo = cls(store, config, threads, check_index=check_index)
         except BaseException:
             state.close()
             raise
@@ -1113,31 +1132,31 @@ class Repository:
         return self.topology.to_yaml()
 
     # index recovery -----------------------------------------------------------
-    def _verified_cached_nodes(self) -> dict[bytes, bytes]:
-        """Snapshot nodes the index caches that still hash to their ids (a damaged index gives none)."""
-        out: dict[bytes, bytes] = {}
-        try:
-            for sid in self.index.snapshot_ids():
-                node = self.index.snapshot_node(sid)
-                if node is not None and hash_bytes(node) == sid:
-                    out[sid] = node
-        except IndexCorruptError:
-            return {}
-        return out
-
-    def _store_nodes(self, nodes: dict[bytes, bytes]) -> None:
-        """Write verified manifest nodes into a new pack and index them (what a recovery found only
-        in a cache goes back into the store, so it no longer depends on the cache)."""
+    def _write_nodes(self, nodes: dict[bytes, bytes]) -> list[SealedPack]:
+        """Write verified manifest nodes into a new pack (durable before this returns)."""
         sink = self.pack_sinks("nodes")
         try:
             for cid, node in nodes.items():
                 sink.add(ChunkId(cid), ChunkKind.NODE, 0, node, len(node))
-            packs = sink.finish()
+            return sink.finish()
         except BaseException:
             sink.abort()
             raise
-        self.index.commit(packs, replace=set(nodes))
+
+    def _store_nodes(self, nodes: dict[bytes, bytes]) -> None:
+        """Write verified manifest nodes into a new pack and index them (what a recovery found only
+        in a cache goes back into the store, so it no longer depends on the cache)."""
+        self.index.commit(self._write_nodes(nodes), replace=set(nodes))
         log.warning("cas: %d snapshot nodes found only in the index cache were stored again", len(nodes))
+
+    def _unreadable_nodes(self, nodes: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        out = {}
+        for sid, node in nodes.items():
+            try:
+                self.reader.read(ChunkId(sid), "rebuild")
+            except (CorruptionError, FormatVersionError, IndexCorruptError):
+                out[sid] = node
+        return out
 
     def rebuild_index(self) -> RebuildReport:
         """Recreate the index from pack footers and snapshot nodes.
@@ -1146,35 +1165,46 @@ class Repository:
         delta whose base gc collected is never preferred to an intact copy elsewhere). Packs
         whose footer does not check stay on disk, and what in them still verifies is indexed
         where it lies; the report lists them (`cas check --repair` salvages them).
+
+        The old index is read by a child process first (a damaged LMDB page can kill its
+        reader): what it still holds serves as hints, and snapshot nodes only its cache holds
+        are stored again. When it is damaged it is moved aside, never written or cleared.
         """
         with self._store.lock(exclusive=True):
             self.reader.clear_cache()
             view = scan_store(self._store)
+            old, self._old_index = self._old_index, None
+            moved_aside = old is not None and old.damage is not None  # at open: this index is new and empty
+            if old is None or not moved_aside:
+                old = read_in_child(self.index.path)
             hints: dict[PackId, list[PackEntry]] = {}
-            try:  # what the old index knew of damaged packs: candidates for salvage, verified there
-                for cid, loc in self.index.iter_chunks():
-                    if loc.pack_id in view.unreadable:
-                        hints.setdefault(loc.pack_id, []).append(PackEntry(
-                            cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))
-            except IndexCorruptError:
-                hints.clear()
-            kept_nodes = self._verified_cached_nodes()
-            # nodes only the cache still holds go back into the store first: a crash after the clear
-            # below must not take them with the cache
-            cache_only = {}
-            for sid, node in kept_nodes.items():
-                try:
-                    self.reader.read(ChunkId(sid), "rebuild")
-                except (CorruptionError, FormatVersionError, IndexCorruptError):
-                    cache_only[sid] = node
+            for cid, loc in old.chunks:  # what the old index knew of damaged packs: salvage candidates
+                if loc.pack_id in view.unreadable:
+                    hints.setdefault(loc.pack_id, []).append(PackEntry(
+                        cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))
+            kept_nodes = {sid: node for sid, node in old.snapshot_nodes.items() if hash_bytes(node) == sid}
+            # nodes only the cache still holds go into the store first (not into the old index,
+            # which may refuse writes): a crash after the clear below must not take them with it
+            in_footers = {bytes(e.chunk_id) for entries in view.packs.values() for e in entries}
+            cache_only = {sid: node for sid, node in kept_nodes.items() if sid not in in_footers}
+            if old.damage is None:
+                cache_only.update(self._unreadable_nodes(
+                    {sid: node for sid, node in kept_nodes.items() if sid not in cache_only}))
             if cache_only:
-                self._store_nodes(cache_only)
+                self._write_nodes(cache_only)
+                log.warning("cas: %d snapshot nodes found only in the index cache were stored again",
+                            len(cache_only))
                 view = scan_store(self._store)
-            try:
-                self.index.clear()
-            except IndexCorruptError as exc:  # its pages are damaged: a new one (it is only a cache)
-                log.warning("cas: %s; starting a new index", exc)
-                self.reader.index = self.index = self._replace_index()
+            if old.damage is not None:
+                if not moved_aside:
+                    log.warning("cas: the index at %s is damaged (%s); starting a new one", self.index.path, old.damage)
+                    self.reader.index = self.index = self._replace_index()
+            else:
+                try:
+                    self.index.clear()
+                except IndexCorruptError as exc:  # its pages are damaged: a new one (it is only a cache)
+                    log.warning("cas: %s; starting a new index", exc)
+                    self.reader.index = self.index = self._replace_index()
             found = reconcile(self.index, view, self.reader, announce=False, hints=hints)
             report = RebuildReport(
                 chunks=self.index.chunk_count(), packs=len(view.packs) + len(view.unreadable),
@@ -1192,6 +1222,9 @@ class Repository:
                         snapshots.append((sid, kept_nodes[sid]))
                     else:
                         report.unreadable_snapshots[name] = str(exc)
+            if old.damage is not None:  # not read through the old index above: read through the new one
+                restore.update(self._unreadable_nodes(
+                    {sid: node for sid, node in kept_nodes.items() if sid not in cache_only and sid not in restore}))
             if restore:
                 self._store_nodes(restore)
             self.index.apply(put_snapshots=snapshots)
