@@ -8,6 +8,7 @@ background save are raised by the next call. Snapshots are tagged ``step-<step>`
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 import time
@@ -84,8 +85,18 @@ class CheckpointManager:
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if busy not in ("wait", "skip"):
-            raise UsageError(f"busy must be 'wait' or 'skip', got {busy!r}")
+        if not isinstance(busy, str) or busy not in ("wait", "skip"):
+            raise UsageError(f"CheckpointManager: busy must be 'wait' or 'skip', got {busy!r}")
+        if policy is not None and not all(callable(getattr(policy, m, None))
+                                          for m in ("due", "full_due", "retention_seconds")):
+            raise UsageError(f"CheckpointManager: policy must be None or an interval policy such as "
+                             f"cas.EveryNSteps(100), cas.EverySeconds(600), cas.YoungDaly(mtbf_s=...) or "
+                             f"cas.StagePolicy('middle'), got {policy!r} ({type(policy).__name__})")
+        if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
+            raise UsageError(f"CheckpointManager: gc_every must be a non-negative int (0: never gc), "
+                             f"got {gc_every!r} ({type(gc_every).__name__})")
+        # retention arguments are checked before a repository is opened or created
+        rules = _retention_rules(max_to_keep, keep_every_steps, keep_best)
         if isinstance(repo_or_path, Repository):
             self.repo, self._owns_repo = repo_or_path, False
         else:
@@ -102,14 +113,6 @@ class CheckpointManager:
                 self.repo = Repository.init(location)
             self._owns_repo = True
         self.policy = policy
-        rules: dict[str, Any] = {}
-        if max_to_keep:
-            rules["keep_last"] = max_to_keep
-        if keep_every_steps:
-            rules["keep_every_steps"] = keep_every_steps
-        if keep_best:
-            metric, mode, n = keep_best
-            rules.update(keep_best=n, metric=metric, mode=mode)
         self.retention = RetentionPolicy(**rules) if rules else None
         self.async_save = async_save
         self.busy = busy
@@ -187,7 +190,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise UsageError("this CheckpointManager is closed")
-        if not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise UsageError(f"step must be a non-negative int, got {step!r}")
         self._raise_pending()
         if not force and not self.should_save(step):
@@ -349,6 +352,45 @@ class CheckpointManager:
 
 
 check_public_kwargs(CheckpointManager)  # a misspelt keyword argument is a typed ArgumentError
+
+
+KEEP_BEST_FORM = "keep_best=(metric, mode, n), e.g. keep_best=('loss', 'min', 2): the 2 snapshots of lowest loss"
+
+
+def _count(name: str, value: object) -> int:
+    """``max_to_keep`` / ``keep_every_steps``: None or 0 (no rule), or a positive int."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise UsageError(f"CheckpointManager: {name} must be None (no limit) or a positive int, "
+                         f"got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _retention_rules(max_to_keep: object, keep_every_steps: object, keep_best: object) -> dict[str, Any]:
+    """The RetentionPolicy arguments of the manager's keep_* arguments; a bad one is a UsageError naming it."""
+    rules: dict[str, Any] = {}
+    if keep_last := _count("max_to_keep", max_to_keep):
+        rules["keep_last"] = keep_last
+    if every := _count("keep_every_steps", keep_every_steps):
+        rules["keep_every_steps"] = every
+    if keep_best is None:
+        return rules
+    if not isinstance(keep_best, (tuple, list)) or len(keep_best) != 3:
+        raise UsageError(f"CheckpointManager: keep_best must be a (metric, mode, n) tuple, got {keep_best!r}; "
+                         f"write {KEEP_BEST_FORM}")
+    metric, mode, n = keep_best
+    if not isinstance(metric, str) or not metric:
+        raise UsageError(f"CheckpointManager: keep_best's metric must be a metric name (a non-empty str, a key "
+                         f"of save(metrics=...)), got {metric!r}; write {KEEP_BEST_FORM}")
+    if not isinstance(mode, str) or mode not in ("min", "max"):
+        raise UsageError(f"CheckpointManager: keep_best's mode must be 'min' (lower is better) or 'max', "
+                         f"got {mode!r}; write {KEEP_BEST_FORM}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise UsageError(f"CheckpointManager: keep_best's n (how many best snapshots to keep) must be a positive "
+                         f"int, got {n!r} ({type(n).__name__}); write {KEEP_BEST_FORM}")
+    rules.update(keep_best=int(n), metric=metric, mode=mode)
+    return rules
 
 
 def _is_live(value: Any) -> bool:

@@ -7,14 +7,40 @@ and answer whether a save is due now. ``CheckpointManager.should_save`` asks the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
+from cas.arguments import check_public_kwargs
 from cas.errors import UsageError
 
 HOUR = 3600.0
 DAY = 24 * HOUR
 BIG_MODEL_BYTES = 100 * 10**9
 BIG_MODEL_STRETCH = 1.5
+
+
+def _got(value: object) -> str:
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def check_positive_int(owner: str, name: str, value: object) -> None:
+    """A UsageError unless ``value`` is an integer >= 1 (a bool or a float such as 10.0 is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(f"{owner}: {name} must be a positive integer (1, 2, ...), {_got(value)}")
+
+
+def check_seconds(owner: str, name: str, value: object, *, zero_ok: bool = False) -> None:
+    """A UsageError unless ``value`` is a finite number of seconds, > 0 (>= 0 with ``zero_ok``)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero_ok):  # type: ignore[operator]  # a Real when ok
+        bound = "finite and >= 0" if zero_ok else "finite and > 0"
+        raise UsageError(f"{owner}: {name} must be a number of seconds ({bound}), {_got(value)}")
+
+
+def check_stage(owner: str, stage: object, stages: dict[str, Any]) -> None:
+    if not isinstance(stage, str) or stage not in stages:
+        raise UsageError(f"{owner}: unknown stage {stage!r}; stages: {', '.join(map(repr, stages))}")
 
 
 @dataclass
@@ -48,8 +74,7 @@ class EveryNSteps(IntervalPolicy):
     steps: int
 
     def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise UsageError(f"EveryNSteps needs a positive step count, got {self.steps}")
+        check_positive_int("EveryNSteps", "steps", self.steps)
 
     def due(self, state: SaveState) -> bool:
         return state.step % self.steps == 0 if state.last_step is None else state.step - state.last_step >= self.steps
@@ -60,8 +85,7 @@ class EverySeconds(IntervalPolicy):
     seconds: float
 
     def __post_init__(self) -> None:
-        if self.seconds <= 0:
-            raise UsageError(f"EverySeconds needs a positive interval, got {self.seconds}")
+        check_seconds("EverySeconds", "seconds", self.seconds)
 
     def due(self, state: SaveState) -> bool:
         return state.last_time is None or state.now - state.last_time >= self.seconds
@@ -101,12 +125,22 @@ class YoungDaly(IntervalPolicy):
     default_cost_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.mtbf_s <= 0:
-            raise UsageError(f"mtbf_s must be positive, got {self.mtbf_s}")
-        if self.formula not in ("young", "daly"):
-            raise UsageError(f"formula must be 'young' or 'daly', got {self.formula!r}")
-        if self.stage not in self.stage_factors:
-            raise UsageError(f"unknown stage {self.stage!r}; stages: {', '.join(self.stage_factors)}")
+        check_seconds("YoungDaly", "mtbf_s", self.mtbf_s)
+        if not isinstance(self.formula, str) or self.formula not in ("young", "daly"):
+            raise UsageError(f"YoungDaly: formula must be 'young' or 'daly', {_got(self.formula)}")
+        if self.save_cost_s is not None:
+            check_seconds("YoungDaly", "save_cost_s", self.save_cost_s, zero_ok=True)
+        check_seconds("YoungDaly", "default_cost_s", self.default_cost_s)
+        if not isinstance(self.stage_factors, dict) or not self.stage_factors:
+            raise UsageError(f"YoungDaly: stage_factors must be a non-empty dict of stage name -> factor, "
+                             f"{_got(self.stage_factors)}")
+        for name, factor in self.stage_factors.items():
+            if not isinstance(name, str):
+                raise UsageError(f"YoungDaly: stage_factors keys must be stage names (str), {_got(name)}")
+            ok = not isinstance(factor, bool) and isinstance(factor, numbers.Real) and math.isfinite(factor)
+            if not ok or factor <= 0:
+                raise UsageError(f"YoungDaly: stage_factors[{name!r}] must be a finite number > 0, {_got(factor)}")
+        check_stage("YoungDaly", self.stage, self.stage_factors)
 
     def interval_s(self, measured_cost_s: float | None, model_bytes: int = 0) -> float:
         cost = self.save_cost_s if self.save_cost_s is not None else measured_cost_s
@@ -126,6 +160,10 @@ class StageRow:
     full_interval_s: float
     incremental_interval_s: float
     retention_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("full_interval_s", "incremental_interval_s", "retention_s"):
+            check_seconds("StageRow", name, getattr(self, name))
 
 
 #: The backup plan this project grew from: per stage, full / incremental interval and retention.
@@ -150,8 +188,14 @@ class StagePolicy(IntervalPolicy):
     table: dict[str, StageRow] = field(default_factory=lambda: dict(STAGE_TABLE))
 
     def __post_init__(self) -> None:
-        if self.stage not in self.table:
-            raise UsageError(f"unknown stage {self.stage!r}; stages: {', '.join(self.table)}")
+        if not isinstance(self.table, dict) or not self.table:
+            raise UsageError(f"StagePolicy: table must be a non-empty dict of stage name -> StageRow, "
+                             f"{_got(self.table)}")
+        for name, row in self.table.items():
+            if not isinstance(name, str) or not isinstance(row, StageRow):
+                raise UsageError(f"StagePolicy: table must map stage names (str) to StageRow(full_interval_s, "
+                                 f"incremental_interval_s, retention_s), got {name!r}: {row!r}")
+        check_stage("StagePolicy", self.stage, self.table)
 
     def _stretch(self, state: SaveState) -> float:
         return BIG_MODEL_STRETCH if state.model_bytes > BIG_MODEL_BYTES else 1.0
@@ -170,3 +214,7 @@ class StagePolicy(IntervalPolicy):
 
     def retention_seconds(self, state: SaveState) -> float | None:
         return self.table[self.stage].retention_s
+
+
+for _cls in (EveryNSteps, EverySeconds, YoungDaly, StageRow, StagePolicy):
+    check_public_kwargs(_cls)  # a misspelt keyword argument is a typed ArgumentError
