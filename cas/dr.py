@@ -23,9 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from cas.backends import Backend, FailoverBackend, TieredBackend, open_backend
 from cas.errors import CasError, ConfigError, FencedError, StorageUnavailableError, UsageError
+from cas.ids import SnapshotId
 from cas.layout import Store, local_dir_for, open_store
+from cas.reach import reached_chunks
 from cas.regions import RegionMonitor, read_epoch
 from cas.replication import ReplicationReport, ensure_replica, replica_lag, sync_round
+from cas.tiering import packs_of
 from cas.topology import (
     FailoverSettings,
     RegionSpec,
@@ -168,8 +171,11 @@ def compose(store: Store, config: dict[str, Any], topology: Topology, state: DrS
     composed = Store(fb, url, local_dir)
     bs = topology.sync.batch_size
 
-    def catch_up(source: str, target: str) -> bool:
-        out = sync_round(_region_store(composed, fb, source), _region_store(composed, fb, target),
+    def catch_up(source: str, target: str, lock_wait_s: float | None = None) -> bool:
+        stores = _region_store(composed, fb, source), _region_store(composed, fb, target)
+        for region_store in stores:  # while writes are paused: a holder of the lock may be waiting on them
+            region_store.lock_wait_s = lock_wait_s or region_store.lock_wait_s
+        out = sync_round(*stores,
                          source_name=source, target_name=target, batch_size=bs,
                          topology_bytes=topology.to_json(), repository_id=str(config["repository_id"]))
         if out.error:
@@ -191,6 +197,13 @@ def compose(store: Store, config: dict[str, Any], topology: Topology, state: DrS
     state.monitor = monitor
     monitor.start()
     return composed
+
+
+def _packs_reached(repo: Repository, snapshot_hex: str) -> set[str]:
+    """The packs (ids, hex) a snapshot needs: its nodes, its chunks and their delta bases."""
+    sid = SnapshotId(bytes.fromhex(snapshot_hex))
+    chunks = [cid for cid, _ in reached_chunks(repo.reader, sid, snapshot_hex[:12])]
+    return {pack_id.hex() for pack_id in packs_of(repo, chunks)}
 
 
 def _region_store(composed: Store, fb: FailoverBackend, name: str) -> Store:
@@ -298,7 +311,7 @@ def replicate(repo: Repository, batch_size: int | None = None, *, only_active: b
     for spec, target in _targets(repo, only_active):
         out = sync_round(source, target, source_name=source_name, target_name=spec.name, batch_size=bs,
                          topology_bytes=topology_bytes, repository_id=str(repo.config["repository_id"]),
-                         gc=lambda st: _replica_gc(repo, st))
+                         gc=lambda st: _replica_gc(repo, st), reaches=lambda sid: _packs_reached(repo, sid))
         try:
             out.lag = replica_lag(source, target, lambda sid: repo._snapshot_node(sid).time_ns / 1e9)
         except CasError as exc:

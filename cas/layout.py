@@ -67,6 +67,9 @@ META_SUFFIX = ".meta"
 LOCK_STALE_S = 600.0
 LOCK_REFRESH_S = 120.0
 LOCK_WAIT_S = 300.0
+#: the flock(2) files of a local repository (never lock objects: a repository reached through
+#: another backend, a local replica opened by its URL, lists them beside its lock objects)
+FLOCK_FILES = frozenset({"locks/gate.lock", "locks/repo.lock"})
 
 
 log = logging.getLogger("cas")
@@ -134,6 +137,8 @@ class Store:
         #: the repository directory of a local repository; for a remote one its cache directory
         self.local_dir = local_dir
         self.is_local = backend.capabilities.local_path is not None
+        #: how long ``lock`` waits for a conflicting holder before a ``LockedError``
+        self.lock_wait_s = LOCK_WAIT_S
         self.tmp_dir = local_dir / "tmp"
         self.index_dir = local_dir / "index"
         self.locks_dir = local_dir / "locks"
@@ -420,10 +425,11 @@ class Store:
     @contextlib.contextmanager
     def _flock(self, exclusive: bool) -> Iterator[None]:
         with open(self.locks_dir / "gate.lock", "a+b") as gate, open(self.locks_dir / "repo.lock", "a+b") as f:
+            deadline = time.monotonic() + self.lock_wait_s
             if exclusive:
-                fcntl.flock(gate.fileno(), fcntl.LOCK_EX)
+                self._flock_until(gate, fcntl.LOCK_EX, deadline)
                 try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                    self._flock_until(f, fcntl.LOCK_EX, deadline)
                     try:
                         yield
                     finally:
@@ -431,15 +437,29 @@ class Store:
                 finally:
                     fcntl.flock(gate.fileno(), fcntl.LOCK_UN)
             else:
-                fcntl.flock(gate.fileno(), fcntl.LOCK_SH)
+                self._flock_until(gate, fcntl.LOCK_SH, deadline)
                 try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                    self._flock_until(f, fcntl.LOCK_SH, deadline)
                 finally:
                     fcntl.flock(gate.fileno(), fcntl.LOCK_UN)
                 try:
                     yield
                 finally:
                     fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _flock_until(self, f: Any, mode: int, deadline: float) -> None:
+        """flock(2), waiting as long as it takes, or (a shorter ``lock_wait_s``) until ``deadline``."""
+        if self.lock_wait_s >= LOCK_WAIT_S:
+            fcntl.flock(f.fileno(), mode)
+            return
+        while True:
+            try:
+                fcntl.flock(f.fileno(), mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockedError(f"{self.describe()} is locked; try again later") from None
+                time.sleep(0.05)
 
     def _live_locks(self, own: str) -> list[dict[str, Any]]:
         """The other lock objects that still count. Age is judged on the store's clock: a lock is
@@ -453,7 +473,7 @@ class Store:
             now = max((info.mtime for info in listed), default=time.time())
         out = []
         for info in listed:
-            if info.key == own or now - info.mtime > LOCK_STALE_S:
+            if info.key == own or now - info.mtime > LOCK_STALE_S or info.key in FLOCK_FILES:
                 continue
             try:
                 body = json.loads(self.backend.read(info.key))
@@ -479,7 +499,7 @@ class Store:
         contenders never both go on."""
         key = f"{LOCKS}{uuid.uuid4().hex}.json"
         kind = "exclusive" if exclusive else "shared"
-        deadline = time.monotonic() + LOCK_WAIT_S
+        deadline = time.monotonic() + self.lock_wait_s
         body: dict[str, Any] = {"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         delay = 0.05
         written = False

@@ -40,6 +40,8 @@ from cas.topology import FailoverSettings, RegionSpec
 
 log = logging.getLogger("cas")
 EPOCH_KEY = "failover/epoch.json"
+#: how long the catch-up made with writes paused waits for a lock (a holder may wait on a write)
+PAUSED_LOCK_WAIT_S = 10.0
 
 
 @dataclass
@@ -97,14 +99,17 @@ def write_epoch(backend: Backend, epoch: int, serving: str) -> None:
 class RegionMonitor:
     """Health of every region and the choice of the serving one (see the module docstring).
 
-    ``catch_up(source, target)`` runs one replication round from region ``source`` into region
-    ``target`` and says whether it completed (failback waits for it).
+    ``catch_up(source, target, lock_wait_s)`` runs one replication round from region ``source``
+    into region ``target`` and says whether it completed (failback waits for it). A failback
+    copies twice: once while writes go on, then again with this process's writes paused, and
+    switches only once that completes; a round after the switch copies what other processes
+    wrote to the old region before they saw the new epoch (retried until it completes).
     """
 
     regions: list[RegionSpec]
     backend: FailoverBackend
     settings: FailoverSettings
-    catch_up: Callable[[str, str], bool]
+    catch_up: Callable[[str, str, float | None], bool]
     epoch: int = 0
     failover_count: int = 0
     transitions: list[Transition] = field(default_factory=list)
@@ -114,6 +119,7 @@ class RegionMonitor:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._owed_catch_up: set[tuple[str, str]] = set()  # (old region, new region) after a failback
         self._probe_pool = ThreadPoolExecutor(max(1, len(self.regions)), thread_name_prefix="cas-health")
         for spec in self.regions:
             self.health[spec.name] = RegionHealth(spec.name, spec.region, spec.url, spec.weight, spec.active)
@@ -229,6 +235,9 @@ class RegionMonitor:
                     h.state = "down"
             self.backend.set_failing({n for n, h in self.health.items() if h.state == "down"})
             self._decide()
+            if self._owed_catch_up and self.settings.auto_failover:
+                self._pay_catch_up()
+        self.backend.delete_stale_locks()
 
     def _decide(self) -> None:
         if not self.settings.auto_failover:
@@ -250,11 +259,31 @@ class RegionMonitor:
             if spec.weight <= weight or spec.name == serving.name:
                 break
             if h.consecutive_successes >= self.settings.recovery_threshold:
-                if self.catch_up(serving.name, spec.name):
-                    self.switch(spec.name, "failback",
-                                f"{spec.name} passed {h.consecutive_successes} health checks and caught up")
+                self._fail_back(serving.name, spec.name, h.consecutive_successes)
                 return
         self._tell_stale()
+
+    def _fail_back(self, old: str, new: str, successes: int) -> None:
+        if not self.catch_up(old, new, None):
+            return
+        # A save landing in the old region between the copy and the switch would stay there
+        # (replication runs the other way once it serves again): writes wait, the copy runs
+        # again, and only then does the new region serve.
+        with self.backend.paused_writes():
+            if not self.catch_up(old, new, PAUSED_LOCK_WAIT_S):
+                return
+            self.switch(new, "failback", f"{new} passed {successes} health checks and caught up")
+        self._owed_catch_up.add((old, new))
+        self._pay_catch_up()
+
+    def _pay_catch_up(self) -> None:
+        """Copy what other processes wrote to a region that no longer serves (they are fenced
+        once they read the new epoch; a ref written before that is copied here)."""
+        for old, new in sorted(self._owed_catch_up):
+            if new != self.serving:
+                self._owed_catch_up.discard((old, new))  # it moved on: a later failback copies again
+            elif self.health[old].state == "up" and self.catch_up(old, new, None):
+                self._owed_catch_up.discard((old, new))
 
     def _tell_stale(self) -> None:
         """Regions that came back learn the current epoch (so writes sent to them are fenced)."""

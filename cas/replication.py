@@ -36,6 +36,7 @@ from typing import Any
 from cas.backends import Backend
 from cas.codec import decode, needs_base
 from cas.errors import (
+    ArchivedError,
     CasError,
     ConfigError,
     CorruptionError,
@@ -70,6 +71,10 @@ class ReplicaRound:
     refs_removed: list[str] = field(default_factory=list)
     conflicts: list[dict[str, str]] = field(default_factory=list)
     not_copied: list[str] = field(default_factory=list)
+    #: packs the replica lacks that sit in an archive tier here (not readable until restored)
+    archived: list[str] = field(default_factory=list)
+    #: refs not synced because their snapshot reaches an archived pack the replica lacks
+    refs_held: list[str] = field(default_factory=list)
     gc_bytes_freed: int = 0
     seconds: float = 0.0
     error: str | None = None
@@ -85,7 +90,7 @@ class ReplicationReport:
 
     @property
     def ok(self) -> bool:
-        return all(r.error is None and not r.not_copied for r in self.rounds)
+        return all(r.error is None and not r.not_copied and not r.refs_held for r in self.rounds)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "replicas": [r.to_dict() for r in self.rounds]}
@@ -186,6 +191,9 @@ def _copy_all(source: Backend, target: Backend, keys: list[str], batch_size: int
                     continue
                 except ObjectNotFoundError:
                     continue  # gc removed it since the listing: nothing reaches it any more
+                except ArchivedError:  # the rest goes on; refs reaching it are held back
+                    out.archived.append(key)
+                    continue
                 out.bytes_copied += sent
                 if is_pack:
                     out.packs_copied += 1 if sent else 0
@@ -230,13 +238,19 @@ def _conflict_name(tag: str, source_name: str, taken: Iterable[str]) -> str:
     return name
 
 
-def sync_refs(ours: dict[str, tuple[str, str]], target: Store, source_name: str, out: ReplicaRound) -> None:
+def sync_refs(ours: dict[str, tuple[str, str]], target: Store, source_name: str, out: ReplicaRound,
+              held: frozenset[str] | set[str] = frozenset()) -> None:
     """Bring the replica's refs in line with ``ours``, the source's refs as read before its packs
-    were listed (see the module docstring)."""
+    were listed (see the module docstring). Refs in ``held`` are left as they are there."""
     state = _read_state(target.backend, source_name)
     theirs = _read_refs(target)
     new_state: dict[str, str] = {}
     for name, (value, _) in sorted(ours.items()):
+        if name in held:
+            out.refs_held.append(name)
+            if name in state:
+                new_state[name] = state[name]
+            continue
         data = value.encode() + b"\n"
         have = theirs.get(name)
         if have is None:
@@ -279,6 +293,22 @@ def sync_refs(ours: dict[str, tuple[str, str]], target: Store, source_name: str,
     target.backend.write(_state_key(source_name), json.dumps({"refs": new_state, "time": time.time()}).encode())
 
 
+def _held_refs(ours: dict[str, tuple[str, str]], archived: list[str],
+               reaches: Callable[[str], set[str]] | None) -> set[str]:
+    """The refs whose snapshot reaches one of the ``archived`` packs (or cannot be read to say)."""
+    if not archived or reaches is None:
+        return set()
+    missing = {m.group(2) for k in archived if (m := PACK_KEY.fullmatch(k))}
+    held = set()
+    for name, (value, _) in ours.items():
+        try:
+            if reaches(value) & missing:
+                held.add(name)
+        except CasError:
+            held.add(name)  # not known: not claimed to be there
+    return held
+
+
 def sync_round(
     source: Store,
     target: Store,
@@ -289,9 +319,14 @@ def sync_round(
     topology_bytes: bytes | None,
     repository_id: str,
     gc: Callable[[Store], int] | None = None,
+    reaches: Callable[[str], set[str]] | None = None,
 ) -> ReplicaRound:
     """One round from ``source`` to ``target`` (see the module docstring). Errors of the target
-    (unreachable, refused) end the round and are reported, not raised."""
+    (unreachable, refused) end the round and are reported, not raised.
+
+    A pack the replica lacks that sits in an archive tier here cannot be read: the rest is
+    copied, and ``reaches(snapshot id hex)`` (the pack ids, hex, a snapshot needs) says which
+    refs to hold back. Without it no ref is synced while such a pack is missing there."""
     out = ReplicaRound(target_name)
     began = time.monotonic()
     try:
@@ -316,8 +351,15 @@ def sync_round(
             if out.not_copied:
                 out.error = (f"{len(out.not_copied)} damaged pack(s) not replicated, so no refs were written; "
                              "run `cas check --repair` on the source")
+            elif out.archived and reaches is None:
+                out.error = (f"{len(out.archived)} pack(s) the replica lacks are in an archive tier, so no refs "
+                             "were written; `cas tier warmup` the snapshots that need them")
             else:
-                sync_refs(ours, target, source_name, out)
+                sync_refs(ours, target, source_name, out, _held_refs(ours, out.archived, reaches))
+                if out.refs_held:
+                    log.warning("cas: %d ref(s) not replicated to %s: their snapshots need %d archived pack(s) "
+                                "it lacks (`cas tier warmup` them, then replicate)", len(out.refs_held),
+                                target_name, len(out.archived))
         if out.refs_removed and gc is not None:
             out.gc_bytes_freed = gc(target)
     except CasError as exc:

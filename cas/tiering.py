@@ -56,7 +56,7 @@ def tiered_backend(repo: Repository) -> TieredBackend | None:
     return backend if isinstance(backend, TieredBackend) else None
 
 
-def _packs_of(repo: Repository, chunk_ids: list[ChunkId]) -> set[PackId]:
+def packs_of(repo: Repository, chunk_ids: list[ChunkId]) -> set[PackId]:
     """The packs holding ``chunk_ids`` and every delta base below them."""
     out: set[PackId] = set()
     seen: set[bytes] = set()
@@ -81,7 +81,7 @@ def pack_ages(repo: Repository, now: float) -> dict[PackId, float]:
             reached = reached_chunks(repo.reader, sid, snapshot_label(snap.ref, sid))
         except CorruptionError:
             continue  # a damaged snapshot: its packs are judged by the others (and never moved for it)
-        for pid in _packs_of(repo, [cid for cid, _ in reached]):
+        for pid in packs_of(repo, [cid for cid, _ in reached]):
             newest[pid] = max(newest.get(pid, 0.0), snap.time)
     return {pid: max(0.0, now - t) for pid, t in newest.items()}
 
@@ -180,7 +180,7 @@ def archived_packs(repo: Repository, snapshot: str) -> list[str]:
     sid = SnapshotId(bytes.fromhex(snap.id))
     reached = reached_chunks(repo.reader, sid, snapshot_label(snap.ref, sid))
     out = []
-    for pid in sorted(_packs_of(repo, [cid for cid, _ in reached])):
+    for pid in sorted(packs_of(repo, [cid for cid, _ in reached])):
         try:
             if repo.store.backend.archive_state(repo.store.pack_key_of(pid)) is not None:
                 out.append(pid.hex())

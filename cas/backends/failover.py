@@ -12,7 +12,9 @@ answer, not a failure).
 Writes and deletes go to the serving region only: a write never lands in a region that is
 not serving. Lock objects (``locks/``) are the exception: a lock that the serving region does
 not take is written to the next region that answers (a load in flight keeps its lock where a
-gc after the failover will see it), and a lock is deleted from every region. Writes to keys
+gc after the failover will see it), and a lock is deleted from every region: a region that
+is failing is asked again when it answers (``delete_stale_locks``; a write that timed out
+there may have landed). ``paused_writes`` holds other writes while a switch is prepared. Writes to keys
 the ``fence`` covers (refs) first call ``fence(name, backend)``,
 which raises :class:`~cas.errors.FencedError` if that region no longer serves (another took
 over at a newer failover epoch); the engine provides it.
@@ -71,6 +73,12 @@ class FailoverBackend(Backend):
         self._failing: set[str] = set()
         #: reads served by a region other than the serving one (for metrics and tests)
         self.fallback_reads = 0
+        #: lock objects a region did not delete (it was failing): deleted when it answers again
+        self._stale_locks: dict[str, set[str]] = {}
+        # writes wait while a switch is prepared (``paused_writes``); in-flight ones are counted
+        self._gate = threading.Condition(self._lock)
+        self._paused = False
+        self._in_flight = 0
 
     # -- routing ---------------------------------------------------------------------
 
@@ -95,6 +103,54 @@ class FailoverBackend(Backend):
     def set_failing(self, names: set[str]) -> None:
         with self._lock:
             self._failing = set(names)
+
+    @contextlib.contextmanager
+    def paused_writes(self) -> Iterator[None]:
+        """Hold new writes and deletes (lock objects excepted), and wait for those in flight: what
+        the serving region holds stays put while a switch is made (a failback copies it first)."""
+        with self._gate:
+            while self._paused:
+                self._gate.wait()
+            self._paused = True
+            while self._in_flight:
+                self._gate.wait()
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._paused = False
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._gate:
+            while self._paused:
+                self._gate.wait()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                self._gate.notify_all()
+
+    def delete_stale_locks(self) -> int:
+        """Delete the lock objects a failing region kept (one try each); how many went."""
+        with self._lock:
+            owed = {name: set(keys) for name, keys in self._stale_locks.items()
+                    if keys and name not in self._failing}
+        gone = 0
+        for name, keys in owed.items():
+            backend = self._regions[name]
+            for key in sorted(keys):
+                try:
+                    (backend.inner if isinstance(backend, RetryingBackend) else backend).delete(key)
+                except StorageUnavailableError:
+                    break  # still not answering: the next round
+                with self._lock:
+                    self._stale_locks[name].discard(key)
+                gone += 1
+        return gone
 
     def set_fence(self, fence: Fence | None) -> None:
         self._fence = fence
@@ -197,25 +253,39 @@ class FailoverBackend(Backend):
     def _write(self, key: str, data: memoryview, mode: WriteMode, if_version: str | None) -> ObjectInfo:
         if key.startswith(self.lock_prefix):
             return self._read(lambda b: b.write(key, data, mode=mode, if_version=if_version))
-        return self._fenced(key).write(key, data, mode=mode, if_version=if_version)
+        with self._writing():
+            return self._fenced(key).write(key, data, mode=mode, if_version=if_version)
 
     def _write_file(self, key: str, path: Path) -> ObjectInfo:
-        return self._fenced(key).write_file(key, path)
+        with self._writing():
+            return self._fenced(key).write_file(key, path)
 
     def _delete(self, key: str) -> None:
         if key.startswith(self.lock_prefix):
             with self._lock:
                 failing = set(self._failing)
-            for name in self._order:  # one try each; a failing region's copy goes stale (FORMAT.md §9)
-                if name not in failing:
-                    backend = self._regions[name]
-                    with contextlib.suppress(StorageUnavailableError):
-                        (backend.inner if isinstance(backend, RetryingBackend) else backend).delete(key)
+            for name in self._order:  # one try each; a failing region is asked again when it answers
+                if name in failing:
+                    self._owe_lock_delete(name, key)
+                    continue
+                backend = self._regions[name]
+                try:
+                    (backend.inner if isinstance(backend, RetryingBackend) else backend).delete(key)
+                except StorageUnavailableError:
+                    self._owe_lock_delete(name, key)
             return
-        self._fenced(key).delete(key)
+        with self._writing():
+            self._fenced(key).delete(key)
+
+    def _owe_lock_delete(self, name: str, key: str) -> None:
+        # a write that timed out may still land there (a frozen server wakes up): the lock
+        # object would outlive its holder and make exclusive lockers wait for it to go stale
+        with self._lock:
+            self._stale_locks.setdefault(name, set()).add(key)
 
     def _copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        return self._fenced(dst_key).copy(src_key, dst_key)
+        with self._writing():
+            return self._fenced(dst_key).copy(src_key, dst_key)
 
     def hold_open(self) -> AbstractContextManager[None]:
         return hold_all(list(self._regions.values()))
