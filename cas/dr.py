@@ -25,6 +25,7 @@ from cas.backends import Backend, FailoverBackend, TieredBackend, open_backend
 from cas.errors import CasError, ConfigError, FencedError, StorageUnavailableError, UsageError
 from cas.ids import SnapshotId
 from cas.layout import Store, local_dir_for, open_store
+from cas.packcache import CachedPacks
 from cas.reach import reached_chunks
 from cas.regions import RegionMonitor, read_epoch
 from cas.replication import ReplicationReport, ensure_replica, replica_lag, sync_round
@@ -445,8 +446,11 @@ def last_verify(repo: Repository) -> dict[str, Any] | None:
 
 
 def heal_sources(repo: Repository) -> list[tuple[str, Backend]]:
-    """Replicas to fetch intact copies of damaged or missing packs from (check --repair)."""
-    out = []
+    """Where to fetch intact copies of damaged or missing packs from (check --repair): this
+    machine's pack cache (a remote store's), then the replicas. Every copy is checked first."""
+    out: list[tuple[str, Backend]] = []
+    if repo.store.pack_cache.enabled:
+        out.append(("this machine's pack cache", CachedPacks(repo.store.pack_cache)))
     for spec, target in _targets(repo, False):
         out.append((spec.name, target.backend))
     return out

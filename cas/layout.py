@@ -404,6 +404,8 @@ class Store:
 
     # temp files -----------------------------------------------------------
     def new_temp_path(self, prefix: str) -> Path:
+        # made again if it went (a remote store's cache directory cleaned while a job runs)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         return self.tmp_dir / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}.tmp"
 
     # locks ----------------------------------------------------------------

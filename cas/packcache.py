@@ -19,9 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+from cas.backends.base import Backend, Capabilities, ObjectInfo, WriteMode
+from cas.errors import CasError, ObjectNotFoundError, UsageError
 from cas.ids import PackId
+from cas.pack import ChunkKind, read_footer
 
 DEFAULT_BYTES = 4 << 30
 
@@ -149,3 +153,77 @@ class PackCache:
             return pos
         finally:
             os.close(fd)
+
+
+class CachedPacks(Backend):
+    """This machine's cached packs as a read-only backend under the store's keys
+    (``packs/<xx>/<id>.pack``): a heal source for ``check --repair`` when the store lost or
+    damaged a pack this machine wrote or read. Every copy is checked before it is used."""
+
+    def __init__(self, cache: PackCache) -> None:
+        self._cache = cache
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            conditional_create=False, compare_and_swap=False, atomic_replace=False, range_reads=True,
+            multipart=False, durable_write=False, consistent_list=True, zero_copy_read_into=False, local_path=None,
+        )
+
+    def describe(self) -> str:
+        return f"pack cache {self._cache.directory}"
+
+    def _file(self, key: str) -> Path:
+        name = key.rsplit("/", 1)[-1]
+        if not key.startswith("packs/") or name[-5:] not in (".pack", ".meta") or len(name) != 69:
+            raise ObjectNotFoundError(f"{self.describe()}: no {key}")
+        try:
+            pack_id = PackId(bytes.fromhex(name[:-5]))
+        except ValueError:
+            raise ObjectNotFoundError(f"{self.describe()}: no {key}") from None
+        path = self._cache.path_of(pack_id)
+        if path is None:
+            raise ObjectNotFoundError(f"{self.describe()}: no {key}")
+        return path
+
+    def _read_range(self, key: str, offset: int, length: int | None) -> bytes:
+        try:
+            with open(self._file(key), "rb") as f:
+                f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.describe()}: no {key}") from None
+
+    def _read_suffix(self, key: str, n: int) -> bytes:
+        size = self._stat(key).size
+        return self._read_range(key, max(0, size - n), None)
+
+    def _stat(self, key: str) -> ObjectInfo:
+        try:
+            st = os.stat(self._file(key))
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.describe()}: no {key}") from None
+        return ObjectInfo(key, st.st_size, f"{st.st_mtime_ns}-{st.st_size}", st.st_mtime)
+
+    def _list(self, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
+        with self._cache._lock:
+            ids = list(self._cache._load())
+        keys = []
+        for pack_id in ids:  # a pack of manifest nodes only is a .meta in the store
+            path = self._cache.path_of(pack_id)
+            try:
+                entries = read_footer(path, pack_id) if path is not None else []
+            except (CasError, OSError):
+                continue
+            meta = bool(entries) and all(e.kind == ChunkKind.NODE for e in entries)
+            keys.append(f"packs/{pack_id.hex()[:2]}/{pack_id.hex()}{'.meta' if meta else '.pack'}")
+        for key in sorted(keys):
+            if key.startswith(prefix) and (start_after is None or key > start_after):
+                with contextlib.suppress(ObjectNotFoundError):
+                    yield self._stat(key)
+
+    def _write(self, key: str, data: memoryview, mode: WriteMode, if_version: str | None) -> ObjectInfo:
+        raise UsageError(f"{self.describe()} is read-only")
+
+    def _delete(self, key: str) -> None:
+        raise UsageError(f"{self.describe()} is read-only")

@@ -18,6 +18,7 @@ commit while the lock is held across both.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -271,9 +272,12 @@ class SaveSession:
             return run()
         except OSError as exc:
             self.abort()
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            advice = ("Free space (cas forget + cas gc) and save again" if full
+                      else "Check that this path exists and is writable, then save again")
             raise StorageError(
                 f"saving stopped: {exc.strerror or exc} ({exc.filename or self.repo.path}); nothing was committed "
-                "and every earlier snapshot is intact. Free space (cas forget + cas gc) and save again"
+                f"and every earlier snapshot is intact. {advice}"
             ) from exc
         except BaseException:
             self.abort()

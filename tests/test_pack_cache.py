@@ -132,3 +132,50 @@ def test_verify_and_check_judge_the_bucket_not_the_cached_copy(s3_url: str, s3_b
         report = repo.verify(read_data=True)
         assert not report.ok and any("does not match its hash" in p for p in map(str, report.problems)), report
         assert key.rsplit("/", 1)[-1].removesuffix(".pack") in repo.check().damaged_packs
+
+
+@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+def test_check_repair_heals_the_bucket_from_this_machines_cached_copy(
+    s3_url: str, s3_bucket: str, admin_client: Any, damage: str
+) -> None:
+    """No replica, but this machine's pack cache holds an intact copy of a pack the bucket lost or
+    damaged: check --repair puts that copy back (checked first), and every snapshot loads again
+    on any machine. Before, the chunks were written off as lost."""
+    sd0, sd1 = series(12), series(13)
+    with cas.Repository.init(s3_url, chunk_size=64 * 1024) as repo:
+        repo.save(sd0, "a")
+        repo.save(sd1, "b")
+        key = next(o["Key"] for o in admin_client.list_objects_v2(Bucket=s3_bucket)["Contents"]
+                   if o["Key"].endswith(".pack"))
+        intact = admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        if damage == "flipped":
+            body = bytearray(intact)
+            body[len(body) // 3] ^= 0x01
+            admin_client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+        else:
+            admin_client.delete_object(Bucket=s3_bucket, Key=key)
+        assert not repo.check().ok
+        report = repo.check(repair=True)
+        assert [h["from"] for h in report.healed] == ["this machine's pack cache"], report.healed
+        assert admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == intact
+        assert repo.check().ok and repo.verify(read_data=True).ok
+    with cas.Repository.open(s3_url) as other:  # as another machine: no cache
+        other.store.pack_cache.budget = 0
+        assert_same(other.load("a"), sd0)
+        assert_same(other.load("b"), sd1)
+
+
+def test_a_save_goes_on_after_the_cache_directory_was_removed(s3_url: str) -> None:
+    """A cleaner removed this machine's cache directory while a job held the repository open: the
+    next save makes its temp directory again (it failed as "free space", with space to spare)."""
+    import shutil
+
+    sd0, sd1 = series(14), series(15)
+    with cas.Repository.init(s3_url, chunk_size=64 * 1024) as repo:
+        repo.save(sd0, "a")
+        shutil.rmtree(repo.path)
+        repo.save(sd1, "b")
+        assert [s.tag for s in repo.snapshots()] == ["a", "b"]
+    with cas.Repository.open(s3_url) as again:
+        assert_same(again.load("a"), sd0)
+        assert_same(again.load("b"), sd1)
