@@ -54,6 +54,9 @@ class ServeState:
     last_replication_ok: bool | None = None
     ready: tuple[bool, list[str]] = (False, ["not checked yet"])
     started: float = field(default_factory=time.time)
+    #: the serving region's last probe by the readiness check: (region, answered); it is the
+    #: region's health when no failover settings run health checks
+    probe: tuple[str, bool] | None = None
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -115,10 +118,15 @@ class ServeState:
     def _readiness(self) -> tuple[bool, list[str]]:
         repo = self.repo
         why = []
+        serving = str(repo.health()["serving"])
         try:
             repo.store.backend.health_probe()
+            answered = True
         except CasError as exc:
             why.append(f"serving region {repo.region} does not answer: {exc}")
+            answered = False
+        with self._lock:
+            self.probe = (serving, answered)
         try:
             if repo._unknown_packs():
                 why.append("the local index does not know every pack yet (it catches up at the next read)")
@@ -129,16 +137,22 @@ class ServeState:
     def _replicate_loop(self) -> None:
         assert self.replicate_interval is not None
         while not self._stop.is_set():
-            try:
-                report = self.repo.replicate()
-                ok = report.ok
-            except CasError as exc:
-                log.warning("cas serve: replication round failed: %s", exc)
-                ok = False
-            with self._lock:
-                self.replication_rounds += 1
-                self.last_replication, self.last_replication_ok = time.time(), ok
+            self.replicate_once()
             self._stop.wait(self.replicate_interval)
+
+    def replicate_once(self) -> None:
+        lag: dict[str, dict[str, Any]] = {}
+        try:
+            report = self.repo.replicate()
+            ok = report.ok
+            lag = {r.replica: r.lag for r in report.rounds if r.lag and "error" not in r.lag}
+        except CasError as exc:
+            log.warning("cas serve: replication round failed: %s", exc)
+            ok = False
+        with self._lock:
+            self.lag = {**self.lag, **lag}  # measured as the round ended: no wait for the next refresh
+            self.replication_rounds += 1
+            self.last_replication, self.last_replication_ok = time.time(), ok
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -160,6 +174,7 @@ class _Collector(Collector):
         with s._lock:
             stats, lag = dict(s.stats), dict(s.lag)
             rounds, last_rep, last_rep_ok = s.replication_rounds, s.last_replication, s.last_replication_ok
+            probe = s.probe
         health = s.repo.health()
 
         def gauge(name: str, doc: str, value: float | None, labels: dict[str, str] | None = None) -> Metric:
@@ -196,7 +211,11 @@ class _Collector(Collector):
         fails = GaugeMetricFamily("cas_region_consecutive_failures", "Consecutive failed health checks",
                                   labels=["region"])
         for name, h in sorted(health["regions"].items()):
-            up.add_metric([name], 1.0 if h["state"] == "up" else 0.0)
+            state = h["state"]
+            if state == "unknown" and probe is not None and probe[0] == name:  # no health checks: the probe
+                state = "up" if probe[1] else "down"
+            if state != "unknown":  # never checked: no sample (a 0 would page someone)
+                up.add_metric([name], 1.0 if state == "up" else 0.0)
             serving.add_metric([name], 1.0 if h["serving"] else 0.0)
             fails.add_metric([name], float(h["consecutive_failures"]))
         yield up

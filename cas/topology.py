@@ -351,8 +351,14 @@ def apply_yaml(current: Topology, text: str, repository_url: str,
 
 
 def tier_spec(name: str, url: str, retention: object = None, storage_class: str | None = None,
-              **options: Any) -> TierSpec:
+              storage_options: dict[str, Any] | None = None, **options: Any) -> TierSpec:
+    """A tier from its fields; its store's options given flat (``endpoint=...``, as in YAML) or as
+    ``storage_options`` (as FORMAT.md §13 stores them), or both."""
     name = _name(name, "tiers")
+    if storage_options is not None:
+        if not isinstance(storage_options, dict):
+            raise ConfigError(f"tiers.{name}.storage_options must be a mapping, got {storage_options!r}")
+        options = {**storage_options, **options}
     if storage_class is not None and not (isinstance(storage_class, str) and re.fullmatch(r"[A-Z_]{2,32}",
                                                                                           storage_class)):
         raise ConfigError(f"tiers.{name}.storage_class: {storage_class!r} is not a storage class (e.g. GLACIER)")

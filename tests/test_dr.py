@@ -392,8 +392,9 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def start_serve(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cas.cli", *args, "serve", "--port", "0", "--refresh", "0.2"],
+def start_serve(env: dict[str, str], *args: str, serve_args: tuple[str, ...] = ("--refresh", "0.2")
+                ) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "cas.cli", *args, "serve", "--port", "0", *serve_args],
                             env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
@@ -443,8 +444,11 @@ def test_serve_answers_health_ready_and_metrics_with_the_primary_up_down_and_bac
         assert "cas_last_verify_ok 1.0" in metrics
         assert 'cas_replication_lag_snapshots{replica="secondary"} 0.0' in metrics
         assert "cas_logical_bytes" in metrics and "cas_stored_bytes" in metrics
+        # no failover settings, so no health checks: the readiness probe says whether it answers
+        assert 'cas_region_up{region="primary"} 1.0' in metrics
         a.stop()
         wait_for(lambda: _get(base + "/ready")[0] == 503, 30, "not ready with the primary down")
+        wait_for(lambda: b'cas_region_up{region="primary"} 0.0' in _get(base + "/metrics")[1], 30, "primary down")
         assert _get(base + "/health")[0] == 200  # alive all along
         a.resume()
         wait_for(lambda: _get(base + "/ready")[0] == 200, 30, "ready again")
@@ -452,6 +456,19 @@ def test_serve_answers_health_ready_and_metrics_with_the_primary_up_down_and_bac
     finally:
         a.resume()
         stop_serve(proc)
+
+
+def test_serve_reports_replication_lag_as_each_round_ends(regions: Callable[[str], Region]) -> None:
+    from cas.serve import ServeState
+
+    _a, _b, repo = two_regions(regions)
+    with repo:
+        repo.save(state(1), tag="s1")  # not replicated yet
+        served = ServeState(repo, refresh_interval=3600.0, replicate_interval=0.3)
+        served.refresh()
+        assert served.lag["secondary"]["snapshots_behind"] == 1
+        served.replicate_once()  # the next refresh is an hour away: the round's own measure is shown
+        assert served.lag["secondary"]["snapshots_behind"] == 0 and served.last_replication_ok
 
 
 def test_serve_reports_failover_in_metrics(regions: Callable[[str], Region]) -> None:

@@ -190,3 +190,25 @@ def test_an_archived_pack_holds_back_only_the_refs_that_need_it(
         assert [s.tag for s in r.snapshots()] == ["s1", "s2"]
         assert_same(r.load("s1"), s1)
         assert r.verify(read_data=True).ok
+
+
+def test_set_tiers_takes_storage_options_as_format_md_stores_them(
+    regions: Callable[[str], Region], tmp_path: Path
+) -> None:
+    arch = regions("archive")
+    hot = tmp_path / "hot"
+    flat = {"name": "archive", "url": "s3://ckpt/run7", "retention": "indefinite", "storage_class": "GLACIER",
+            "endpoint": arch.server.endpoint}
+    nested = {**{k: v for k, v in flat.items() if k != "endpoint"},
+              "storage_options": {"endpoint": arch.server.endpoint}}
+    with cas.Repository.init(hot) as repo:
+        first = repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"}, flat])
+        second = repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"}, nested])
+        assert second == first and second[1].storage_options == {"endpoint": arch.server.endpoint}
+        with pytest.raises(cas.ConfigError, match="storage_options must be a mapping"):
+            repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"},
+                            {**nested, "storage_options": "endpoint=x"}])
+        with pytest.raises(cas.UsageError, match="tiers.archive: unknown storage option 'secret_key'"):
+            repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"},
+                            {**nested, "storage_options": {"secret_key": "x"}}])
+        assert repo.topology.tiers == first  # the refused calls changed nothing
