@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import lmdb
 import xxhash
 
-from cas.errors import IndexCorruptError, LockedError, RepositoryError, StorageError
+from cas.errors import IndexCorruptError, LockedError, RepositoryError, StorageError, UsageError
 from cas.ids import ZERO_DIGEST, ChunkId, PackId
 from cas.pack import FLAG_HAS_BASE, PackEntry, raw_length_ok
 
@@ -349,11 +349,20 @@ class Index:
             self._closed = True
             _release_env(self._path, self._env)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(
+                "this repository is closed (Repository.close, or its `with` block ended); open it again with "
+                f"cas.Repository.open (its index: {self._path})"
+            )
+
     def _read(self, doing: str, fn: Callable[[lmdb.Transaction], T], db: Any = None) -> T:
+        self._check_open()
         with _lmdb_errors(self._path, doing), self._env.begin(db=db) as txn:
             return fn(txn)
 
     def _write(self, doing: str, fn: Callable[[lmdb.Transaction], None]) -> None:
+        self._check_open()
         with _lmdb_errors(self._path, doing), self._env.begin(write=True) as txn:
             fn(txn)
 
@@ -374,11 +383,13 @@ class Index:
 
     def reader(self) -> ChunkLookup:
         """A read transaction for one save; stale reader slots of dead processes are freed first."""
+        self._check_open()
         with _lmdb_errors(self._path, "starting a read"):
             self._env.reader_check()
             return ChunkLookup(self._env.begin(db=self._chunks), self._path)
 
     def iter_chunks(self) -> Iterator[tuple[ChunkId, ChunkLocation]]:
+        self._check_open()
         with _lmdb_errors(self._path, "listing chunks"), self._env.begin(db=self._chunks) as txn:
             for key, value in txn.cursor():
                 yield ChunkId(bytes(key)), decode_location(bytes(key), value)
@@ -390,6 +401,7 @@ class Index:
         the checksum is still checked.
         """
         has_base = FLAG_HAS_BASE
+        self._check_open()
         with _lmdb_errors(self._path, "listing chunks"), self._env.begin(db=self._chunks) as txn:
             for key, value in txn.cursor():
                 k = bytes(key)

@@ -288,3 +288,15 @@ def test_readme_prefix_example_selects_in_a_nested_state_dict(tmp_path: Path) ->
         repo.save(model, tag="flat")
         flat = repo.load("flat", keys=["layers.1"])
         assert list(flat) == ["layers.1.weight", "layers.1.bias"]
+
+
+def test_a_closed_repository_says_it_is_closed(tmp_path: Path) -> None:
+    repo = cas.Repository.init(tmp_path / "repo")
+    repo.save({"a": torch.zeros(3)}, "s")
+    repo.close()
+    for call in (lambda: repo.load("s"), lambda: repo.save({"a": torch.ones(3)}, "t"), repo.snapshots, repo.gc,
+                 repo.check):
+        with pytest.raises(cas.UsageError, match=r"this repository is closed .* open it again with cas.Repo"):
+            call()
+    with cas.Repository.open(tmp_path / "repo") as again:  # nothing was changed by the refused calls
+        assert [s.tag for s in again.snapshots()] == ["s"]

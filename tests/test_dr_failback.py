@@ -208,7 +208,7 @@ def test_set_tiers_takes_storage_options_as_format_md_stores_them(
         with pytest.raises(cas.ConfigError, match="storage_options must be a mapping"):
             repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"},
                             {**nested, "storage_options": "endpoint=x"}])
-        with pytest.raises(cas.UsageError, match="tiers.archive: unknown storage option 'secret_key'"):
+        with pytest.raises(cas.UsageError, match=r"tiers\.archive: unknown storage option 'secret_key'"):
             repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"},
                             {**nested, "storage_options": {"secret_key": "x"}}])
         assert repo.topology.tiers == first  # the refused calls changed nothing
