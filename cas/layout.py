@@ -418,15 +418,21 @@ class Store:
         and a process that died holding one stops counting once its object goes stale.
         """
         if self.is_local:
-            with self._flock(exclusive):
+            with self._flock(exclusive, self.locks_dir):
                 yield
-        else:
-            with self._object_lock(exclusive):
+            return
+        flock_dir = self.backend.capabilities.flock_dir
+        with self._object_lock(exclusive):
+            if flock_dir is None:
                 yield
+            else:  # a local repository reached as objects: its flock holders count too
+                flock_dir.mkdir(parents=True, exist_ok=True)
+                with self._flock(exclusive, flock_dir):
+                    yield
 
     @contextlib.contextmanager
-    def _flock(self, exclusive: bool) -> Iterator[None]:
-        with open(self.locks_dir / "gate.lock", "a+b") as gate, open(self.locks_dir / "repo.lock", "a+b") as f:
+    def _flock(self, exclusive: bool, locks_dir: Path) -> Iterator[None]:
+        with open(locks_dir / "gate.lock", "a+b") as gate, open(locks_dir / "repo.lock", "a+b") as f:
             deadline = time.monotonic() + self.lock_wait_s
             if exclusive:
                 self._flock_until(gate, fcntl.LOCK_EX, deadline)

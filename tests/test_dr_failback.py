@@ -212,3 +212,29 @@ def test_set_tiers_takes_storage_options_as_format_md_stores_them(
             repo.set_tiers([{"name": "hot", "url": str(hot), "retention": "7d"},
                             {**nested, "storage_options": {"secret_key": "x"}}])
         assert repo.topology.tiers == first  # the refused calls changed nothing
+
+
+def test_lockers_of_a_local_region_through_failover_and_directly_exclude_each_other(tmp_path: Path) -> None:
+    """A local replica is locked with flock(2) by replication (its own store) and with lock objects
+    by a process that opened it by its URL (through the failover backend): each must see the other."""
+    replica = tmp_path / "replica"
+    cas.Repository.init(replica).close()
+    url = str(replica)
+
+    def direct() -> Store:
+        return Store(open_backend(url, {}), url, replica)
+
+    def through_failover(name: str) -> Store:
+        return Store(FailoverBackend([("dr", open_backend(url, {}))], "dr"), url, tmp_path / name)
+
+    for holder, waiter in ((direct(), through_failover("w1")), (through_failover("h2"), direct())):
+        assert holder.is_local != waiter.is_local
+        waiter.lock_wait_s = 0.5
+        with holder.lock(exclusive=True), pytest.raises(cas.LockedError, match="is locked"), \
+                waiter.lock(exclusive=False):
+            pass
+        with holder.lock(exclusive=False), waiter.lock(exclusive=False):  # shared with shared: both go on
+            pass
+        with waiter.lock(exclusive=True):
+            pass
+    assert not [p for p in (replica / "locks").iterdir() if p.suffix == ".json"], "a lock object was left behind"

@@ -107,6 +107,9 @@ class Capabilities:
     zero_copy_read_into: ``read_into`` fills the buffer without an intermediate copy.
     local_path: the root directory of a local backend (for mmap, flock or
         hard links the engine may want), else None.
+    flock_dir: where the flock(2) files of a local repository live, also when a wrapper
+        hides ``local_path`` (a local region behind failover): lockers that use lock
+        objects there take these flocks too, so both kinds of locker exclude each other.
     """
 
     conditional_create: bool
@@ -118,6 +121,7 @@ class Capabilities:
     consistent_list: bool
     zero_copy_read_into: bool
     local_path: Path | None = None
+    flock_dir: Path | None = None
 
 
 def validate_key(key: object) -> str:

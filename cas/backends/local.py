@@ -149,6 +149,7 @@ class LocalBackend(Backend):
             consistent_list=True,
             zero_copy_read_into=True,
             local_path=self.root,
+            flock_dir=Path(self.root) / "locks",
         )
 
     def _path(self, key: str) -> str:
