@@ -12,6 +12,7 @@ exception leaves this module: damage is ``IndexCorruptError``, a refused write
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import struct
@@ -46,6 +47,7 @@ DEFAULT_MAP_SIZE = 64 << 30
 MIN_MAP_SIZE = 64 << 20
 
 T = TypeVar("T")
+log = logging.getLogger("cas")
 
 
 def _checksum(key: bytes, value: bytes) -> bytes:
@@ -185,6 +187,8 @@ class IndexContents:
     chunks: list[tuple[ChunkId, ChunkLocation]]
     snapshot_nodes: dict[bytes, bytes]
     damage: str | None
+    #: False when no child process could be started: nothing was read (the caller reads itself)
+    read: bool = True
 
 
 def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
@@ -195,6 +199,9 @@ def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
     contents = IndexContents([], {}, None)
     if not (path / "data.mdb").exists():
         return contents
+    if not sys.executable:
+        log.warning("cas: no interpreter to read the index in a child process; reading it in this one")
+        return IndexContents([], {}, None, read=False)
     out = b""
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".index-probe-") as scratch:
@@ -204,8 +211,9 @@ def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
             )
     except subprocess.TimeoutExpired as exc:
         out, contents.damage = exc.stdout or b"", f"reading it took over {timeout:.0f} s"
-    except OSError as exc:
-        return IndexContents([], {}, f"no process could read it ({exc})")
+    except OSError as exc:  # no interpreter to start (an embedded one): not a sign of damage
+        log.warning("cas: no child process could read the index (%s); reading it in this one", exc)
+        return IndexContents([], {}, None, read=False)
     else:
         out = done.stdout
         wrote = out.endswith(b"EW")

@@ -1149,6 +1149,22 @@ class Repository:
         self.index.commit(self._write_nodes(nodes), replace=set(nodes))
         log.warning("cas: %d snapshot nodes found only in the index cache were stored again", len(nodes))
 
+    def _read_index_here(self) -> IndexContents:
+        """What ``read_in_child`` reads, read in this process (no child could be started)."""
+        out = IndexContents([], {}, None)
+        try:
+            out.chunks = list(self.index.iter_chunks())
+        except IndexCorruptError as exc:
+            out.damage = str(exc)
+        try:
+            for sid in self.index.snapshot_ids():
+                node = self.index.snapshot_node(sid)
+                if node is not None:
+                    out.snapshot_nodes[sid] = node
+        except IndexCorruptError as exc:
+            out.damage = out.damage or str(exc)
+        return out
+
     def _unreadable_nodes(self, nodes: dict[bytes, bytes]) -> dict[bytes, bytes]:
         out = {}
         for sid, node in nodes.items():
@@ -1177,6 +1193,8 @@ class Repository:
             moved_aside = old is not None and old.damage is not None  # at open: this index is new and empty
             if old is None or not moved_aside:
                 old = read_in_child(self.index.path)
+                if not old.read:
+                    old = self._read_index_here()
             hints: dict[PackId, list[PackEntry]] = {}
             for cid, loc in old.chunks:  # what the old index knew of damaged packs: salvage candidates
                 if loc.pack_id in view.unreadable:

@@ -154,3 +154,19 @@ def test_open_with_check_index_rebuilds_a_damaged_index_and_keeps_what_it_verifi
     assert done.stdout.split("\n")[0] == "3 True ['s0', 's1', 's2']", done.stdout
     assert (repo_path / "index.damaged" / "data.mdb").exists(), "the damaged index was not kept aside"
     assert_loads_in_child(repo_path)
+
+
+def test_without_a_child_interpreter_rebuild_reads_the_index_itself(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedded interpreter has no ``sys.executable`` to start: that is no sign of damage, so the
+    index is not moved aside, and rebuild reads it in this process as before."""
+    repo_path = copy_repo(saved, tmp_path / "repo")
+    monkeypatch.setattr(sys, "executable", "")
+    skipped = read_in_child(repo_path / "index")
+    assert skipped.read is False and skipped.damage is None and not skipped.chunks
+    with cas.Repository.open(repo_path, check_index=True) as repo:
+        report = repo.rebuild_index()
+        assert report.ok and report.snapshots == 3
+        assert_same({t: repo.load(t) for t in ("s0", "s1", "s2")}, states())
+    assert not (repo_path / "index.damaged").exists()
