@@ -117,6 +117,7 @@ class RegionMonitor:
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
+        self._epoch_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._owed_catch_up: set[tuple[str, str]] = set()  # (old region, new region) after a failback
@@ -162,7 +163,9 @@ class RegionMonitor:
                 f"region {name} no longer serves (epoch {epoch}: {serving} serves); nothing was written. "
                 "Reopen the repository to write where it serves now"
             )
-        with self._lock:
+        # not under self._lock: a ref write calls this while counted as in flight, and a failback
+        # holds self._lock while it waits for writes in flight to finish
+        with self._epoch_lock:
             self.epoch = max(self.epoch, epoch)
 
     def _mark_serving(self) -> None:
@@ -188,7 +191,8 @@ class RegionMonitor:
             for name in others:
                 with contextlib.suppress(CasError):  # down: told when it comes back (_tell_stale)
                     write_epoch(self._raw(name), epoch, to)
-            self.epoch = epoch
+            with self._epoch_lock:
+                self.epoch = max(self.epoch, epoch)
             self.backend.switch(to)
             self._mark_serving()
             if kind == "failover":

@@ -238,3 +238,28 @@ def test_lockers_of_a_local_region_through_failover_and_directly_exclude_each_ot
         with waiter.lock(exclusive=True):
             pass
     assert not [p for p in (replica / "locks").iterdir() if p.suffix == ".json"], "a lock object was left behind"
+
+
+def test_a_ref_write_in_flight_does_not_wait_for_the_health_checker(regions: Callable[[str], Region]) -> None:
+    """A failback holds the monitor's lock while it waits for the writes in flight; a ref write's
+    fence must therefore not need that lock (it did: the two waited on each other for ever)."""
+    a, _b, repo = two_regions(regions)
+    with repo:
+        repo.save(state(1), tag="s1")
+        assert repo.replicate().ok
+        repo.set_failover(health_check_interval=30, failure_threshold=2, recovery_threshold=2)
+    with cas.Repository.open(URL, storage_options=a.options) as repo:
+        monitor = repo._dr.monitor
+        assert monitor is not None
+        done = threading.Event()
+
+        def write_a_ref() -> None:
+            monitor.backend.write("refs/probe-ref", b"0" * 64 + b"\n")
+            done.set()
+
+        with monitor._lock:  # as check_once holds it through a failback
+            writer = threading.Thread(target=write_a_ref)
+            writer.start()
+            assert done.wait(20), "the fenced ref write waited for the health checker's lock"
+        writer.join()
+        monitor.backend.delete("refs/probe-ref")
