@@ -38,7 +38,7 @@ from typing import TypeVar
 from cas.backends.base import Backend, Capabilities, ObjectInfo, WriteMode
 from cas.backends.retry import RetryingBackend
 from cas.backends.tiered import hold_all
-from cas.errors import StorageUnavailableError, UsageError
+from cas.errors import CasError, StorageUnavailableError, UsageError
 
 T = TypeVar("T")
 log = logging.getLogger("cas")
@@ -147,6 +147,8 @@ class FailoverBackend(Backend):
                     (backend.inner if isinstance(backend, RetryingBackend) else backend).delete(key)
                 except StorageUnavailableError:
                     break  # still not answering: the next round
+                except CasError as exc:  # refused (permissions): it goes stale on its own
+                    log.warning("cas: region %s refused to delete lock object %s: %s", name, key, exc)
                 with self._lock:
                     self._stale_locks[name].discard(key)
                 gone += 1
