@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,6 +99,11 @@ class ChunkLocation:
         return cls(pack_id, entry.offset, entry.stored_length, entry.raw_length, entry.codec, entry.kind, entry.base_id)
 
 
+def encode_location(key: bytes, location: ChunkLocation) -> bytes:
+    """The stored value of a chunk location (what ``decode_location`` reads)."""
+    return _seal(key, location.encode())
+
+
 def decode_location(key: bytes, stored: bytes | memoryview) -> ChunkLocation:
     """A checked chunk location (its checksum covers the chunk id it is stored under)."""
     return ChunkLocation.decode(_unseal(key, stored, LOCATION_VALUE, "chunk"))
@@ -152,16 +157,18 @@ _DUMP_IN_CHILD = r"""
 import struct, sys
 import lmdb
 out = sys.stdout.buffer
+dump = sys.argv[4] == "dump"  # else every page is walked, nothing sent
 env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=8, subdir=True, map_size=int(sys.argv[2]))
 for tag, name in ((b"c", b"chunks"), (b"s", b"snapshots")):
     db = env.open_db(name, create=False)
     with env.begin(db=db) as txn:
         for key, value in txn.cursor():
-            key, value = bytes(key), bytes(value)
-            out.write(tag + struct.pack("<II", len(key), len(value)) + key + value)
+            if dump:
+                key, value = bytes(key), bytes(value)
+                out.write(tag + struct.pack("<II", len(key), len(value)) + key + value)
 out.write(b"E")
 out.flush()
-if len(sys.argv) > 3:  # a write on a copy: the pages only writes touch (the free list) must hold too
+if True:  # a write on a copy: the pages only writes touch (the free list) must hold too
     import os, shutil
     try:
         shutil.copyfile(os.path.join(sys.argv[1], "data.mdb"), os.path.join(sys.argv[3], "data.mdb"))
@@ -184,21 +191,33 @@ class IndexContents:
     """What an old index still holds: chunk locations whose checksum holds, cached snapshot nodes
     (unchecked: callers hash them), and why the file is damaged (None: every page read cleanly)."""
 
-    chunks: list[tuple[ChunkId, ChunkLocation]]
+    #: (chunk id, stored value) of every chunk entry, as stored (checked when decoded)
+    records: list[tuple[bytes, bytes]]
     snapshot_nodes: dict[bytes, bytes]
     damage: str | None
     #: False when no child process could be started: nothing was read (the caller reads itself)
     read: bool = True
 
+    def locations(self, in_packs: Collection[bytes] | None = None) -> list[tuple[ChunkId, ChunkLocation]]:
+        """The entries (of the packs ``in_packs``) whose checksum holds, decoded."""
+        out = []
+        for key, value in self.records:
+            if in_packs is not None and value[:32] not in in_packs:
+                continue
+            with contextlib.suppress(IndexCorruptError):
+                out.append((ChunkId(key), decode_location(key, value)))
+        return out
 
-def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
-    """Every chunk location and snapshot node of the index at ``path``, read in a child process
+
+def read_in_child(path: Path, timeout: float = 600.0, *, contents: bool = True) -> IndexContents:
+    """Every chunk entry and snapshot node of the index at ``path``, read in a child process
     (no lmdb call of this process touches the file), which then clears a scratch copy of it
-    (a write reads the free list, which no read touches). What the child wrote before it died
-    or failed is kept; the death itself is reported as damage."""
-    contents = IndexContents([], {}, None)
+    (a write reads the free list, which no read touches). What the child sent before it died
+    or failed is kept; the death itself is reported as damage. With ``contents=False`` the
+    child only walks every page (a check that the file is sound: ~0.5 s for 200 K chunks)."""
+    found = IndexContents([], {}, None)
     if not (path / "data.mdb").exists():
-        return contents
+        return found
     if not sys.executable:
         log.warning("cas: no interpreter to read the index in a child process; reading it in this one")
         return IndexContents([], {}, None, read=False)
@@ -206,11 +225,12 @@ def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".index-probe-") as scratch:
             done = subprocess.run(
-                [sys.executable, "-c", _DUMP_IN_CHILD, str(path), str(_map_size(path)), scratch],
+                [sys.executable, "-c", _DUMP_IN_CHILD, str(path), str(_map_size(path)), scratch,
+                 "dump" if contents else "walk"],
                 capture_output=True, timeout=timeout, check=False,
             )
     except subprocess.TimeoutExpired as exc:
-        out, contents.damage = exc.stdout or b"", f"reading it took over {timeout:.0f} s"
+        out, found.damage = exc.stdout or b"", f"reading it took over {timeout:.0f} s"
     except OSError as exc:  # no interpreter to start (an embedded one): not a sign of damage
         log.warning("cas: no child process could read the index (%s); reading it in this one", exc)
         return IndexContents([], {}, None, read=False)
@@ -220,32 +240,28 @@ def read_in_child(path: Path, timeout: float = 600.0) -> IndexContents:
         out = out[:-1] if wrote else out
         if done.returncode < 0:
             doing = "clearing a copy of it" if out.endswith(b"E") else "reading it"
-            contents.damage = f"{doing} killed the process (signal {-done.returncode})"
+            found.damage = f"{doing} killed the process (signal {-done.returncode})"
         elif done.returncode not in (0, 3):  # 3: no room for the scratch copy (the write is not tried)
             last = (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
-            contents.damage = f"reading it failed: {last[:300]}"
-    pos, bad = 0, 0
-    while pos < len(out) and out[pos:pos + 1] in (b"c", b"s"):
+            found.damage = f"reading it failed: {last[:300]}"
+    view = memoryview(out)
+    pos = 0
+    while pos < len(out) and out[pos] in (0x63, 0x73):  # b"c", b"s"
         head = pos + 1 + _DUMP_RECORD.size
         if head > len(out):
             break
         klen, vlen = _DUMP_RECORD.unpack_from(out, pos + 1)
         if head + klen + vlen > len(out):
             break
-        key, value = out[head:head + klen], out[head + klen:head + klen + vlen]
-        if out[pos:pos + 1] == b"s":
-            contents.snapshot_nodes[key] = value
+        key, value = bytes(view[head:head + klen]), bytes(view[head + klen:head + klen + vlen])
+        if out[pos] == 0x73:
+            found.snapshot_nodes[key] = value
         else:
-            try:
-                contents.chunks.append((ChunkId(key), decode_location(key, value)))
-            except IndexCorruptError:
-                bad += 1
+            found.records.append((key, value))
         pos = head + klen + vlen
-    if contents.damage is None and out[pos:] != b"E":
-        contents.damage = "its contents ended early"
-    if contents.damage is None and bad:
-        contents.damage = f"{bad} chunk entries fail their checksum"
-    return contents
+    if found.damage is None and out[pos:] != b"E":
+        found.damage = "its contents ended early"
+    return found
 
 
 # LMDB allows one environment per file per process: Repository objects that open the

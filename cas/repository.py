@@ -35,7 +35,7 @@ from cas.errors import (
 )
 from cas.gc import GcReport, collect_garbage
 from cas.ids import ChunkId, PackId, SnapshotId, hash_bytes
-from cas.index import Index, IndexContents, SealedPack, drop_env, read_in_child
+from cas.index import Index, IndexContents, SealedPack, drop_env, encode_location, read_in_child
 from cas.layout import Store, create_store
 from cas.manifest import SnapshotNode, check_metadata, unpack_node
 from cas.pack import ChunkKind, PackEntry
@@ -107,11 +107,13 @@ class Repository:
         self._last_replication: dr.ReplicationReport | None = None
         self._old_index: IndexContents | None = None  # read in a child: what rebuild learns from
         damaged_index = False
-        if check_index:
-            self._old_index = read_in_child(store.index_dir)
-            if self._old_index.damage is None:
+        if check_index:  # a walk of every page; what it holds is read only if a rebuild needs it
+            walk = read_in_child(store.index_dir, contents=False)
+            if walk.damage is None:
                 self._old_index = None  # sound: nothing to keep (a rebuild reads it again)
             else:
+                self._old_index = read_in_child(store.index_dir)  # what it still holds, for the rebuild
+                self._old_index.damage = self._old_index.damage or walk.damage
                 log.warning("cas: the index at %s is damaged (%s); rebuilding it from the packs",
                             store.index_dir, self._old_index.damage)
                 self.index = self._fresh_index()
@@ -1153,7 +1155,7 @@ class Repository:
         """What ``read_in_child`` reads, read in this process (no child could be started)."""
         out = IndexContents([], {}, None)
         try:
-            out.chunks = list(self.index.iter_chunks())
+            out.records = [(bytes(cid), encode_location(cid, loc)) for cid, loc in self.index.iter_chunks()]
         except IndexCorruptError as exc:
             out.damage = str(exc)
         try:
@@ -1196,7 +1198,7 @@ class Repository:
                 if not old.read:
                     old = self._read_index_here()
             hints: dict[PackId, list[PackEntry]] = {}
-            for cid, loc in old.chunks:  # what the old index knew of damaged packs: salvage candidates
+            for cid, loc in old.locations(set(view.unreadable)):  # what the old index knew of damaged packs
                 if loc.pack_id in view.unreadable:
                     hints.setdefault(loc.pack_id, []).append(PackEntry(
                         cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))

@@ -125,16 +125,18 @@ def test_read_in_child_reports_what_it_read_and_why_it_stopped(saved: Path, tmp_
     with cas.Repository.open(saved) as repo:
         expected = dict(repo.index.iter_chunks())
         snapshot_ids = set(repo.index.snapshot_ids())
-    assert dict(sound.chunks) == expected and len(expected) > 20
+    assert dict(sound.locations()) == expected and len(expected) > 20
     assert set(sound.snapshot_nodes) == snapshot_ids and len(snapshot_ids) == 3
     assert not list((saved).glob(".index-probe-*")), "the scratch copy was left behind"
+    walked = read_in_child(saved / "index", contents=False)  # every page walked, nothing sent
+    assert walked.damage is None and not walked.records and not walked.snapshot_nodes
 
     repo = copy_repo(saved, tmp_path / "repo")
     mdb = repo / "index" / "data.mdb"
     os.truncate(mdb, mdb.stat().st_size // 2)
     cut = read_in_child(repo / "index")
     assert cut.damage is not None and "killed the process (signal 7)" in cut.damage, cut.damage
-    assert set(dict(cut.chunks).items()) <= set(expected.items()), "a location the child reported is not the index's"
+    assert set(cut.locations()) <= set(expected.items()), "a location the child reported is not the index's"
 
 
 def test_open_with_check_index_rebuilds_a_damaged_index_and_keeps_what_it_verified(
@@ -164,7 +166,7 @@ def test_without_a_child_interpreter_rebuild_reads_the_index_itself(
     repo_path = copy_repo(saved, tmp_path / "repo")
     monkeypatch.setattr(sys, "executable", "")
     skipped = read_in_child(repo_path / "index")
-    assert skipped.read is False and skipped.damage is None and not skipped.chunks
+    assert skipped.read is False and skipped.damage is None and not skipped.records
     with cas.Repository.open(repo_path, check_index=True) as repo:
         report = repo.rebuild_index()
         assert report.ok and report.snapshots == 3
