@@ -158,7 +158,8 @@ import struct, sys
 import lmdb
 out = sys.stdout.buffer
 dump = sys.argv[4] == "dump"  # else every page is walked, nothing sent
-env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=8, subdir=True, map_size=int(sys.argv[2]))
+# a registered reader (lock=True): a saver committing meanwhile does not reuse the pages it reads
+env = lmdb.open(sys.argv[1], readonly=True, max_dbs=8, subdir=True, map_size=int(sys.argv[2]))
 for tag, name in ((b"c", b"chunks"), (b"s", b"snapshots")):
     db = env.open_db(name, create=False)
     with env.begin(db=db) as txn:
@@ -168,18 +169,17 @@ for tag, name in ((b"c", b"chunks"), (b"s", b"snapshots")):
                 out.write(tag + struct.pack("<II", len(key), len(value)) + key + value)
 out.write(b"E")
 out.flush()
-if True:  # a write on a copy: the pages only writes touch (the free list) must hold too
-    import os, shutil
-    try:
-        shutil.copyfile(os.path.join(sys.argv[1], "data.mdb"), os.path.join(sys.argv[3], "data.mdb"))
-    except OSError as exc:
-        sys.stderr.write(f"no copy to write: {exc}")
-        sys.exit(3)
-    copy = lmdb.open(sys.argv[3], map_size=int(sys.argv[2]), max_dbs=8, subdir=True, sync=False, metasync=False)
-    with copy.begin(write=True) as txn:
-        for name in (b"chunks", b"packs", b"snapshots"):
-            txn.drop(copy.open_db(name, txn=txn, create=False), delete=False)
-    copy.close()
+# a write on a copy: the pages only writes touch (the free list) must hold too
+try:  # a consistent copy (under a read transaction), free list included
+    env.copy(sys.argv[3])
+except (OSError, lmdb.DiskError) as exc:
+    sys.stderr.write(f"no copy to write: {exc}")
+    sys.exit(3)
+copy = lmdb.open(sys.argv[3], map_size=int(sys.argv[2]), max_dbs=8, subdir=True, sync=False, metasync=False)
+with copy.begin(write=True) as txn:
+    for name in (b"chunks", b"packs", b"snapshots"):
+        txn.drop(copy.open_db(name, txn=txn, create=False), delete=False)
+copy.close()
 out.write(b"W")
 out.flush()
 """
