@@ -185,10 +185,12 @@ def save(
     else:
         from cas.files import build_state  # noqa: PLC0415 - torch only for commands that need it
 
-        files = build_state(list(paths))
+        repo_dir = ctx.path()
+        files = build_state(list(paths), exclude=[Path(repo_dir)] if "://" not in repo_dir else [])
         metadata["source"] = files.source
         try:
-            snap = _interruptible_save(ctx, files.state, tag, metadata, compression, False)
+            snap = _interruptible_save(ctx, files.state, tag, metadata, compression, False,
+                                       before_commit=files.check_unchanged)
         finally:
             files.close()
     what = ""
@@ -200,7 +202,8 @@ def save(
 
 
 def _interruptible_save(ctx: Context, state: Any, tag: str | None, metadata: dict[str, Any],
-                        compression: str | None, allow_pickle: bool) -> Any:
+                        compression: str | None, allow_pickle: bool,
+                        before_commit: Callable[[], None] | None = None) -> Any:
     """``repo.save``; Ctrl-C stops it: a save that had committed still counts (exit 0), else nothing is
     visible and what it wrote is left for `cas gc`, which the message says."""
     with ctx.open() as repo:
@@ -209,7 +212,7 @@ def _interruptible_save(ctx: Context, state: Any, tag: str | None, metadata: dic
         try:
             with progress_bar("saving") as update:
                 return repo.save(state, tag=tag, metadata=metadata, compression=compression,
-                                 allow_pickle=allow_pickle, progress=update)
+                                 allow_pickle=allow_pickle, progress=update, before_commit=before_commit)
         except KeyboardInterrupt:
             for name, sid in repo.refs():
                 if sid in before or (tag is not None and name != tag):

@@ -156,6 +156,11 @@ class NotACheckpointError(CasError):
     exit_code = 6
 
 
+class SourceChangedError(CasError):
+    """A file being saved was written, grown, cut or replaced while it was read; nothing was
+    committed."""
+
+
 class CorruptionError(CasError):
     exit_code = 7
 

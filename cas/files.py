@@ -49,7 +49,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cas.errors import CorruptionError, ManifestCorruptError, NotACheckpointError, OutputExistsError, UsageError
+from cas.errors import (
+    CorruptionError,
+    ManifestCorruptError,
+    NotACheckpointError,
+    OutputExistsError,
+    SourceChangedError,
+    UsageError,
+)
 from cas.store import fsync_dir
 from cas.tree import FILES_KEY, FILES_VERSION, check_rel
 
@@ -394,15 +401,25 @@ def read_file(path: Path, *, strict: bool = False) -> ReadFile:
 
 # --------------------------------------------------------------------------- what to store
 
-def _walk(root: Path) -> Iterator[tuple[str, Path, bool]]:
+def _walk_error(exc: OSError) -> None:
+    raise exc  # a directory that cannot be listed is an error, never left out in silence
+
+
+def _walk(root: Path, exclude: frozenset[Path] = frozenset()) -> Iterator[tuple[str, Path, bool]]:
     """(relative path, path, is a directory) under ``root``, sorted; symlinked files are read through,
-    symlinked directories are not entered."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    symlinked directories are not entered (with a warning), nor the directories in ``exclude``
+    (the repository itself)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=_walk_error):
         dirnames.sort()
         here = Path(dirpath)
-        for d in dirnames:
+        for d in list(dirnames):
             p = here / d
-            if not p.is_symlink():
+            if p.is_symlink():
+                log.warning("cas: %s is a symlinked directory; not entered (save its target to keep it)", p)
+            elif exclude and p.resolve() in exclude:
+                log.warning("cas: %s is the repository being saved into; left out", p)
+                dirnames.remove(d)
+            else:
                 yield p.relative_to(root).as_posix(), p, True
         for name in sorted(filenames):
             p = here / name
@@ -417,6 +434,23 @@ class FilesState:
     state: dict[str, Any]
     source: dict[str, Any]
     maps: list[mmap.mmap]
+    #: every file read: (size, mtime_ns) as read
+    seen: dict[Path, tuple[int, int]] = field(default_factory=dict)
+
+    def check_unchanged(self) -> None:
+        """Raise ``SourceChangedError`` if a file read is no longer as it was read (written, cut,
+        grown or replaced): what was stored may mix its old and new bytes. Called before commit."""
+        for path, (size, mtime_ns) in self.seen.items():
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise SourceChangedError(f"{path} went away while it was saved ({exc.strerror}); nothing was "
+                                         "committed") from None
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                raise SourceChangedError(
+                    f"{path} changed while it was saved ({size} -> {st.st_size} bytes, mtime moved); nothing was "
+                    "committed. Save it again once nothing writes it (or save a copy)"
+                )
 
     def close(self) -> None:
         """Drop the tensors and unmap the files (a mapping still viewed stays until collected)."""
@@ -426,8 +460,10 @@ class FilesState:
                 mm.close()
 
 
-def build_state(paths: list[Path]) -> FilesState:
-    """The files tree of ``paths``: one directory -> its contents; files and directories -> by name."""
+def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesState:
+    """The files tree of ``paths``: one directory -> its contents; files and directories -> by name.
+    Directories in ``exclude`` (the repository saved into) are left out."""
+    skip = frozenset(p.resolve() for p in exclude or [])
     if not paths:
         raise UsageError("nothing to save: give files or directories")
     entries: list[tuple[str, Path, bool, bool]] = []  # rel, path, is_dir, named on the command line
@@ -439,7 +475,7 @@ def build_state(paths: list[Path]) -> FilesState:
             prefix = "" if single_dir else path.resolve().name + "/"
             if not single_dir:
                 entries.append((prefix.rstrip("/"), path, True, True))
-            entries.extend((prefix + rel, p, is_dir, False) for rel, p, is_dir in _walk(path))
+            entries.extend((prefix + rel, p, is_dir, False) for rel, p, is_dir in _walk(path, skip))
         elif path.is_file():
             entries.append((path.name, path, False, True))
         else:
@@ -452,6 +488,7 @@ def build_state(paths: list[Path]) -> FilesState:
     files: dict[str, Any] = {}
     dirs: dict[str, Any] = {}
     maps: list[mmap.mmap] = []
+    seen: dict[Path, tuple[int, int]] = {}  # size and mtime when read
     formats: dict[str, int] = {}
     total = 0
     if single_dir:
@@ -466,6 +503,7 @@ def build_state(paths: list[Path]) -> FilesState:
             continue
         read = read_file(path, strict=named)
         files[rel] = read.value
+        seen[path] = (read.value["size"], read.value["mtime_ns"])
         maps.extend(read.maps)
         formats[read.format] = formats.get(read.format, 0) + 1
         if read.format == "raw" and path.suffix.lower() in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
@@ -476,7 +514,7 @@ def build_state(paths: list[Path]) -> FilesState:
         raise NotACheckpointError(f"{paths[0]} holds no files")
     name = paths[0].resolve().name if len(paths) == 1 else f"{len(paths)} inputs"
     source = {"kind": "files", "name": name, "files": len(files), "bytes": total, "formats": formats}
-    return FilesState({FILES_KEY: FILES_VERSION, "files": files, "dirs": dirs}, source, maps)
+    return FilesState({FILES_KEY: FILES_VERSION, "files": files, "dirs": dirs}, source, maps, seen)
 
 
 # --------------------------------------------------------------------------- restoring
@@ -637,7 +675,7 @@ def restore_file(load: PartLoader, rel: str, dest: Path, where: str) -> int:
                 loaded.reverse()
             yield loaded.pop()
 
-    temp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    temp = dest.parent / f".cas-{uuid.uuid4().hex[:16]}.tmp"  # short: any name that fits NAME_MAX restores
     try:
         return _write_parts(dest, temp, parts(), size, digest, mode, mtime_ns, where)
     except OSError as exc:  # the target refused it: name the file asked for, not the temp file

@@ -313,8 +313,13 @@ class Repository:
         replace: bool = False,
         rehash: bool = False,
         progress: Progress | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> Snapshot:
         """Store ``state_dict`` as a new snapshot; only chunks not already stored are written.
+
+        ``before_commit`` is called once every chunk is stored, before anything is committed;
+        an exception from it aborts the save (for sources that can change while they are read:
+        ``cas save`` of files checks that none changed).
 
         ``parent`` (default: the latest snapshot) is recorded in the manifest and is where
         delta bases come from; ``keyframe=True`` stores no chunk as a delta (chains restart).
@@ -326,7 +331,7 @@ class Repository:
         """
         snap = self._with_index_recovery(lambda: self._save(
             state_dict, tag, metadata, allow_pickle=allow_pickle, compression=compression, parent=parent,
-            keyframe=keyframe, replace=replace, rehash=rehash, progress=progress,
+            keyframe=keyframe, replace=replace, rehash=rehash, progress=progress, before_commit=before_commit,
         ))
         dr.after_save(self, snap)
         return snap
@@ -344,6 +349,7 @@ class Repository:
         replace: bool,
         rehash: bool,
         progress: Progress | None,
+        before_commit: Callable[[], None] | None = None,
     ) -> Snapshot:
         if not self._store.is_local and not self._probed:
             # a store that accepts conditional writes and ignores them would break tags: refused here
@@ -361,6 +367,8 @@ class Repository:
         check_compression(compression)
         with self.session(parent, compression=compression, keyframe=keyframe, rehash=rehash) as session:
             part = session.store(state_dict, allow_pickle=allow_pickle, progress=progress)
+            if before_commit is not None:
+                before_commit()
             return session.commit([part], tag, metadata, replace=replace, ref_version=ref_version)
 
     def session(

@@ -285,6 +285,9 @@ class ChunkStorer:
         self.compression = compression
         self.chunk_size = chunk_size
         self.window = window
+        #: hash and encode a private copy of each new piece: for sources another process may write
+        #: while they are saved (files), so a chunk's bytes always hash to its id
+        self.copy_pieces = False
         self.bases = bases or {}
         self.max_depth = max_depth if read_base is not None else 0
         self.max_cost = max_cost
@@ -530,13 +533,23 @@ class ChunkStorer:
             return fingerprint, known[1]
         return fingerprint, hash_bytes(piece)
 
+    def _identify_view(self, piece: memoryview, key: tuple[KeyPath, int]) -> tuple[bytes, bytes, memoryview]:
+        fingerprint, digest = self._identify(piece, key)
+        return fingerprint, digest, piece
+
+    def _identify_copy(self, piece: memoryview, key: tuple[KeyPath, int]) -> tuple[bytes, bytes, memoryview]:
+        """``_identify`` of a private copy of the piece, and the copy (what is encoded, if new)."""
+        own = memoryview(bytes(piece))
+        fingerprint, digest = self._identify(own, key)
+        return fingerprint, digest, own
+
     def store_blobs(self, blobs: list[Blob], progress: Callable[[int], None] | None = None) -> None:
-        hashing: deque[tuple[Blob, int, memoryview, Future[tuple[bytes, bytes]]]] = deque()
+        hashing: deque[tuple[Blob, int, memoryview, Future[tuple[bytes, bytes, memoryview]]]] = deque()
         encoding: deque[tuple[ChunkId, int, int, Future[tuple[int, Buffer, ChunkId | None]]]] = deque()
 
         def drain_hash() -> None:
             blob, index, piece, fut = hashing.popleft()
-            fingerprint, digest = fut.result()
+            fingerprint, digest, piece = fut.result()
             cid = ChunkId(digest)
             self.fingerprints[(blob.path, index)] = (fingerprint, cid)
             blob.chunks.append(cid)
@@ -561,7 +574,8 @@ class ChunkStorer:
         for blob in blobs:
             blob.chunks.clear()
         for blob, index, piece in self._pieces(blobs):
-            hashing.append((blob, index, piece, self.pool.submit(self._identify, piece, (blob.path, index))))
+            identify = self._identify_copy if self.copy_pieces else self._identify_view
+            hashing.append((blob, index, piece, self.pool.submit(identify, piece, (blob.path, index))))
             while len(hashing) > self.window:
                 drain_hash()
             while encoding and (len(encoding) > self.window or encoding[0][3].done()):

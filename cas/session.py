@@ -36,7 +36,7 @@ from cas.index import SealedPack
 from cas.manifest import NODE_VERSION, SnapshotNode, check_metadata, pack_node
 from cas.reports import Snapshot
 from cas.saver import ChunkStorer, Fingerprints
-from cas.tree import Blob, KeyPath, check_tree
+from cas.tree import FILES_KEY, Blob, KeyPath, check_tree
 
 if TYPE_CHECKING:
     from cas.repository import Repository
@@ -291,6 +291,8 @@ class SaveSession:
         def run() -> SavedPart:
             encoded = encode_state(state, allow_pickle=allow_pickle)
             blobs = encoded.storages + encoded.blobs
+            # files may be written by another process while they are read (tensors are this one's)
+            self.storer.copy_pieces = isinstance(state, dict) and FILES_KEY in state
             return self._store_blobs(
                 blobs, lambda: tree_bytes(encoded.tree, [[b.nbytes, b] for b in encoded.storages]),
                 encoded.logical_bytes, encoded.tensor_count, encoded.pickled, progress,

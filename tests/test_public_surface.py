@@ -18,7 +18,8 @@ PUBLIC = {
     "PackCorruptError", "PickleRequiredError", "PreconditionFailedError", "Problem", "Repository",
     "RepositoryError", "RepositoryExistsError", "RestoreResult", "RetentionPolicy",
     "SavedPart", "SaveSession", "ShapeMismatchError",
-    "Snapshot", "StagePolicy", "SnapshotNotFoundError", "StatsReport", "StorageError", "StoragePermissionError",
+    "Snapshot", "StagePolicy", "SnapshotNotFoundError", "SourceChangedError", "StatsReport", "StorageError",
+    "StoragePermissionError",
     "StorageUnavailableError", "TagExistsError", "UnsupportedObjectError", "UsageError", "ValidationReport",
     "VerifyReport", "YoungDaly", "__version__", "validate",
 }

@@ -1,0 +1,156 @@
+"""File backups of files that change, or cannot be read, while `cas save` reads them.
+
+A file written in place between the hash of a chunk and its encoding used to store the new bytes
+under the old bytes' id: the store itself was poisoned, and a later save of an untouched copy of
+the old bytes deduplicated onto it and could not be restored. Pieces of files are now hashed and
+encoded from one private copy, and a file that changed is refused before anything is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import cas
+from cas.files import build_state
+from tests.test_cli import run
+
+MIB = 1 << 20
+
+
+def overwrite_during_save(repo: cas.Repository, src: Path, checked: bool) -> Exception | None:
+    """Save ``src`` while chunk 5 of its file is overwritten in place after the first pieces were
+    hashed (a writer elsewhere; the progress callback only makes the timing exact)."""
+    files = build_state([src])
+    calls = [0]
+
+    def progress(*_args: int) -> None:
+        calls[0] += 1
+        if calls[0] == 4:
+            time.sleep(0.2)  # the pieces ahead in the window are hashed meanwhile
+            fd = os.open(src / "blob.dat", os.O_WRONLY)
+            os.pwrite(fd, b"\0" * MIB, 5 * MIB)
+            os.close(fd)
+
+    try:
+        repo.save(files.state, tag="live", metadata={"source": files.source}, progress=progress,
+                  before_commit=files.check_unchanged if checked else None)
+    except cas.CasError as exc:
+        return exc
+    finally:
+        files.close()
+    return None
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_file_written_during_its_save_never_poisons_the_store(tmp_path: Path, checked: bool) -> None:
+    data = os.urandom(16 * MIB)
+    live, clean = tmp_path / "live", tmp_path / "clean"
+    for d in (live, clean):
+        d.mkdir()
+        (d / "blob.dat").write_bytes(data)
+    with cas.Repository.init(tmp_path / "repo") as repo:
+        error = overwrite_during_save(repo, live, checked)
+        if checked:  # what `cas save` does: the change is found before the commit
+            assert isinstance(error, cas.SourceChangedError), error
+            assert "changed while it was saved" in str(error) and "nothing was committed" in str(error)
+            assert repo.snapshots() == []
+        files = build_state([clean])
+        try:
+            repo.save(files.state, tag="clean", metadata={"source": files.source})
+        finally:
+            files.close()
+        report = repo.verify(read_data=True)
+        assert report.ok, report.problems  # every stored chunk hashes to its id
+    out = tmp_path / "out"
+    done = run("restore", "clean", str(out), repo=tmp_path / "repo")
+    assert done.returncode == 0, done.stderr
+    assert hashlib.sha256((out / "blob.dat").read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_cas_save_refuses_a_file_that_changes_and_commits_nothing(tmp_path: Path) -> None:
+    """A real writer process appending to a file while `cas save` reads it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "log.bin").write_bytes(os.urandom(48 * MIB))
+    (src / "keep.txt").write_text("x")
+    run("init", repo=tmp_path / "repo")
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "end = time.monotonic() + 20\n"
+        "with open(sys.argv[1], 'ab') as f:\n"
+        "    while time.monotonic() < end:\n"
+        "        f.write(os.urandom(4096)); f.flush(); time.sleep(0.002)\n"
+    ), str(src / "log.bin")])
+    try:
+        time.sleep(0.3)
+        done = run("save", str(src), "--tag", "moving", repo=tmp_path / "repo", ok=False, subprocess_=True)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert done.returncode != 0, done.stdout
+    assert "log.bin changed while it was saved" in done.stderr and "nothing was committed" in done.stderr, done.stderr
+    with cas.Repository.open(tmp_path / "repo") as repo:
+        assert repo.snapshots() == []
+
+
+def test_an_unreadable_directory_is_an_error_not_left_out(tmp_path: Path) -> None:
+    if os.geteuid() == 0 and not _can_drop_privileges():
+        pytest.skip("running as root without setpriv: permissions are not enforced")
+    base = Path(tempfile.mkdtemp(prefix="cas-unreadable-", dir="/tmp"))  # the unprivileged user can reach it
+    os.chmod(base, 0o755)
+    src = base / "src"
+    (src / "locked").mkdir(parents=True)
+    (src / "locked" / "shard.bin").write_bytes(b"x" * 100)
+    (src / "config.json").write_text("{}")
+    os.chmod(src / "locked", 0)
+    try:
+        code = ("import sys\nfrom pathlib import Path\nfrom cas.files import build_state\n"
+                "try:\n    build_state([Path(sys.argv[1])])\nexcept PermissionError as e:\n    print('refused', e)\n")
+        cmd = [sys.executable, "-c", code, str(src)]
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        assert "refused" in done.stdout and "locked" in done.stdout, (done.stdout, done.stderr)
+    finally:
+        os.chmod(src / "locked", 0o755)
+        shutil.rmtree(base)
+
+
+def _can_drop_privileges() -> bool:
+    return subprocess.run(["setpriv", "--reuid=65534", "true"], capture_output=True, check=False).returncode == 0
+
+
+def test_a_name_as_long_as_the_filesystem_allows_restores(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    name = "x" * 250 + ".json"  # 255 bytes: NAME_MAX
+    (src / name).write_text("{}")
+    run("init", repo=tmp_path / "repo")
+    assert run("save", str(src), "--tag", "t", repo=tmp_path / "repo").returncode == 0
+    done = run("restore", "t", str(tmp_path / "out"), repo=tmp_path / "repo")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / name).read_text() == "{}"
+
+
+def test_a_directory_holding_the_repository_is_saved_without_it(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print(1)\n")
+    run("init", repo=project / ".cas")
+    done = run("save", str(project), "--tag", "bk", repo=project / ".cas", subprocess_=True)
+    assert done.returncode == 0, done.stderr
+    assert "is the repository being saved into; left out" in done.stderr
+    out = tmp_path / "out"
+    assert run("restore", "bk", str(out), repo=project / ".cas").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["train.py"]
+    assert run("verify", "--read-data", repo=project / ".cas").returncode == 0
