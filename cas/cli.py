@@ -367,8 +367,8 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             include: tuple[str, ...], warmup: bool) -> None:
     """Give back a snapshot: a file backup as its files, byte for byte, under directory OUT (or, for one
     file, at OUT with its suffix); a state snapshot as OUT, .pt or .safetensors (by extension or --format)."""
+    from cas.filebytes import PartLoader  # noqa: PLC0415 - torch only for commands that need it
     from cas.files import (  # noqa: PLC0415 - torch only for commands that need it
-        PartLoader,
         prepare_target,
         reread_states,
         restore_file,

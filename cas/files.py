@@ -51,17 +51,17 @@ import torch
 
 from cas.errors import (
     CorruptionError,
-    ManifestCorruptError,
     NotACheckpointError,
     OutputExistsError,
     SourceChangedError,
     UsageError,
 )
+from cas.filebytes import PartLoader, file_parts, part_bytes, stored_file
 from cas.store import fsync_dir
 from cas.tree import FILES_KEY, FILES_VERSION, check_rel
 
 if TYPE_CHECKING:
-    from cas.repository import Repository
+    pass
 
 log = logging.getLogger("cas")
 
@@ -557,14 +557,6 @@ def _dest(out: Path, parts: tuple[str, ...], create: bool) -> Path:
     return dest
 
 
-def _bytes_of(part: Any) -> memoryview:
-    from cas.statedict import byte_view  # noqa: PLC0415 - the one module that views tensor bytes
-
-    if isinstance(part, torch.Tensor):
-        return byte_view(part.contiguous())
-    return memoryview(part)
-
-
 def _write_parts(dest: Path, temp: Path, parts: Iterable[Any], size: int, digest: bytes, mode: int, mtime_ns: int,
                  where: str) -> int:
     h = hashlib.sha256()
@@ -573,7 +565,7 @@ def _write_parts(dest: Path, temp: Path, parts: Iterable[Any], size: int, digest
     try:
         with os.fdopen(fd, "wb", closefd=True) as f:
             for part in parts:
-                data = _bytes_of(part)
+                data = part_bytes(part)
                 h.update(data)
                 f.write(data)
                 written += data.nbytes
@@ -606,78 +598,15 @@ def prepare_target(out: Path, force: bool) -> None:
         out.mkdir()
 
 
-#: tensor bytes one load brings in while a file is rebuilt: memory stays near this (or the largest tensor)
-RESTORE_BATCH_BYTES = 256 << 20
-
-
-class PartLoader:
-    """Loads parts of one snapshot by exact key path (only their chunks are read); knows each
-    tensor's size from the manifest, so a restore can bound what it holds in memory."""
-
-    def __init__(self, repo: Repository, snapshot: str, allow_pickle: bool = False) -> None:
-        from cas.tree import format_path  # noqa: PLC0415
-
-        self.repo, self.snapshot, self.allow_pickle = repo, snapshot, allow_pickle
-        self._format = format_path
-        self.sizes = {t["path"]: int(t["nbytes"]) for t in repo.tensors(snapshot)}
-
-    def __call__(self, paths: list[tuple[Any, ...]]) -> list[Any]:
-        value = self.repo.load(self.snapshot, keys=list(paths), allow_pickle=self.allow_pickle)
-        out = []
-        for path in paths:
-            here = value
-            for key in path:
-                here = here[key]
-            out.append(here)
-        return out
-
-    def nbytes(self, path: tuple[Any, ...]) -> int:
-        return self.sizes.get(self._format(path), 0)
-
 
 def restore_file(load: PartLoader, rel: str, dest: Path, where: str) -> int:
     """Rebuild one stored file at ``dest``: its small fields first, then its tensors in batches of
     about ``RESTORE_BATCH_BYTES``, written in layout order as they come (sha256 checked)."""
-    fields = ("mode", "mtime_ns", "size", "sha256", "layout")
-    try:
-        mode, mtime_ns, size, digest, layout = load([("files", rel, f) for f in fields])
-    except (KeyError, TypeError, IndexError) as exc:
-        raise ManifestCorruptError(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
-    if not all(isinstance(v, int) for v in (mode, mtime_ns, size)) or not isinstance(layout, list):
-        raise ManifestCorruptError(f"{where} is malformed: mode, mtime and size must be integers")
-    refs: list[tuple[Any, ...]] = []
-    for item in layout:
-        if isinstance(item, bytes):
-            continue
-        if not isinstance(item, tuple) or len(item) != 2 or item[0] not in ("t", "r"):
-            raise ManifestCorruptError(f"{where} is malformed: a layout item is {item!r}")
-        refs.append(("files", rel, "tensors" if item[0] == "t" else "raw", item[1]))
-
-    def parts() -> Iterator[Any]:
-        pending = iter(refs)
-        batch: list[tuple[Any, ...]] = []
-        loaded: list[Any] = []
-        for item in layout:
-            if isinstance(item, bytes):
-                yield item
-                continue
-            if not loaded:
-                batch, total = [], 0
-                for ref in pending:
-                    batch.append(ref)
-                    total += load.nbytes(ref)
-                    if total >= RESTORE_BATCH_BYTES:
-                        break
-                try:
-                    loaded = load(batch)
-                except (KeyError, TypeError, IndexError) as exc:
-                    raise ManifestCorruptError(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
-                loaded.reverse()
-            yield loaded.pop()
-
+    stored = stored_file(load, rel, where)
     temp = dest.parent / f".cas-{uuid.uuid4().hex[:16]}.tmp"  # short: any name that fits NAME_MAX restores
     try:
-        return _write_parts(dest, temp, parts(), size, digest, mode, mtime_ns, where)
+        return _write_parts(dest, temp, file_parts(load, stored, where), stored.size, stored.sha256, stored.mode,
+                            stored.mtime_ns, where)
     except OSError as exc:  # the target refused it: name the file asked for, not the temp file
         raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
 

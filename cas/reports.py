@@ -35,7 +35,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # missing-chunk, corrupt-chunk, missing-pack, corrupt-pack, corrupt-manifest, damaged-ref
+    kind: str  # missing-chunk, corrupt-chunk, missing-pack, corrupt-pack, corrupt-manifest, damaged-ref, corrupt-file
     message: str
     snapshot: str | None = None
     tensor: str | None = None

@@ -248,7 +248,7 @@ def test_build_state_reads_tensor_files_without_copies(tmp_path: Path) -> None:
 
 def test_a_restore_loads_tensors_in_bounded_batches(repo_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import cas.files
+    import cas.filebytes
 
     src = tmp_path / "run"
     src.mkdir()
@@ -256,14 +256,14 @@ def test_a_restore_loads_tensors_in_bounded_batches(repo_dir: Path, tmp_path: Pa
     save_file({f"t{i}": torch.randn(64, 64) for i in range(6)}, str(src / "m.safetensors"))
     run("save", src, "--tag", "t", repo=repo_dir)
     calls: list[int] = []
-    real = cas.files.PartLoader.__call__
+    real = cas.filebytes.PartLoader.__call__
 
     def counting(self: Any, paths: list[Any]) -> list[Any]:
         calls.append(len(paths))
         return real(self, paths)
 
-    monkeypatch.setattr(cas.files, "RESTORE_BATCH_BYTES", 2 * 64 * 64 * 4)  # two tensors a load
-    monkeypatch.setattr(cas.files.PartLoader, "__call__", counting)
+    monkeypatch.setattr(cas.filebytes, "RESTORE_BATCH_BYTES", 2 * 64 * 64 * 4)  # two tensors a load
+    monkeypatch.setattr(cas.filebytes.PartLoader, "__call__", counting)
     run("restore", "t", tmp_path / "out", repo=repo_dir)
     assert tree_facts(tmp_path / "out") == tree_facts(src)
     assert calls == [5, 2, 2, 2]  # the file's fields, then 6 tensors two at a time

@@ -16,7 +16,7 @@ for rank, modules in enumerate([
     ["backends"],  # dumb byte storage
     ["pack", "packcache", "store", "layout", "topology"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
-    ["manifest", "tree", "statedict", "staging", "reports"],  # the model
+    ["manifest", "tree", "statedict", "staging", "reports", "filebytes"],  # the model
     ["reader", "saver", "fingerprints", "reach", "storeview", "verify", "gc", "check", "retention", "policy",
      "repository", "session", "replication", "regions", "tiering", "dr"],
     ["cli", "cli_dr", "serve", "importers", "files", "demo", "manager", "validation", "integrations",

@@ -201,7 +201,8 @@ def _swap_in(temp: Path, out: Path) -> None:
 
 def _restore_files(repo: Repository, snap: Snapshot, listing: list[dict[str, Any]], out: Path,
                    overwrite: bool) -> str:
-    from cas.files import PartLoader, restore_files  # noqa: PLC0415
+    from cas.filebytes import PartLoader  # noqa: PLC0415
+    from cas.files import restore_files  # noqa: PLC0415
 
     temp = _prepare_out(out, overwrite)
     try:
