@@ -175,6 +175,7 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether the interval policy says a save is due at ``step`` (True without a policy)."""
+        _check_step(step)
         self._raise_pending()
         if self._last_step is not None and step <= self._last_step:
             return False
@@ -190,8 +191,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise UsageError("this CheckpointManager is closed")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise UsageError(f"step must be a non-negative int, got {step!r}")
+        _check_step(step)
         self._raise_pending()
         if not force and not self.should_save(step):
             return False
@@ -420,3 +420,8 @@ def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             raise UsageError(f"metric {k!r} is {value}; metrics must be finite numbers (keep_best ranks by them)")
         out[k] = value
     return out
+
+
+def _check_step(step: object) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UsageError(f"step must be a non-negative int, got {step!r}")

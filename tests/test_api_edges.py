@@ -300,3 +300,14 @@ def test_a_closed_repository_says_it_is_closed(tmp_path: Path) -> None:
             call()
     with cas.Repository.open(tmp_path / "repo") as again:  # nothing was changed by the refused calls
         assert [s.tag for s in again.snapshots()] == ["s"]
+
+
+@pytest.mark.parametrize("step", ["10", 1.5, -1, True, None])
+def test_should_save_refuses_a_bad_step_as_save_does(tmp_path: Path, step: Any) -> None:
+    manager = cas.CheckpointManager(tmp_path / "repo")
+    try:
+        with pytest.raises(cas.UsageError, match="step must be a non-negative int"):
+            manager.should_save(step)
+        assert manager.should_save(3)
+    finally:
+        manager.close()
