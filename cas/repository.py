@@ -1234,9 +1234,8 @@ class Repository:
                     old = self._read_index_here()
             hints: dict[PackId, list[PackEntry]] = {}
             for cid, loc in old.locations(set(view.unreadable)):  # what the old index knew of damaged packs
-                if loc.pack_id in view.unreadable:
-                    hints.setdefault(loc.pack_id, []).append(PackEntry(
-                        cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))
+                hints.setdefault(loc.pack_id, []).append(PackEntry(
+                    cid, loc.offset, loc.stored_length, loc.raw_length, loc.codec, loc.kind, loc.base_id))
             kept_nodes = {sid: node for sid, node in old.snapshot_nodes.items() if hash_bytes(node) == sid}
             # nodes only the cache still holds go into the store first (not into the old index,
             # which may refuse writes): a crash after the clear below must not take them with it

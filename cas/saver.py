@@ -538,10 +538,14 @@ class ChunkStorer:
         return fingerprint, digest, piece
 
     def _identify_copy(self, piece: memoryview, key: tuple[KeyPath, int]) -> tuple[bytes, bytes, memoryview]:
-        """``_identify`` of a private copy of the piece, and the copy (what is encoded, if new)."""
+        """``_identify``, but a piece that is not the previous save's is hashed from a private copy,
+        which is what gets encoded: a writer elsewhere cannot change it between hash and encode."""
+        fingerprint = xxhash.xxh3_128_digest(piece)
+        known = self.previous.get(key)
+        if known is not None and known[0] == fingerprint:
+            return fingerprint, known[1], piece  # nothing to encode: no copy
         own = memoryview(bytes(piece))
-        fingerprint, digest = self._identify(own, key)
-        return fingerprint, digest, own
+        return xxhash.xxh3_128_digest(own), hash_bytes(own), own
 
     def store_blobs(self, blobs: list[Blob], progress: Callable[[int], None] | None = None) -> None:
         hashing: deque[tuple[Blob, int, memoryview, Future[tuple[bytes, bytes, memoryview]]]] = deque()

@@ -106,6 +106,16 @@ def two_regions(regions: Callable[[str], Region]) -> tuple[Region, Region, cas.R
     return a, b, repo
 
 
+def failover_ready(regions: Callable[[str], Region], tag: str, interval: float = 0.2) -> tuple[Region, Region]:
+    """Two regions, ``state(1)`` saved as ``tag`` and replicated, failover settings stored."""
+    a, b, repo = two_regions(regions)
+    with repo:
+        repo.save(state(1), tag=tag)
+        assert repo.replicate().ok
+        repo.set_failover(health_check_interval=interval, failure_threshold=2, recovery_threshold=2)
+    return a, b
+
+
 def test_sync_copies_everything_refs_last_and_never_resends(regions: Callable[[str], Region]) -> None:
     a, b, repo = two_regions(regions)
     saved = {}
@@ -212,11 +222,7 @@ def test_restore_in_flight_completes_from_the_secondary_when_the_primary_is_kill
 def test_saves_in_a_failover_land_in_the_secondary_and_the_primary_catches_up(
     regions: Callable[[str], Region]
 ) -> None:
-    a, b, repo = two_regions(regions)
-    with repo:
-        repo.save(state(1), tag="before")
-        assert repo.replicate().ok
-        repo.set_failover(health_check_interval=0.2, failure_threshold=2, recovery_threshold=2)
+    a, b = failover_ready(regions, "before")
     with cas.Repository.open(URL, storage_options=a.options) as repo:
         assert repo.region == "primary"
         a.stop()
@@ -472,11 +478,7 @@ def test_serve_reports_replication_lag_as_each_round_ends(regions: Callable[[str
 
 
 def test_serve_reports_failover_in_metrics(regions: Callable[[str], Region]) -> None:
-    a, _b, repo = two_regions(regions)
-    with repo:
-        repo.save(state(1), tag="s1")
-        assert repo.replicate().ok
-        repo.set_failover(health_check_interval=0.2, failure_threshold=2, recovery_threshold=2)
+    a, _b = failover_ready(regions, "s1")
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     proc, base = start_serve(env, "--repo", URL, "--endpoint", a.server.endpoint, "--timeout", "1")
     try:

@@ -24,7 +24,7 @@ from cas.backends import open_backend
 from cas.backends.failover import FailoverBackend
 from cas.layout import Store
 from tests.helpers import assert_same
-from tests.test_dr import URL, Region, _env, regions, state, two_regions, wait_for
+from tests.test_dr import URL, Region, _env, failover_ready, regions, state, wait_for
 
 __all__ = ["_env", "regions"]  # fixtures shared with test_dr
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +48,7 @@ def save_in_another_process(options: dict[str, object], tag: str, seed: int, cac
 def test_a_save_landing_between_failback_copy_and_switch_reaches_the_primary(
     regions: Callable[[str], Region], tmp_path: Path
 ) -> None:
-    a, b, repo = two_regions(regions)
-    with repo:
-        repo.save(state(1), tag="before")
-        assert repo.replicate().ok
-        repo.set_failover(health_check_interval=0.2, failure_threshold=2, recovery_threshold=2)
+    a, b = failover_ready(regions, "before")
     with cas.Repository.open(URL, storage_options=a.options) as repo:
         monitor = repo._dr.monitor
         assert monitor is not None
@@ -243,11 +239,7 @@ def test_lockers_of_a_local_region_through_failover_and_directly_exclude_each_ot
 def test_a_ref_write_in_flight_does_not_wait_for_the_health_checker(regions: Callable[[str], Region]) -> None:
     """A failback holds the monitor's lock while it waits for the writes in flight; a ref write's
     fence must therefore not need that lock (it did: the two waited on each other for ever)."""
-    a, _b, repo = two_regions(regions)
-    with repo:
-        repo.save(state(1), tag="s1")
-        assert repo.replicate().ok
-        repo.set_failover(health_check_interval=30, failure_threshold=2, recovery_threshold=2)
+    a, _b = failover_ready(regions, "s1", interval=30)
     with cas.Repository.open(URL, storage_options=a.options) as repo:
         monitor = repo._dr.monitor
         assert monitor is not None

@@ -141,10 +141,9 @@ class FailoverBackend(Backend):
                     if keys and name not in self._failing}
         gone = 0
         for name, keys in owed.items():
-            backend = self._regions[name]
             for key in sorted(keys):
                 try:
-                    (backend.inner if isinstance(backend, RetryingBackend) else backend).delete(key)
+                    self._one_try(name).delete(key)
                 except StorageUnavailableError:
                     break  # still not answering: the next round
                 except CasError as exc:  # refused (permissions): it goes stale on its own
@@ -156,6 +155,11 @@ class FailoverBackend(Backend):
 
     def set_fence(self, fence: Fence | None) -> None:
         self._fence = fence
+
+    def _one_try(self, name: str) -> Backend:
+        """A region's backend without its retry loop (the next region, or the next round, is the retry)."""
+        backend = self._regions[name]
+        return backend.inner if isinstance(backend, RetryingBackend) else backend
 
     def _read_order(self) -> builtins.list[str]:
         """Serving region first, unless health checks say it is failing; failing regions last."""
@@ -171,9 +175,8 @@ class FailoverBackend(Backend):
         order = self._read_order()
         silent: list[str] = []
         for name in order:
-            backend = self._regions[name]
             try:
-                result = op(backend.inner if isinstance(backend, RetryingBackend) else backend)
+                result = op(self._one_try(name))
             except StorageUnavailableError as e:
                 first = first or e
                 silent.append(name)
@@ -270,9 +273,8 @@ class FailoverBackend(Backend):
                 if name in failing:
                     self._owe_lock_delete(name, key)
                     continue
-                backend = self._regions[name]
                 try:
-                    (backend.inner if isinstance(backend, RetryingBackend) else backend).delete(key)
+                    self._one_try(name).delete(key)
                 except StorageUnavailableError:
                     self._owe_lock_delete(name, key)
             return
