@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import io
 import json
@@ -41,6 +42,7 @@ import re
 import stat
 import struct
 import uuid
+import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cas import sources
 from cas.errors import (
     CorruptionError,
     NotACheckpointError,
@@ -89,11 +92,11 @@ class Segment:
     shape: tuple[int, ...] = ()
 
 
-def _safetensors_segments(mm: memoryview, size: int) -> list[Segment] | None:
+def _safetensors_segments(mm: FileBytes, size: int) -> list[Segment] | None:
     """The tensors of a safetensors file, by offset; None if it is not one."""
     if size < 8:
         return None
-    (n,) = struct.unpack_from("<Q", mm, 0)
+    (n,) = struct.unpack("<Q", mm[0:8])
     if n > size - 8 or n > 100 << 20:
         return None
     try:
@@ -185,7 +188,7 @@ def _storage_dtype(module: str, cls: str) -> torch.dtype | None:
     return STORAGE_DTYPES.get(cls) if module == "torch" else None
 
 
-def _torch_zip_segments(path: Path, mm: memoryview, size: int) -> list[Segment] | None:
+def _torch_zip_segments(path: Path, mm: FileBytes, size: int) -> list[Segment] | None:
     """The storages of a ``torch.save`` zip archive, by offset; None if it is not one."""
     if size < 4 or bytes(mm[:4]) != b"PK\x03\x04":
         return None
@@ -206,7 +209,7 @@ def _torch_zip_segments(path: Path, mm: memoryview, size: int) -> list[Segment] 
         start = info.header_offset
         if start + 30 > size or bytes(mm[start:start + 4]) != b"PK\x03\x04":
             return None
-        name_len, extra_len = struct.unpack_from("<HH", mm, start + 26)
+        name_len, extra_len = struct.unpack("<HH", mm[start + 26:start + 30])
         data = start + 30 + name_len + extra_len
         if data + info.file_size > size:
             return None
@@ -222,7 +225,7 @@ class _Window(io.RawIOBase):
     """A read-only file over ``mm[start:end]`` (zipfile reads the central directory and a pickle from
     it; tensor bytes are never copied)."""
 
-    def __init__(self, mm: memoryview, start: int, end: int) -> None:
+    def __init__(self, mm: FileBytes, start: int, end: int) -> None:
         self.mm, self.start, self.end, self.pos = mm, start, end, 0
 
     def readable(self) -> bool:
@@ -247,7 +250,7 @@ class _Window(io.RawIOBase):
         return out
 
 
-def _embedded_zip_segments(mm: memoryview, size: int) -> list[Segment] | None:
+def _embedded_zip_segments(mm: FileBytes, size: int) -> list[Segment] | None:
     """The storages of the ``torch.save`` archives laid one after another in a file (what DCP's
     ``FileSystemWriter`` writes into each ``.distcp``).
 
@@ -267,7 +270,7 @@ def _embedded_zip_segments(mm: memoryview, size: int) -> list[Segment] | None:
         pos = eocd + 4
         if eocd + 22 > size:
             break
-        (comment,) = struct.unpack_from("<H", mm, eocd + 20)
+        (comment,) = struct.unpack("<H", mm[eocd + 20:eocd + 22])
         end = eocd + 22 + comment
         if end > size:
             continue
@@ -284,7 +287,7 @@ def _embedded_zip_segments(mm: memoryview, size: int) -> list[Segment] | None:
     return out if out else None
 
 
-def _archive_storages(zf: zipfile.ZipFile, mm: memoryview, start: int, end: int,
+def _archive_storages(zf: zipfile.ZipFile, mm: FileBytes, start: int, end: int,
                       archive: int) -> list[Segment] | None:
     infos = zf.infolist()
     pickles = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
@@ -299,7 +302,7 @@ def _archive_storages(zf: zipfile.ZipFile, mm: memoryview, start: int, end: int,
         local = start + info.header_offset
         if local + 30 > end or bytes(mm[local:local + 4]) != b"PK\x03\x04":
             return None
-        name_len, extra_len = struct.unpack_from("<HH", mm, local + 26)
+        name_len, extra_len = struct.unpack("<HH", mm[local + 26:local + 30])
         data = local + 30 + name_len + extra_len
         if data + info.file_size > end:
             return None
@@ -331,6 +334,49 @@ def _layout(segments: list[Segment], size: int) -> list[Segment] | None:
     return out
 
 
+class FileBytes:
+    """A file's bytes, read with ``pread`` (never through its mapping, see ``cas.sources``): a read
+    that finds the file shorter than when it was opened is a :class:`SourceChangedError`."""
+
+    def __init__(self, fd: int, path: Path, size: int) -> None:
+        self.fd, self.path, self.size = fd, path, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:  # pread may return less than asked before the end of the file
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise SourceChangedError(
+                    f"{self.path} was cut short while it was read (to {offset + len(data)} bytes, it had "
+                    f"{self.size}); nothing was committed. Save it again once nothing writes it (or save a copy)"
+                )
+            data += more
+        return data
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop, _ = where.indices(self.size)
+        return self.read(start, stop - start) if stop > start else b""
+
+    def sha256(self, block: int = 8 << 20) -> bytes:
+        digest = hashlib.sha256()
+        buf = bytearray(min(block, self.size))
+        view = memoryview(buf)
+        at = 0
+        while at < self.size:
+            n = os.preadv(self.fd, [view[:min(block, self.size - at)]], at)
+            if n == 0:
+                raise SourceChangedError(
+                    f"{self.path} was cut short while it was read (to {at} bytes, it had {self.size}); nothing "
+                    "was committed. Save it again once nothing writes it (or save a copy)"
+                )
+            digest.update(view[:n])
+            at += n
+        return digest.digest()
+
+
 @dataclass
 class ReadFile:
     """One file as stored: its value in the files tree, and the mapping its tensors view."""
@@ -339,10 +385,14 @@ class ReadFile:
     format: str
     size: int
     maps: list[mmap.mmap] = field(default_factory=list)
+    #: addresses of the mappings registered with ``cas.sources`` (unregistered on close)
+    registered: list[int] = field(default_factory=list)
+    #: (st_dev, st_ino) of the file read
+    inode: tuple[int, int] = (0, 0)
 
 
-def _tensor_of(mm: mmap.mmap, seg: Segment) -> torch.Tensor:
-    """A tensor over ``seg`` of the mapping (zero-copy when aligned; a copy when not)."""
+def _tensor_of(mm: mmap.mmap, data: FileBytes, seg: Segment) -> torch.Tensor:
+    """A tensor over ``seg`` of the mapping (zero-copy when aligned; when not, a copy read from the file)."""
     if seg.length == 0:
         return torch.empty(seg.shape, dtype=seg.dtype)
     flat = torch.frombuffer(mm, dtype=torch.uint8, count=seg.length, offset=seg.offset)
@@ -351,52 +401,67 @@ def _tensor_of(mm: mmap.mmap, seg: Segment) -> torch.Tensor:
     try:
         return flat.view(seg.dtype).reshape(seg.shape)
     except RuntimeError:  # not aligned to the element size: copy
-        return flat.clone().view(seg.dtype).reshape(seg.shape)
+        copy = torch.frombuffer(bytearray(data.read(seg.offset, seg.length)), dtype=torch.uint8)
+        return copy.view(seg.dtype).reshape(seg.shape)
+
+
+def _mapping_live(ref: weakref.ref[mmap.mmap]) -> bool:
+    mm = ref()
+    return mm is not None and not mm.closed
 
 
 def read_file(path: Path, *, strict: bool = False) -> ReadFile:
-    """Read one file for storing. ``strict``: a tensor file (by suffix) that does not parse is an error."""
-    st = os.stat(path)
-    size = st.st_size
-    value: dict[str, Any] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns, "size": size}
-    if size == 0:
-        value.update(sha256=hashlib.sha256().digest(), format="raw", tensors={}, raw={}, layout=[])
-        return ReadFile(value, "raw", 0)
+    """Read one file for storing. ``strict``: a tensor file (by suffix) that does not parse is an error.
+
+    Its bytes are read with ``pread`` (hashed, parsed) and its tensors view a private mapping that
+    no code reads: the saver reads the pieces it stores from the file (``cas.sources``), so a file
+    cut short meanwhile is a ``SourceChangedError``, never a SIGBUS."""
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable copy-on-write: torch views it
-    view = memoryview(mm)
-    try:
-        digest = hashlib.sha256(view).digest()
-        suffix = path.suffix.lower()
-        fmt, segments = "raw", None
-        if suffix == SAFETENSORS_SUFFIX:
-            segments, fmt = _safetensors_segments(view, size), "safetensors"
-        elif suffix == ".distcp":
-            segments, fmt = _embedded_zip_segments(view, size), "distcp"
-        elif suffix in TORCH_SUFFIXES or bytes(view[:4]) == b"PK\x03\x04":
-            segments, fmt = _torch_zip_segments(path, view, size), "torch"
-        laid = _layout(segments, size) if segments is not None else None
-        if laid is None:
-            if strict and suffix in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-                what = "safetensors file" if suffix == SAFETENSORS_SUFFIX else "torch.save archive (zip)"
-                raise NotACheckpointError(f"{path} is not a readable {what}; save its directory to keep it as bytes")
-            fmt, laid = "raw", [Segment(0, size)]
-        tensors: dict[str, torch.Tensor] = {}
-        raw: dict[int, torch.Tensor] = {}
-        layout: list[Any] = []
-        for seg in laid:
-            if seg.name is not None:
-                tensors[seg.name] = _tensor_of(mm, seg)
-                layout.append(("t", seg.name))
-            elif seg.length <= INLINE_MAX:
-                layout.append(bytes(view[seg.offset:seg.offset + seg.length]))
-            else:
-                raw[len(raw)] = _tensor_of(mm, Segment(seg.offset, seg.length, shape=(seg.length,)))
-                layout.append(("r", len(raw) - 1))
-    finally:
-        view.release()
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        value: dict[str, Any] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns, "size": size}
+        if size == 0:
+            value.update(sha256=hashlib.sha256().digest(), format="raw", tensors={}, raw={}, layout=[])
+            return ReadFile(value, "raw", 0, inode=(st.st_dev, st.st_ino))
+        data = FileBytes(f.fileno(), path, size)
+        digest = data.sha256()
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable copy-on-write: torch views it
+        mapped = sources.MappedFile(sources.address_of(memoryview(mm)), size, path, st.st_dev, st.st_ino,
+                                    functools.partial(_mapping_live, weakref.ref(mm)))
+        sources.register(mapped)
+        try:
+            suffix = path.suffix.lower()
+            fmt, segments = "raw", None
+            if suffix == SAFETENSORS_SUFFIX:
+                segments, fmt = _safetensors_segments(data, size), "safetensors"
+            elif suffix == ".distcp":
+                segments, fmt = _embedded_zip_segments(data, size), "distcp"
+            elif suffix in TORCH_SUFFIXES or data[:4] == b"PK\x03\x04":
+                segments, fmt = _torch_zip_segments(path, data, size), "torch"
+            laid = _layout(segments, size) if segments is not None else None
+            if laid is None:
+                if strict and suffix in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+                    what = "safetensors file" if suffix == SAFETENSORS_SUFFIX else "torch.save archive (zip)"
+                    raise NotACheckpointError(f"{path} is not a readable {what}; save its directory to keep it "
+                                              "as bytes")
+                fmt, laid = "raw", [Segment(0, size)]
+            tensors: dict[str, torch.Tensor] = {}
+            raw: dict[int, torch.Tensor] = {}
+            layout: list[Any] = []
+            for seg in laid:
+                if seg.name is not None:
+                    tensors[seg.name] = _tensor_of(mm, data, seg)
+                    layout.append(("t", seg.name))
+                elif seg.length <= INLINE_MAX:
+                    layout.append(data.read(seg.offset, seg.length))
+                else:
+                    raw[len(raw)] = _tensor_of(mm, data, Segment(seg.offset, seg.length, shape=(seg.length,)))
+                    layout.append(("r", len(raw) - 1))
+        except BaseException:
+            sources.unregister(mapped.address)
+            raise
     value.update(sha256=digest, format=fmt, tensors=tensors, raw=raw, layout=layout)
-    return ReadFile(value, fmt, size, [mm])
+    return ReadFile(value, fmt, size, [mm], [mapped.address], (st.st_dev, st.st_ino))
 
 
 # --------------------------------------------------------------------------- what to store
@@ -434,13 +499,15 @@ class FilesState:
     state: dict[str, Any]
     source: dict[str, Any]
     maps: list[mmap.mmap]
-    #: every file read: (size, mtime_ns) as read
-    seen: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    #: every file read: (size, mtime_ns, st_dev, st_ino) as read
+    seen: dict[Path, tuple[int, int, int, int]] = field(default_factory=dict)
+    #: the mappings registered with ``cas.sources``
+    registered: list[int] = field(default_factory=list)
 
     def check_unchanged(self) -> None:
         """Raise ``SourceChangedError`` if a file read is no longer as it was read (written, cut,
         grown or replaced): what was stored may mix its old and new bytes. Called before commit."""
-        for path, (size, mtime_ns) in self.seen.items():
+        for path, (size, mtime_ns, dev, ino) in self.seen.items():
             try:
                 st = os.stat(path)
             except OSError as exc:
@@ -451,10 +518,16 @@ class FilesState:
                     f"{path} changed while it was saved ({size} -> {st.st_size} bytes, mtime moved); nothing was "
                     "committed. Save it again once nothing writes it (or save a copy)"
                 )
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise SourceChangedError(f"{path} was replaced while it was saved; nothing was committed. Save it "
+                                         "again once nothing writes it (or save a copy)")
 
     def close(self) -> None:
         """Drop the tensors and unmap the files (a mapping still viewed stays until collected)."""
         self.state.clear()
+        for address in self.registered:
+            sources.unregister(address)
+        self.registered.clear()
         for mm in self.maps:
             with contextlib.suppress(BufferError):
                 mm.close()
@@ -488,7 +561,8 @@ def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesSt
     files: dict[str, Any] = {}
     dirs: dict[str, Any] = {}
     maps: list[mmap.mmap] = []
-    seen: dict[Path, tuple[int, int]] = {}  # size and mtime when read
+    registered: list[int] = []
+    seen: dict[Path, tuple[int, int, int, int]] = {}  # size, mtime and inode when read
     formats: dict[str, int] = {}
     total = 0
     if single_dir:
@@ -501,10 +575,16 @@ def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesSt
             st = path.stat()
             dirs[rel] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}
             continue
-        read = read_file(path, strict=named)
+        try:
+            read = read_file(path, strict=named)
+        except BaseException:
+            for address in registered:
+                sources.unregister(address)
+            raise
         files[rel] = read.value
-        seen[path] = (read.value["size"], read.value["mtime_ns"])
+        seen[path] = (read.value["size"], read.value["mtime_ns"], *read.inode)
         maps.extend(read.maps)
+        registered.extend(read.registered)
         formats[read.format] = formats.get(read.format, 0) + 1
         if read.format == "raw" and path.suffix.lower() in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
             log.warning("cas: %s is not a readable tensor file; stored as bytes (it comes back the same, "
@@ -514,7 +594,7 @@ def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesSt
         raise NotACheckpointError(f"{paths[0]} holds no files")
     name = paths[0].resolve().name if len(paths) == 1 else f"{len(paths)} inputs"
     source = {"kind": "files", "name": name, "files": len(files), "bytes": total, "formats": formats}
-    return FilesState({FILES_KEY: FILES_VERSION, "files": files, "dirs": dirs}, source, maps, seen)
+    return FilesState({FILES_KEY: FILES_VERSION, "files": files, "dirs": dirs}, source, maps, seen, registered)
 
 
 # --------------------------------------------------------------------------- restoring

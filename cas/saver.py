@@ -23,6 +23,7 @@ from cas.faults import crash_point
 from cas.ids import ChunkId, PackId, hash_bytes
 from cas.index import ChunkLocation, ChunkLookup, SealedPack
 from cas.pack import FOOTER_ENTRY, HEADER, TRAILER, ChunkKind, PackWriter
+from cas.sources import read_copy
 from cas.tree import Blob, KeyPath
 
 log = logging.getLogger("cas")
@@ -563,14 +564,13 @@ class ChunkStorer:
         return fingerprint, digest, piece
 
     def _identify_copy(self, piece: memoryview, key: tuple[KeyPath, int]) -> tuple[bytes, bytes, memoryview]:
-        """``_identify``, but a piece that is not the previous save's is hashed from a private copy,
-        which is what gets encoded: a writer elsewhere cannot change it between hash and encode."""
-        fingerprint = xxhash.xxh3_128_digest(piece)
-        known = self.previous.get(key)
-        if known is not None and known[0] == fingerprint:
-            return fingerprint, known[1], piece  # nothing to encode: no copy
-        own = memoryview(bytes(piece))
-        return xxhash.xxh3_128_digest(own), hash_bytes(own), own
+        """``_identify`` of a private copy of the piece, which is what gets encoded: a writer elsewhere
+        cannot change it between hash and encode. A piece of a mapped file is read from the file
+        (``cas.sources.read_copy``): a file cut short under its mapping would kill this process
+        with SIGBUS; read, it is a ``SourceChangedError``."""
+        own = memoryview(read_copy(piece))
+        fingerprint, digest = self._identify(own, key)
+        return fingerprint, digest, own
 
     def store_blobs(self, blobs: list[Blob], progress: Callable[[int], None] | None = None) -> None:
         hashing: deque[tuple[list[tuple[Blob, int, memoryview]], Future[list[tuple[bytes, bytes, memoryview]]]]]

@@ -180,3 +180,74 @@ def test_verify_read_data_rebuilds_each_backed_up_file_against_its_sha256(tmp_pa
         assert repo.verify(read_data=True, snapshots=["good"]).ok
     done = run("verify", "--read-data", repo=tmp_path / "repo", ok=False)
     assert done.returncode == 1 and "corrupt-file" in done.stdout + done.stderr, (done.stdout, done.stderr)
+
+
+_CUT_DURING_SAVE = r"""
+import os, sys
+from pathlib import Path
+import cas
+from cas.files import build_state
+src, repo_dir, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+files = build_state([src])
+target = src / ("notes.txt" if how == "replaced-small" else "model.safetensors")
+if how == "cut":
+    os.truncate(target, 4096)  # under the mapping the tensors view
+else:  # replaced by a file of the same size and mtime: only its inode tells
+    other = src / "other"
+    other.write_bytes(os.urandom(target.stat().st_size))
+    st = target.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, target)
+with cas.Repository.open(repo_dir) as repo:
+    try:
+        repo.save(files.state, tag="cut", before_commit=files.check_unchanged)
+    except cas.SourceChangedError as exc:
+        print("refused:", exc)
+    else:
+        print("saved")
+    print("refs:", sorted(name for name, _ in repo.refs()))
+files.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["cut", "replaced", "replaced-small"])
+def test_a_file_cut_short_or_replaced_under_its_mapping_is_refused_not_a_crash(tmp_path: Path, how: str) -> None:
+    """The tensors of a file backup view the file's mapping; a file cut short under it used to kill
+    `cas save` with SIGBUS when the saver read the piece. The pieces are read from the file now."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": torch.randn(3 * MIB // 4), "b": torch.randn(1000)}, str(src / "model.safetensors"))
+    (src / "notes.txt").write_text("kept\n")
+    with cas.Repository.init(tmp_path / "repo") as repo:
+        repo.save({"x": torch.zeros(4)}, tag="before")
+    proc = subprocess.run([sys.executable, "-c", _CUT_DURING_SAVE, str(src), str(tmp_path / "repo"), how],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # -7 was SIGBUS
+    word = "was cut short" if how == "cut" else "was replaced"
+    name = "notes.txt" if how == "replaced-small" else "model.safetensors"  # notes: inline bytes, never read again
+    assert f"refused: {src / name} {word} while it was" in proc.stdout, proc.stdout
+    assert "nothing was committed" in proc.stdout
+    assert "refs: ['before']" in proc.stdout
+    with cas.Repository.open(tmp_path / "repo") as repo:
+        assert [name for name, _ in repo.refs()] == ["before"]
+        assert torch.equal(repo.load("before")["x"], torch.zeros(4))
+
+
+def test_file_bytes_read_past_a_cut_is_a_source_changed_error(tmp_path: Path) -> None:
+    from cas.files import FileBytes
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 * MIB))
+    with open(path, "rb") as f:
+        data = FileBytes(f.fileno(), path, 3 * MIB)
+        assert data.sha256() == hashlib.sha256(path.read_bytes()).digest()
+        assert data[MIB:MIB + 5] == path.read_bytes()[MIB:MIB + 5]
+        os.truncate(path, MIB + 100)
+        with pytest.raises(cas.SourceChangedError, match=r"was cut short while it was read \(to 1048676 bytes, it "
+                                                         r"had 3145728\)"):
+            data.sha256()
+        with pytest.raises(cas.SourceChangedError, match="cut short"):
+            data[MIB:2 * MIB]

@@ -12,7 +12,8 @@ PACKAGE = Path(cas.__file__).parent
 #: layer of every module, from the bottom; a module may import its own layer and those below
 LAYERS: dict[str, int] = {}
 for rank, modules in enumerate([
-    ["errors", "arguments", "faults", "ids", "codec", "planes", "_plane_kernels"],  # bytes: pure functions over buffers
+    ["errors", "arguments", "faults", "ids", "codec", "planes", "_plane_kernels",
+     "sources"],  # bytes: pure functions over buffers (sources: reads of mapped files)
     ["backends"],  # dumb byte storage
     ["pack", "packcache", "store", "layout", "topology"],  # packs as bytes; the repository's objects over a backend
     ["index"],  # the LMDB cache
