@@ -53,6 +53,7 @@ import torch
 
 from cas import sources
 from cas.errors import (
+    CasError,
     CorruptionError,
     NotACheckpointError,
     OutputExistsError,
@@ -616,9 +617,15 @@ def selects(rel: str, patterns: list[str] | None) -> bool:
                or rel.startswith(p.rstrip("/") + "/") for p in patterns)
 
 
+#: mode of the directories a restore makes, until it completes and gives each its stored mode: a
+#: private directory is never open to others while (or because) a restore runs
+RESTORE_DIR_MODE = 0o700
+
+
 def _dest(out: Path, parts: tuple[str, ...], create: bool) -> Path:
     """``out``/``parts``: every directory on the way is a real directory inside ``out`` (created when
-    ``create``); a symlink on the way is refused, so nothing is written outside ``out``."""
+    ``create``, private: ``RESTORE_DIR_MODE``); a symlink on the way is refused, so nothing is
+    written outside ``out``."""
     here = out
     for part in parts[:-1]:
         here = here / part
@@ -627,7 +634,7 @@ def _dest(out: Path, parts: tuple[str, ...], create: bool) -> Path:
         except FileNotFoundError:
             if not create:
                 raise
-            os.mkdir(here, 0o755)
+            os.mkdir(here, RESTORE_DIR_MODE)
             continue
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"refusing to write through {here}: it is a symlink or not a directory")
@@ -691,6 +698,19 @@ def restore_file(load: PartLoader, rel: str, dest: Path, where: str) -> int:
         raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
 
 
+def _fsync_tree(out: Path, filled: set[Path]) -> None:
+    """fsync every directory from ``out`` down to those that got files, deepest first: the files'
+    renames, then the entries of the directories made on the way."""
+    dirs = {out}
+    for parent in filled:
+        here = parent
+        while here != out and here not in dirs and out in here.parents:
+            dirs.add(here)
+            here = here.parent
+    for d in sorted(dirs, key=lambda p: -len(p.parts)):
+        fsync_dir(d)
+
+
 def restore_files(
     load: PartLoader,
     listing: list[dict[str, Any]],
@@ -709,17 +729,31 @@ def restore_files(
     report.skipped = len(files) - len(chosen)
     total = sum(int(f["size"]) for f in chosen)
     dirs = [d for d in listing if d["kind"] == "dir"]
-    for d in sorted(dirs, key=lambda d: d["path"].count("/")):  # empty directories too, when not filtered
-        if d["path"] and (not include or any(f["path"].startswith(d["path"] + "/") for f in chosen)):
-            _dest(out, (*check_rel(d["path"], name), "-"), create=True)
-    for f in chosen:
-        rel = f["path"]
-        dest = _dest(out, check_rel(rel, name), create=True)
-        report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}")
-        report.files += 1
-        report.written.append(rel)
-        if progress is not None:
-            progress(report.bytes, total)
+    filled: set[Path] = set()  # directories that got files: their entries are fsynced at the end
+    try:
+        for d in sorted(dirs, key=lambda d: d["path"].count("/")):  # empty directories too, when not filtered
+            if d["path"] and (not include or any(f["path"].startswith(d["path"] + "/") for f in chosen)):
+                filled.add(_dest(out, (*check_rel(d["path"], name), "-"), create=True).parent)
+        for f in chosen:
+            rel = f["path"]
+            dest = _dest(out, check_rel(rel, name), create=True)
+            report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}")
+            filled.add(dest.parent)
+            report.files += 1
+            report.written.append(rel)
+            if progress is not None:
+                progress(report.bytes, total)
+    except CasError as exc:  # say what the target holds now, in the error the caller gets
+        with contextlib.suppress(OSError):
+            _fsync_tree(out, filled)
+        exc.args = (
+            f"{exc}; the restore stopped after {report.files} of {len(chosen)} files: those are whole (sha256 "
+            "checked) and nothing else was left in their place; the directories it made stay private (mode 0700, "
+            "not their stored modes and mtimes) until a restore completes. Fix the cause and run it again with --force",
+            *exc.args[1:],
+        )
+        raise
+    _fsync_tree(out, filled)  # before the modes: a directory's stored mode may not let it be opened
     # directories last, deepest first: writing files into them moved their mtimes
     for d in sorted(dirs, key=lambda d: -d["path"].count("/") - (1 if d["path"] else 0)):
         rel = d["path"]
@@ -728,7 +762,6 @@ def restore_files(
             continue
         os.chmod(target, int(d["mode"]) & 0o7777)
         os.utime(target, ns=(int(d["mtime_ns"]), int(d["mtime_ns"])))
-    fsync_dir(out)
     return report
 
 

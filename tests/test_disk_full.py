@@ -50,3 +50,45 @@ def test_save_on_a_full_disk_commits_nothing(tmp_path: Path) -> None:
         report = repo.gc()  # any sealed pack of the failed save is unreferenced and goes
         assert repo.gc().bytes_freed == 0 and report.temp_files_deleted == 0
         assert repo.verify(read_data=True).ok
+
+
+def _limited(limit: int) -> None:  # in the restore's child: files past ``limit`` bytes are refused (EFBIG)
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_restore_that_runs_out_of_disk_says_what_it_left_and_keeps_directories_private(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import stat
+
+    from tests.test_cli import CAS, run
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    files = {"a.bin": os.urandom(100_000), "sub/b.bin": os.urandom(3 << 20), "z.txt": b"last\n"}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    os.chmod(src / "sub", 0o755)
+    repo = tmp_path / "repo"
+    run("init", repo=repo)
+    run("save", src, "--tag", "t", repo=repo)
+    out = tmp_path / "out"
+    proc = subprocess.run([str(CAS), "--repo", str(repo), "restore", "t", str(out)], capture_output=True, text=True,
+                          timeout=300, check=False, preexec_fn=lambda: _limited(1 << 20))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    stopped = f"cannot write {out / 'sub' / 'b.bin'}: File too large; the restore stopped after 2 of 3 files"
+    assert stopped in proc.stderr, proc.stderr[:400]
+    assert "run it again with --force" in proc.stderr and "Traceback" not in proc.stderr
+    for rel in ("a.bin", "z.txt"):  # a directory's files come before its subdirectories'
+        assert hashlib.sha256((out / rel).read_bytes()).digest() == hashlib.sha256(files[rel]).digest()
+    assert sorted(p.name for p in (out / "sub").iterdir()) == []  # no half file, no temp file
+    assert stat.S_IMODE(os.stat(out / "sub").st_mode) == 0o700  # not opened up while it is incomplete
+    run("restore", "t", out, "--force", repo=repo)  # with room again
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == data
+    assert stat.S_IMODE(os.stat(out / "sub").st_mode) == 0o755
+    assert os.stat(out / "sub").st_mtime_ns == os.stat(src / "sub").st_mtime_ns
