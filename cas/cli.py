@@ -362,9 +362,11 @@ def diff(ctx: Context, a: str, b: str, as_json: bool) -> None:
                    "these keys (key path, prefix or glob). Repeatable.")
 @click.option("--warmup", is_flag=True,
               help="First request a restore of the snapshot's packs in an archive storage class, and wait for them.")
+@click.option("--sparse", is_flag=True,
+              help="A file backup's runs of zero bytes (64 KiB blocks) become holes: sparse files, same bytes.")
 @pass_ctx
 def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: bool, fmt: str | None,
-            include: tuple[str, ...], warmup: bool) -> None:
+            include: tuple[str, ...], warmup: bool, sparse: bool) -> None:
     """Give back a snapshot: a file backup as its files, byte for byte, under directory OUT (or, for one
     file, at OUT with its suffix); a state snapshot as OUT, .pt or .safetensors (by extension or --format)."""
     from cas.filebytes import PartLoader  # noqa: PLC0415 - torch only for commands that need it
@@ -385,6 +387,9 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             if requested:
                 click.echo(f"{len(requested)} archived pack(s) of snapshot {snap.short_id} restored for reading",
                            err=True)
+        if sparse and (_is_dcp(snap) or repo.files(snap.id) is None):
+            raise UsageError("--sparse restores a file backup's files as they were stored; this restore "
+                             "re-serializes tensors (leave --sparse out)")
         if _is_dcp(snap):  # a torch.distributed.checkpoint snapshot: its whole, unsharded state
             _restore_dcp(repo, snap, out, force=force, allow_pickle=allow_pickle)
             return
@@ -408,6 +413,9 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
         if fmt is None and not single and not out.is_dir() and suffix in CHECKPOINT_SUFFIXES:
             fmt = "safetensors" if suffix == ".safetensors" else "pt"  # a file name of another format: convert
         if fmt is not None:
+            if sparse:
+                raise UsageError(f"--sparse restores files as they were stored; {out.name} re-serializes them as "
+                                 f".{fmt} (leave --sparse out)")
             import tempfile  # noqa: PLC0415
 
             if not out.parent.is_dir():
@@ -429,13 +437,13 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             if not out.parent.is_dir():
                 raise UsageError(f"directory {out.parent} does not exist")
             rel = chosen[0]["path"]
-            written = restore_file(load_part, rel, out, f"{name}, file {rel}")
+            written = restore_file(load_part, rel, out, f"{name}, file {rel}", sparse=sparse)
             click.echo(f"restored {rel} of snapshot {snap.short_id} to {out} ({human_bytes(written)}, "
                        "sha256 checked)")
             return
         prepare_target(out, force)
         with progress_bar("restoring") as update:
-            report = restore_files(load_part, listing, name, out, include=patterns, progress=update)
+            report = restore_files(load_part, listing, name, out, include=patterns, progress=update, sparse=sparse)
     skipped = f"; {report.skipped} left out by --include" if report.skipped else ""
     click.echo(f"restored {report.files} file{'s' if report.files != 1 else ''} of snapshot {snap.short_id} to "
                f"{out} ({human_bytes(report.bytes)}, every sha256 checked){skipped}")

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cas import sources
@@ -644,8 +645,25 @@ def _dest(out: Path, parts: tuple[str, ...], create: bool) -> Path:
     return dest
 
 
+#: with ``sparse``, runs of zero bytes this long (aligned to it in the file) become holes
+HOLE_BLOCK = 64 * 1024
+
+
+def _write_sparse(f: io.BufferedWriter, data: memoryview, at: int) -> None:
+    """Write ``data`` at file offset ``at`` (where ``f`` stands), leaving aligned all-zero blocks as holes."""
+    raw = np.frombuffer(data, np.uint8)
+    pos = 0
+    while pos < len(raw):
+        end = min(len(raw), (at + pos) // HOLE_BLOCK * HOLE_BLOCK + HOLE_BLOCK - at)
+        if end - pos == HOLE_BLOCK and not raw[pos:end].any():
+            f.seek(HOLE_BLOCK, os.SEEK_CUR)
+        else:
+            f.write(data[pos:end])
+        pos = end
+
+
 def _write_parts(dest: Path, temp: Path, parts: Iterable[Any], size: int, digest: bytes, mode: int, mtime_ns: int,
-                 where: str) -> int:
+                 where: str, sparse: bool = False) -> int:
     h = hashlib.sha256()
     written = 0
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -654,8 +672,13 @@ def _write_parts(dest: Path, temp: Path, parts: Iterable[Any], size: int, digest
             for part in parts:
                 data = part_bytes(part)
                 h.update(data)
-                f.write(data)
+                if sparse:
+                    _write_sparse(f, data.cast("B") if data.format != "B" else data, written)
+                else:
+                    f.write(data)
                 written += data.nbytes
+            if sparse:
+                f.truncate(written)  # a hole at the end still counts in the file's length
             f.flush()
             if written != size or h.digest() != digest:
                 raise CorruptionError(
@@ -686,14 +709,16 @@ def prepare_target(out: Path, force: bool) -> None:
 
 
 
-def restore_file(load: PartLoader, rel: str, dest: Path, where: str) -> int:
+def restore_file(load: PartLoader, rel: str, dest: Path, where: str, *, sparse: bool = False) -> int:
     """Rebuild one stored file at ``dest``: its small fields first, then its tensors in batches of
-    about ``RESTORE_BATCH_BYTES``, written in layout order as they come (sha256 checked)."""
+    about ``RESTORE_BATCH_BYTES``, written in layout order as they come (sha256 checked).
+    ``sparse``: aligned runs of ``HOLE_BLOCK`` zero bytes are left as holes (the bytes read back are
+    the same; where the filesystem has no holes they are written out)."""
     stored = stored_file(load, rel, where)
     temp = dest.parent / f".cas-{uuid.uuid4().hex[:16]}.tmp"  # short: any name that fits NAME_MAX restores
     try:
         return _write_parts(dest, temp, file_parts(load, stored, where), stored.size, stored.sha256, stored.mode,
-                            stored.mtime_ns, where)
+                            stored.mtime_ns, where, sparse)
     except OSError as exc:  # the target refused it: name the file asked for, not the temp file
         raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
 
@@ -719,6 +744,7 @@ def restore_files(
     *,
     include: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sparse: bool = False,
 ) -> RestoreReport:
     """Write the files of a file backup under ``out`` (which exists). ``listing`` is
     ``Repository.files``; each file is rebuilt by :func:`restore_file`, so memory holds about
@@ -737,7 +763,7 @@ def restore_files(
         for f in chosen:
             rel = f["path"]
             dest = _dest(out, check_rel(rel, name), create=True)
-            report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}")
+            report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}", sparse=sparse)
             filled.add(dest.parent)
             report.files += 1
             report.written.append(rel)

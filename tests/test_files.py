@@ -267,3 +267,37 @@ def test_a_restore_loads_tensors_in_bounded_batches(repo_dir: Path, tmp_path: Pa
     run("restore", "t", tmp_path / "out", repo=repo_dir)
     assert tree_facts(tmp_path / "out") == tree_facts(src)
     assert calls == [5, 2, 2, 2]  # the file's fields, then 6 tensors two at a time
+
+
+def test_sparse_restore_leaves_zero_runs_as_holes_with_the_same_bytes(repo_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytearray(os.urandom(100_000)) + bytes(8 << 20) + bytearray(os.urandom(5_000)) + bytes(3 << 20)
+    (src / "disk.img").write_bytes(data)  # zeros in the middle and at the end
+    save_file({"w": torch.zeros(1 << 20), "b": torch.randn(1000)}, str(src / "weights.safetensors"))
+    run("save", src, "--tag", "img", repo=repo_dir)
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    run("restore", "img", dense, repo=repo_dir)
+    run("restore", "img", sparse, "--sparse", repo=repo_dir)
+    for name in ("disk.img", "weights.safetensors"):
+        assert (sparse / name).read_bytes() == (src / name).read_bytes() == (dense / name).read_bytes()
+        assert os.stat(sparse / name).st_size == os.stat(src / name).st_size
+    # holes: the 11 MiB of zeros take (almost) no blocks; the dense copy has them all
+    assert os.stat(sparse / "disk.img").st_blocks * 512 < 400_000 < os.stat(dense / "disk.img").st_blocks * 512
+    assert os.stat(sparse / "weights.safetensors").st_blocks * 512 < (1 << 20)  # the 4 MiB zero tensor
+    single = tmp_path / "one.img"
+    run("restore", "img", single, "--include", "disk.img", "--sparse", repo=repo_dir)
+    assert single.read_bytes() == bytes(data) and os.stat(single).st_blocks * 512 < 400_000
+
+
+def test_sparse_restore_refuses_what_it_would_re_serialize(repo_dir: Path, tmp_path: Path) -> None:
+    with cas.Repository.open(repo_dir) as repo:
+        repo.save({"w": torch.zeros(10)}, tag="state")
+    assert_one_line_error(run("restore", "state", tmp_path / "x.pt", "--sparse", repo=repo_dir, ok=False), 2,
+                          "--sparse restores a file backup's files as they were stored")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": torch.zeros(10)}, str(src / "m.safetensors"))
+    run("save", src / "m.safetensors", "--tag", "file", repo=repo_dir)
+    assert_one_line_error(run("restore", "file", tmp_path / "m.pt", "--sparse", repo=repo_dir, ok=False), 2,
+                          "--sparse restores files as they were stored; m.pt re-serializes them as .pt")
