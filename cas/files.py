@@ -389,8 +389,9 @@ class ReadFile:
     maps: list[mmap.mmap] = field(default_factory=list)
     #: addresses of the mappings registered with ``cas.sources`` (unregistered on close)
     registered: list[int] = field(default_factory=list)
-    #: (st_dev, st_ino) of the file read
+    #: (st_dev, st_ino) of the file read, and its count of hard links
     inode: tuple[int, int] = (0, 0)
+    links: int = 1
 
 
 def _tensor_of(mm: mmap.mmap, data: FileBytes, seg: Segment) -> torch.Tensor:
@@ -424,7 +425,7 @@ def read_file(path: Path, *, strict: bool = False) -> ReadFile:
         value: dict[str, Any] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns, "size": size}
         if size == 0:
             value.update(sha256=hashlib.sha256().digest(), format="raw", tensors={}, raw={}, layout=[])
-            return ReadFile(value, "raw", 0, inode=(st.st_dev, st.st_ino))
+            return ReadFile(value, "raw", 0, inode=(st.st_dev, st.st_ino), links=st.st_nlink)
         data = FileBytes(f.fileno(), path, size)
         digest = data.sha256()
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable copy-on-write: torch views it
@@ -463,7 +464,7 @@ def read_file(path: Path, *, strict: bool = False) -> ReadFile:
             sources.unregister(mapped.address)
             raise
     value.update(sha256=digest, format=fmt, tensors=tensors, raw=raw, layout=layout)
-    return ReadFile(value, fmt, size, [mm], [mapped.address], (st.st_dev, st.st_ino))
+    return ReadFile(value, fmt, size, [mm], [mapped.address], (st.st_dev, st.st_ino), st.st_nlink)
 
 
 # --------------------------------------------------------------------------- what to store
@@ -565,6 +566,7 @@ def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesSt
     maps: list[mmap.mmap] = []
     registered: list[int] = []
     seen: dict[Path, tuple[int, int, int, int]] = {}  # size, mtime and inode when read
+    linked: dict[tuple[int, int], str] = {}  # inode -> the first path that names it
     formats: dict[str, int] = {}
     total = 0
     if single_dir:
@@ -583,6 +585,10 @@ def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesSt
             for address in registered:
                 sources.unregister(address)
             raise
+        if read.links > 1 and not path.is_symlink():  # hard links: the first name of the inode is the group's
+            first = linked.setdefault(read.inode, rel)
+            if first != rel:
+                read.value["link"] = first
         files[rel] = read.value
         seen[path] = (read.value["size"], read.value["mtime_ns"], *read.inode)
         maps.extend(read.maps)
@@ -723,6 +729,20 @@ def restore_file(load: PartLoader, rel: str, dest: Path, where: str, *, sparse: 
         raise UsageError(f"cannot write {dest}: {exc.strerror or exc}") from None
 
 
+def _link_file(first: Path, dest: Path) -> int:
+    """``dest`` made another name of ``first`` (a hard link, as the backed-up files were), through a
+    temp name so an existing ``dest`` is replaced whole. Returns the bytes it holds."""
+    temp = dest.parent / f".cas-{uuid.uuid4().hex[:16]}.tmp"
+    try:
+        os.link(first, temp, follow_symlinks=False)
+        os.replace(temp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise UsageError(f"cannot link {dest} to {first}: {exc.strerror or exc}") from None
+    return os.stat(dest, follow_symlinks=False).st_size
+
+
 def _fsync_tree(out: Path, filled: set[Path]) -> None:
     """fsync every directory from ``out`` down to those that got files, deepest first: the files'
     renames, then the entries of the directories made on the way."""
@@ -760,10 +780,16 @@ def restore_files(
         for d in sorted(dirs, key=lambda d: d["path"].count("/")):  # empty directories too, when not filtered
             if d["path"] and (not include or any(f["path"].startswith(d["path"] + "/") for f in chosen)):
                 filled.add(_dest(out, (*check_rel(d["path"], name), "-"), create=True).parent)
-        for f in chosen:
+        restored: dict[str, tuple[Path, int]] = {}  # path -> where it went, its size
+        for f in sorted(chosen, key=lambda f: bool(f.get("link"))):  # the names hard links point to first
             rel = f["path"]
             dest = _dest(out, check_rel(rel, name), create=True)
-            report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}", sparse=sparse)
+            first = restored.get(f.get("link") or "")
+            if first is not None and first[1] == f["size"]:
+                report.bytes += _link_file(first[0], dest)
+            else:  # a group's first file left out (--include): this name gets the bytes
+                report.bytes += restore_file(load, rel, dest, f"{name}, file {rel}", sparse=sparse)
+            restored[rel] = (dest, int(f["size"]))
             filled.add(dest.parent)
             report.files += 1
             report.written.append(rel)

@@ -858,7 +858,8 @@ class Repository:
     def files(self, snapshot: str = "latest") -> list[dict[str, Any]] | None:
         """The files and directories of a byte-exact file backup (``cas save FILE_OR_DIR``), from the
         manifest (no data read): ``kind`` ("file" or "dir"), ``path``, ``mode``, ``mtime_ns``, and for
-        files ``size``, ``format`` and ``tensors`` (how many); None for a snapshot that is not one."""
+        files ``size``, ``format``, ``tensors`` (how many) and, for the second and later names of a
+        hard-linked file, ``link`` (the first name's path); None for a snapshot that is not one."""
         snap = self.resolve(snapshot)
         root, _storages, _ = self._tree(snap)
         if not is_files_tree(root):
@@ -880,6 +881,9 @@ class Repository:
                     info["format"] = bytes(fmt[1]).decode() if isinstance(fmt, list) and fmt[0] == "s" else None
                     tensors = fields.get("tensors")
                     info["tensors"] = len(tensors[1]) if isinstance(tensors, list) and tensors[0] == "d" else 0
+                    link = fields.get("link")  # a hard link of that earlier path (absent: none)
+                    if isinstance(link, list) and link[0] == "s":
+                        info["link"] = bytes(link[1]).decode()
                 out.append(info)
         return out
 

@@ -301,3 +301,28 @@ def test_sparse_restore_refuses_what_it_would_re_serialize(repo_dir: Path, tmp_p
     run("save", src / "m.safetensors", "--tag", "file", repo=repo_dir)
     assert_one_line_error(run("restore", "file", tmp_path / "m.pt", "--sparse", repo=repo_dir, ok=False), 2,
                           "--sparse restores files as they were stored; m.pt re-serializes them as .pt")
+
+
+def test_hard_links_come_back_as_hard_links(repo_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    save_file({"w": torch.randn(50_000)}, str(src / "sub" / "model.safetensors"))
+    os.link(src / "sub" / "model.safetensors", src / "a-link.safetensors")  # sorts before its first name's dir
+    (src / "solo.txt").write_text("alone\n")
+    run("save", src, "--tag", "links", repo=repo_dir)
+    with cas.Repository.open(repo_dir) as repo:
+        listing = {f["path"]: f for f in repo.files("links") or [] if f["kind"] == "file"}
+    links = {p: f.get("link") for p, f in listing.items()}
+    assert sorted(v for v in links.values() if v) == [min("a-link.safetensors", "sub/model.safetensors")]
+    out = tmp_path / "out"
+    run("restore", "links", out, repo=repo_dir)
+    a, b = os.stat(out / "a-link.safetensors"), os.stat(out / "sub" / "model.safetensors")
+    assert (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and a.st_nlink == 2
+    assert (out / "a-link.safetensors").read_bytes() == (src / "a-link.safetensors").read_bytes()
+    assert os.stat(out / "solo.txt").st_nlink == 1
+    run("restore", "links", out, "--force", repo=repo_dir)  # over an existing tree: still one inode, two names
+    assert os.stat(out / "a-link.safetensors").st_ino == os.stat(out / "sub" / "model.safetensors").st_ino
+    alone = tmp_path / "alone"  # the other name left out: this one gets the bytes
+    linked = next(p for p, v in links.items() if v)
+    run("restore", "links", alone, "--include", linked, repo=repo_dir)
+    assert (alone / linked).read_bytes() == (src / linked).read_bytes() and os.stat(alone / linked).st_nlink == 1
