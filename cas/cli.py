@@ -378,6 +378,7 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
         selects,
     )
     from cas.importers import CHECKPOINT_SUFFIXES, export_file  # noqa: PLC0415 - torch only when needed
+    from cas.store import fsync_dir  # noqa: PLC0415 - with the restore imports above
 
     patterns: list[Any] | None = list(include) or None
     with ctx.open() as repo:
@@ -438,12 +439,14 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
                 raise UsageError(f"directory {out.parent} does not exist")
             rel = chosen[0]["path"]
             written = restore_file(load_part, rel, out, f"{name}, file {rel}", sparse=sparse)
+            fsync_dir(out.parent)  # the rename
             click.echo(f"restored {rel} of snapshot {snap.short_id} to {out} ({human_bytes(written)}, "
                        "sha256 checked)")
             return
-        prepare_target(out, force)
+        made = prepare_target(out, force)
         with progress_bar("restoring") as update:
-            report = restore_files(load_part, listing, name, out, include=patterns, progress=update, sparse=sparse)
+            report = restore_files(load_part, listing, name, out, include=patterns, progress=update, sparse=sparse,
+                                   made_target=made)
     skipped = f"; {report.skipped} left out by --include" if report.skipped else ""
     click.echo(f"restored {report.files} file{'s' if report.files != 1 else ''} of snapshot {snap.short_id} to "
                f"{out} ({human_bytes(report.bytes)}, every sha256 checked){skipped}")

@@ -352,7 +352,7 @@ class FileBytes:
             more = os.pread(self.fd, length - len(data), offset + len(data))
             if not more:
                 raise SourceChangedError(
-                    f"{self.path} was cut short while it was read (to {offset + len(data)} bytes, it had "
+                    f"{self.path} was cut short while it was read (to {os.fstat(self.fd).st_size} bytes, it had "
                     f"{self.size}); nothing was committed. Save it again once nothing writes it (or save a copy)"
                 )
             data += more
@@ -371,7 +371,8 @@ class FileBytes:
             n = os.preadv(self.fd, [view[:min(block, self.size - at)]], at)
             if n == 0:
                 raise SourceChangedError(
-                    f"{self.path} was cut short while it was read (to {at} bytes, it had {self.size}); nothing "
+                    f"{self.path} was cut short while it was read (to {os.fstat(self.fd).st_size} bytes, it had "
+                    f"{self.size}); nothing "
                     "was committed. Save it again once nothing writes it (or save a copy)"
                 )
             digest.update(view[:n])
@@ -572,32 +573,32 @@ def build_state(paths: list[Path], exclude: list[Path] | None = None) -> FilesSt
     if single_dir:
         st = paths[0].stat()
         dirs[""] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}
-    for rel, path, is_dir, named in entries:
-        if rel:
-            check_rel(rel, "input")
-        if is_dir:
-            st = path.stat()
-            dirs[rel] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}
-            continue
-        try:
+    try:  # whatever stops the walk, no mapping stays registered
+        for rel, path, is_dir, named in entries:
+            if rel:
+                check_rel(rel, "input")
+            if is_dir:
+                st = path.stat()
+                dirs[rel] = {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}
+                continue
             read = read_file(path, strict=named)
-        except BaseException:
-            for address in registered:
-                sources.unregister(address)
-            raise
-        if read.links > 1 and not path.is_symlink():  # hard links: the first name of the inode is the group's
-            first = linked.setdefault(read.inode, rel)
-            if first != rel:
-                read.value["link"] = first
-        files[rel] = read.value
-        seen[path] = (read.value["size"], read.value["mtime_ns"], *read.inode)
-        maps.extend(read.maps)
-        registered.extend(read.registered)
-        formats[read.format] = formats.get(read.format, 0) + 1
-        if read.format == "raw" and path.suffix.lower() in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-            log.warning("cas: %s is not a readable tensor file; stored as bytes (it comes back the same, "
-                        "its tensors do not dedup)", rel)
-        total += read.size
+            registered.extend(read.registered)
+            maps.extend(read.maps)
+            if read.links > 1 and not path.is_symlink():  # hard links: the first name of the inode is the group's
+                first = linked.setdefault(read.inode, rel)
+                if first != rel:
+                    read.value["link"] = first
+            files[rel] = read.value
+            seen[path] = (read.value["size"], read.value["mtime_ns"], *read.inode)
+            formats[read.format] = formats.get(read.format, 0) + 1
+            if read.format == "raw" and path.suffix.lower() in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+                log.warning("cas: %s is not a readable tensor file; stored as bytes (it comes back the same, "
+                            "its tensors do not dedup)", rel)
+            total += read.size
+    except BaseException:
+        for address in registered:
+            sources.unregister(address)
+        raise
     if not files and not dirs:
         raise NotACheckpointError(f"{paths[0]} holds no files")
     name = paths[0].resolve().name if len(paths) == 1 else f"{len(paths)} inputs"
@@ -701,17 +702,25 @@ def _write_parts(dest: Path, temp: Path, parts: Iterable[Any], size: int, digest
     return written
 
 
-def prepare_target(out: Path, force: bool) -> None:
-    """A restore goes into a new or empty directory (or any with ``force``)."""
+def prepare_target(out: Path, force: bool) -> bool:
+    """A restore goes into a new or empty directory (or any with ``force``). True if it made ``out``
+    (private, ``RESTORE_DIR_MODE``, until ``restore_files(made_target=True)`` completes)."""
     if os.path.lexists(out):
         if not out.is_dir() or out.is_symlink():
             raise OutputExistsError(f"{out} exists and is not a directory; name a new directory")
         if any(out.iterdir()) and not force:
             raise OutputExistsError(f"{out} is not empty; pass --force to write into it")
-    else:
-        if not out.parent.is_dir():
-            raise UsageError(f"directory {out.parent} does not exist")
-        out.mkdir()
+        return False
+    if not out.parent.is_dir():
+        raise UsageError(f"directory {out.parent} does not exist")
+    os.mkdir(out, RESTORE_DIR_MODE)
+    return True
+
+
+def _default_dir_mode() -> int:
+    umask = os.umask(0o022)  # read by setting; put back at once
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 
@@ -753,7 +762,10 @@ def _fsync_tree(out: Path, filled: set[Path]) -> None:
             dirs.add(here)
             here = here.parent
     for d in sorted(dirs, key=lambda p: -len(p.parts)):
-        fsync_dir(d)
+        try:
+            fsync_dir(d)
+        except PermissionError:  # --force into a tree with a directory this user cannot open: it got nothing
+            continue
 
 
 def restore_files(
@@ -765,6 +777,7 @@ def restore_files(
     include: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     sparse: bool = False,
+    made_target: bool = False,
 ) -> RestoreReport:
     """Write the files of a file backup under ``out`` (which exists). ``listing`` is
     ``Repository.files``; each file is rebuilt by :func:`restore_file`, so memory holds about
@@ -795,15 +808,18 @@ def restore_files(
             report.written.append(rel)
             if progress is not None:
                 progress(report.bytes, total)
-    except CasError as exc:  # say what the target holds now, in the error the caller gets
+    except (CasError, OSError) as exc:  # say what the target holds now, in the error the caller gets
         with contextlib.suppress(OSError):
             _fsync_tree(out, filled)
-        exc.args = (
-            f"{exc}; the restore stopped after {report.files} of {len(chosen)} files: those are whole (sha256 "
+        stopped = (
+            f"the restore stopped after {report.files} of {len(chosen)} files: those are whole (sha256 "
             "checked) and nothing else was left in their place; the directories it made stay private (mode 0700, "
-            "not their stored modes and mtimes) until a restore completes. Fix the cause and run it again with --force",
-            *exc.args[1:],
+            "not their stored modes and mtimes) until a restore completes. Fix the cause and run it again with --force"
         )
+        if isinstance(exc, OSError):  # a directory on the way: made, or found, unusable
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UsageError(f"cannot restore into {out}: {exc.strerror or exc}{where}; {stopped}") from None
+        exc.args = (f"{exc}; {stopped}", *exc.args[1:])
         raise
     _fsync_tree(out, filled)  # before the modes: a directory's stored mode may not let it be opened
     # directories last, deepest first: writing files into them moved their mtimes
@@ -814,6 +830,8 @@ def restore_files(
             continue
         os.chmod(target, int(d["mode"]) & 0o7777)
         os.utime(target, ns=(int(d["mtime_ns"]), int(d["mtime_ns"])))
+    if made_target and not any(d["path"] == "" for d in dirs):  # a backup of several inputs: no stored mode
+        os.chmod(out, _default_dir_mode())
     return report
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -603,18 +603,28 @@ class ChunkStorer:
 
         for blob in blobs:
             blob.chunks.clear()
-        for group in self._groups(blobs):
-            hashing.append((group, self.pool.submit(self._identify_group, group)))
-            while len(hashing) > self.window:
+        try:
+            for group in self._groups(blobs):
+                hashing.append((group, self.pool.submit(self._identify_group, group)))
+                while len(hashing) > self.window:
+                    drain_hash()
+                while encoding and (len(encoding) > self.window or encoding[0][3].done()):
+                    drain_encode()
+            while hashing:
                 drain_hash()
-            while encoding and (len(encoding) > self.window or encoding[0][3].done()):
+                while encoding and encoding[0][3].done():
+                    drain_encode()
+            while encoding:
                 drain_encode()
-        while hashing:
-            drain_hash()
-            while encoding and encoding[0][3].done():
-                drain_encode()
-        while encoding:
-            drain_encode()
+        except BaseException:
+            # No task may outlive a failed save: the caller then frees what they read (a file
+            # backup unmaps its files), and a task still queued would read freed memory.
+            pending: list[Future[Any]] = [fut for _, fut in hashing]
+            pending += [fut for *_, fut in encoding]
+            for fut in pending:
+                fut.cancel()
+            wait(pending)
+            raise
         crash_point("blobs_stored")
 
     def store_node(self, data: bytes) -> ChunkId:

@@ -66,17 +66,17 @@ def unregister(address: int) -> None:
 
 
 def _mapping_of(address: int, length: int) -> MappedFile | None:
+    """The live registered mapping holding ``address`` .. ``address + length``; entries of closed
+    mappings on the way are dropped (one may start below a live mapping that holds the piece)."""
     with _lock:
         i = bisect.bisect_right(_starts, address) - 1
-        if i < 0:
-            return None
-        mapped = _mapped[_starts[i]]
-        if not mapped.live():
+        while i >= 0:
+            mapped = _mapped[_starts[i]]
+            if mapped.live():
+                return mapped if address + length <= mapped.address + mapped.length else None
             del _mapped[_starts[i]], _starts[i]
-            return None
-    if address + length > mapped.address + mapped.length:
-        return None
-    return mapped
+            i -= 1
+    return None
 
 
 def read_copy(piece: memoryview) -> bytes:
@@ -103,7 +103,7 @@ def read_copy(piece: memoryview) -> bytes:
             more = os.pread(fd, length - len(data), offset + len(data))
             if not more:
                 raise SourceChangedError(
-                    f"{mapped.path} was cut short while it was saved (to {offset + len(data)} bytes, it had "
+                    f"{mapped.path} was cut short while it was saved (to {os.fstat(fd).st_size} bytes, it had "
                     f"{mapped.length}); nothing was committed. Save it again once nothing writes it (or save a copy)"
                 )
             data += more

@@ -87,8 +87,17 @@ def test_a_restore_that_runs_out_of_disk_says_what_it_left_and_keeps_directories
         assert hashlib.sha256((out / rel).read_bytes()).digest() == hashlib.sha256(files[rel]).digest()
     assert sorted(p.name for p in (out / "sub").iterdir()) == []  # no half file, no temp file
     assert stat.S_IMODE(os.stat(out / "sub").st_mode) == 0o700  # not opened up while it is incomplete
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700  # the target it made, too
     run("restore", "t", out, "--force", repo=repo)  # with room again
     for rel, data in files.items():
         assert (out / rel).read_bytes() == data
     assert stat.S_IMODE(os.stat(out / "sub").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(src).st_mode)
+    two = tmp_path / "two"  # a backup of two inputs stores no mode for the top: the umask's default
+    run("save", src / "z.txt", src / "sub", "--tag", "two", repo=repo)
+    run("restore", "two", two, repo=repo)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(two).st_mode) == 0o777 & ~umask
+    assert (two / "z.txt").read_bytes() == files["z.txt"]
     assert os.stat(out / "sub").st_mtime_ns == os.stat(src / "sub").st_mtime_ns

@@ -251,3 +251,76 @@ def test_file_bytes_read_past_a_cut_is_a_source_changed_error(tmp_path: Path) ->
             data.sha256()
         with pytest.raises(cas.SourceChangedError, match="cut short"):
             data[MIB:2 * MIB]
+
+
+_FAIL_THEN_UNMAP = r"""
+import os, sys, time
+from pathlib import Path
+import cas
+from cas.files import build_state
+src, repo_dir = Path(sys.argv[1]), Path(sys.argv[2])
+files = build_state([src])
+os.truncate(src / "d.bin", 4096)  # its first piece fails, behind slow encodes, its other pieces queued
+with cas.Repository.open(repo_dir) as repo:
+    try:
+        repo.save(files.state, tag="x")
+    except cas.SourceChangedError as exc:
+        files.close()  # a library caller frees the files at once, the repository still open
+        time.sleep(1.0)  # a hash task still queued would now read unmapped memory
+        print("refused:", exc)
+"""
+
+
+def test_a_failed_file_save_leaves_no_task_reading_the_files_it_unmaps(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, size in (("a.bin", 3), ("b.bin", 3), ("c.bin", 3), ("d.bin", 12)):
+        (src / name).write_bytes(os.urandom(size * MIB))
+    cas.Repository.init(tmp_path / "repo", compression="max").close()  # encodes slow enough to queue behind
+    proc = subprocess.run([sys.executable, "-c", _FAIL_THEN_UNMAP, str(src), str(tmp_path / "repo")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # -11: SIGSEGV in a pool thread
+    assert f"refused: {src / 'd.bin'} was cut short while it was saved (to 4096 bytes" in proc.stdout
+
+
+def test_no_mapping_stays_registered_when_build_state_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cas import sources
+
+    good, bad = tmp_path / "good.dat", tmp_path / "bad.pt"
+    good.write_bytes(os.urandom(2 * MIB))
+    bad.write_bytes(b"not a zip archive at all")
+    before = dict(sources._mapped)
+    with pytest.raises(cas.NotACheckpointError, match=r"bad\.pt is not a readable torch\.save archive"):
+        build_state([good, bad])  # fails in the second file's read
+    assert sources._mapped == before
+    from cas import files as cas_files
+
+    real = cas_files.check_rel
+
+    def second_fails(rel: str, where: str) -> tuple[str, ...]:
+        if rel == "other.dat":
+            raise KeyboardInterrupt  # anything between two reads
+        return real(rel, where)
+
+    (tmp_path / "other.dat").write_bytes(b"x" * 10_000)
+    monkeypatch.setattr(cas_files, "check_rel", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        build_state([good, tmp_path / "other.dat"])
+    assert sources._mapped == before
+
+
+def test_a_closed_mapping_below_a_live_one_does_not_hide_it() -> None:
+    from cas import sources
+
+    live = sources.MappedFile(1 << 40, 1 << 20, Path("/live"), 1, 2, lambda: True)
+    # a file mapped inside that range earlier, closed since (its entry not yet dropped)
+    dead = sources.MappedFile((1 << 40) + 4096, 4096, Path("/dead"), 1, 3, lambda: False)
+    sources.register(live)
+    sources.register(dead)
+    try:
+        assert sources._mapping_of((1 << 40) + 8192, 4096) is live
+        assert dead.address not in sources._mapped  # dropped on the way
+        assert sources._mapping_of((1 << 40) + (1 << 20) - 1, 2) is None  # runs past the live one
+    finally:
+        sources.unregister(live.address)
+        sources.unregister(dead.address)

@@ -96,8 +96,9 @@ def save_checkpoint_dir(
                    for rel, value in stored.items()}
         meta = {**(metadata or {}), "hf_checkpoint": root.name, "files": listing, "source": files.source}
         if tag is None:
-            return repo.save(files.state, metadata=meta)
-        return repo.save(files.state, tag=tag, metadata=meta, replace=True)  # the tag moves atomically on commit
+            return repo.save(files.state, metadata=meta, before_commit=files.check_unchanged)
+        return repo.save(files.state, tag=tag, metadata=meta, replace=True,  # the tag moves atomically on commit
+                         before_commit=files.check_unchanged)
     finally:
         files.close()
 
