@@ -29,6 +29,7 @@ writes through a symlink), so no snapshot can write outside the target directory
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -428,12 +429,20 @@ def read_file(path: Path, *, strict: bool = False) -> ReadFile:
             value.update(sha256=hashlib.sha256().digest(), format="raw", tensors={}, raw={}, layout=[])
             return ReadFile(value, "raw", 0, inode=(st.st_dev, st.st_ino), links=st.st_nlink)
         data = FileBytes(f.fileno(), path, size)
-        digest = data.sha256()
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable copy-on-write: torch views it
+        try:
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable copy-on-write: torch views it
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise UsageError(
+                f"cannot map {path} ({size} bytes): {exc.strerror}. A save keeps every file it reads mapped until "
+                "it commits; save the directory in parts (or raise vm.max_map_count / the address-space limit)"
+            ) from None
         mapped = sources.MappedFile(sources.address_of(memoryview(mm)), size, path, st.st_dev, st.st_ino,
                                     functools.partial(_mapping_live, weakref.ref(mm)))
         sources.register(mapped)
         try:
+            digest = data.sha256()
             suffix = path.suffix.lower()
             fmt, segments = "raw", None
             if suffix == SAFETENSORS_SUFFIX:

@@ -324,3 +324,30 @@ def test_a_closed_mapping_below_a_live_one_does_not_hide_it() -> None:
     finally:
         sources.unregister(live.address)
         sources.unregister(dead.address)
+
+
+_MAP_LIMIT = r"""
+import resource, sys
+from pathlib import Path
+import cas
+from cas.files import build_state
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+used = sum(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20), hard))
+try:
+    build_state([Path(sys.argv[1])])
+except cas.UsageError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_file_that_cannot_be_mapped_is_a_usage_error_that_says_what_to_do(tmp_path: Path) -> None:
+    big = tmp_path / "big.dat"
+    with open(big, "wb") as f:
+        f.truncate(4 << 30)  # sparse: 4 GiB of address space, no disk
+    proc = subprocess.run([sys.executable, "-c", _MAP_LIMIT, str(big)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    refused = f"refused: cannot map {big} (4294967296 bytes): Cannot allocate memory. A save keeps every file"
+    assert refused in proc.stdout
+    assert "save the directory in parts" in proc.stdout
