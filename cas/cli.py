@@ -388,13 +388,13 @@ def restore(ctx: Context, snapshot: str, out: Path, force: bool, allow_pickle: b
             if requested:
                 click.echo(f"{len(requested)} archived pack(s) of snapshot {snap.short_id} restored for reading",
                            err=True)
-        if sparse and (_is_dcp(snap) or repo.files(snap.id) is None):
+        listing = None if _is_dcp(snap) else repo.files(snap.id)
+        if sparse and listing is None:
             raise UsageError("--sparse restores a file backup's files as they were stored; this restore "
                              "re-serializes tensors (leave --sparse out)")
         if _is_dcp(snap):  # a torch.distributed.checkpoint snapshot: its whole, unsharded state
             _restore_dcp(repo, snap, out, force=force, allow_pickle=allow_pickle)
             return
-        listing = repo.files(snap.id)
         name = f"snapshot {snap.short_id}"
 
         if listing is None:

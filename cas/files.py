@@ -348,16 +348,7 @@ class FileBytes:
         return self.size
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        while len(data) < length:  # pread may return less than asked before the end of the file
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise SourceChangedError(
-                    f"{self.path} was cut short while it was read (to {os.fstat(self.fd).st_size} bytes, it had "
-                    f"{self.size}); nothing was committed. Save it again once nothing writes it (or save a copy)"
-                )
-            data += more
-        return data
+        return sources.pread_exact(self.fd, length, offset, self.path, self.size, "read")
 
     def __getitem__(self, where: slice) -> bytes:
         start, stop, _ = where.indices(self.size)
@@ -371,11 +362,7 @@ class FileBytes:
         while at < self.size:
             n = os.preadv(self.fd, [view[:min(block, self.size - at)]], at)
             if n == 0:
-                raise SourceChangedError(
-                    f"{self.path} was cut short while it was read (to {os.fstat(self.fd).st_size} bytes, it had "
-                    f"{self.size}); nothing "
-                    "was committed. Save it again once nothing writes it (or save a copy)"
-                )
+                raise sources.cut_short(self.fd, self.path, self.size, "read")
             digest.update(view[:n])
             at += n
         return digest.digest()
@@ -532,8 +519,7 @@ class FilesState:
                     "committed. Save it again once nothing writes it (or save a copy)"
                 )
             if (st.st_dev, st.st_ino) != (dev, ino):
-                raise SourceChangedError(f"{path} was replaced while it was saved; nothing was committed. Save it "
-                                         "again once nothing writes it (or save a copy)")
+                raise sources.replaced(path)
 
     def close(self) -> None:
         """Drop the tensors and unmap the files (a mapping still viewed stays until collected)."""

@@ -96,17 +96,32 @@ def read_copy(piece: memoryview) -> bytes:
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (mapped.dev, mapped.ino):
-            raise SourceChangedError(f"{mapped.path} was replaced while it was saved; nothing was committed. Save "
-                                     "it again once nothing writes it (or save a copy)")
-        data = os.pread(fd, length, offset)
-        while len(data) < length:  # pread may return less than asked before the end of the file
-            more = os.pread(fd, length - len(data), offset + len(data))
-            if not more:
-                raise SourceChangedError(
-                    f"{mapped.path} was cut short while it was saved (to {os.fstat(fd).st_size} bytes, it had "
-                    f"{mapped.length}); nothing was committed. Save it again once nothing writes it (or save a copy)"
-                )
-            data += more
+            raise replaced(mapped.path)
+        return pread_exact(fd, length, offset, mapped.path, mapped.length, "saved")
     finally:
         os.close(fd)
+
+
+def replaced(path: Path) -> SourceChangedError:
+    """The error for a file whose name now holds another inode than the one read."""
+    return SourceChangedError(f"{path} was replaced while it was saved; nothing was committed. Save it again once "
+                              "nothing writes it (or save a copy)")
+
+
+def cut_short(fd: int, path: Path, had: int, doing: str) -> SourceChangedError:
+    """The error for a file found shorter than the ``had`` bytes it held when it was opened."""
+    return SourceChangedError(
+        f"{path} was cut short while it was {doing} (to {os.fstat(fd).st_size} bytes, it had {had}); nothing was "
+        "committed. Save it again once nothing writes it (or save a copy)"
+    )
+
+
+def pread_exact(fd: int, length: int, offset: int, path: Path, had: int, doing: str) -> bytes:
+    """``length`` bytes of ``fd`` at ``offset``; a file that ends before them is :func:`cut_short`."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:  # pread may return less than asked before the end of the file
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise cut_short(fd, path, had, doing)
+        data += more
     return data
