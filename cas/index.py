@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 import xxhash
@@ -68,8 +68,10 @@ def _unseal(key: bytes, value: bytes | memoryview, size: int, what: str) -> byte
     return stored[:-CHECKSUM.size]
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkLocation:
+class ChunkLocation(NamedTuple):
+    """Where a chunk's payload lies and how it is coded. A named tuple, not a dataclass: a save looks
+    one up per piece of its state dict, and building a frozen dataclass cost 1.4 of its 3.3 µs."""
+
     pack_id: PackId
     offset: int
     stored_length: int
@@ -524,8 +526,11 @@ class ChunkLookup:
             return self._txn.get(chunk_id) is not None
 
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
-        with _lmdb_errors(self._path, "looking up a chunk"):
+        try:  # once per piece of a save: no context manager on the way (it cost a third of the look-up)
             raw = self._txn.get(chunk_id)
+        except lmdb.Error:
+            with _lmdb_errors(self._path, "looking up a chunk"):
+                raise
         return None if raw is None else decode_location(bytes(chunk_id), raw)
 
     def close(self) -> None:
