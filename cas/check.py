@@ -249,6 +249,8 @@ def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
 
         if repair and damaged:
             _repair(repo, damaged, salvage, lost, report)
+        if repair:  # the index now names only copies that verify: what reads recorded is settled
+            store.clear_damage(store.damage_records())
 
         # Which snapshots and tensors reach what is gone (lost now, or missing from the index),
         # themselves or through a delta base anywhere down their chain?

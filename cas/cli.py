@@ -284,6 +284,11 @@ def ls_cmd(ctx: Context, as_json: bool) -> None:
     with ctx.open() as repo:
         snaps = repo.snapshots()
         damaged = repo.damaged_snapshots() if len(snaps) < len(repo.refs()) else []
+        rotted = repo.store.damage_records()
+    if rotted:
+        click.echo(f"warning: reads found {len(rotted)} stored chunk{'s' if len(rotted) != 1 else ''} damaged; "
+                   "the next save that holds their bytes writes them again, and `cas check` names the "
+                   "snapshots they harm", err=True)
     if as_json:
         emit_json([s.to_dict() for s in snaps])
         return

@@ -166,7 +166,13 @@ class CorruptionError(CasError):
 
 
 class ChunkCorruptError(CorruptionError):
-    pass
+    """A chunk's stored copy does not decode to its id. ``copy``: (chunk id, pack id, payload offset)
+    of the copy that failed, where the reader knows which one (a pack cut short, a record that decodes
+    to other bytes); None for a chain the index describes wrongly."""
+
+    def __init__(self, message: str, copy: tuple[bytes, bytes, int] | None = None) -> None:
+        super().__init__(message)
+        self.copy = copy
 
 
 class MissingChunkError(CorruptionError):

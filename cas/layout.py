@@ -4,6 +4,7 @@
     packs/<xx>/<id>.pack         immutable pack files (§3)
     refs/<name>                  one line: a snapshot id (§6)
     quarantine/<id>.pack         copies of damaged packs kept by `check --repair`
+    damaged/<chunk id>           a stored copy of a chunk that a read found damaged (saves write it again)
     locks/<uuid>.json            lock objects of remote repositories (§9)
 
 Every byte goes through a :class:`~cas.backends.Backend`; nothing here opens a file of the
@@ -26,7 +27,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import blake3
 
 from cas.backends import Backend, BucketNotFoundError, open_backend
 from cas.errors import (
+    CasError,
     FencedError,
     LockedError,
     ManifestCorruptError,
@@ -45,7 +47,7 @@ from cas.errors import (
     RepositoryExistsError,
     TagExistsError,
 )
-from cas.ids import PackId, SnapshotId
+from cas.ids import ChunkId, PackId, SnapshotId
 from cas.packcache import PackCache, budget_from_env
 from cas.store import REPO_FORMAT_NAME, REPO_VERSION, validate_config
 
@@ -53,6 +55,7 @@ CONFIG_KEY = "config.json"
 PACKS = "packs/"
 REFS = "refs/"
 QUARANTINE = "quarantine/"
+DAMAGED = "damaged/"
 LOCKS = "locks/"
 INDEXES = "indexes/"
 INDEX_MAGIC = b"CASIDX\x00\x00"
@@ -153,6 +156,8 @@ class Store:
         #: lock objects this process holds -> when each was last written (refreshed)
         self._held: dict[str, float] = {}
         self._held_lock = threading.Lock()
+        #: damaged copies this process has recorded (each is written once)
+        self._recorded: set[tuple[bytes, bytes, int]] = set()
 
     def describe(self) -> str:
         return self.backend.describe()
@@ -311,6 +316,52 @@ class Store:
         if not self.backend.exists(key):
             self.backend.copy(source, key)
         return key
+
+    # damage records (FORMAT.md §5) ------------------------------------------
+    def record_damage(self, chunk_id: ChunkId, pack_id: PackId, offset: int) -> None:
+        """Note that the copy of ``chunk_id`` at ``offset`` in ``pack_id`` does not decode to its id, so
+        the next save that holds the chunk's bytes writes them again instead of deduplicating against
+        it. Best effort: a store that refuses the write (read-only credentials, a fenced region, a full
+        disk) loses only the note; the read that found the damage still fails with its own error."""
+        copy = (bytes(chunk_id), bytes(pack_id), int(offset))
+        with self._keys_lock:
+            if copy in self._recorded:
+                return
+            self._recorded.add(copy)
+        body = json.dumps({"chunk": chunk_id.hex(), "pack": pack_id.hex(), "offset": int(offset),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        try:
+            self.backend.write(DAMAGED + chunk_id.hex(), body)
+        except (CasError, OSError) as exc:
+            log.warning("could not record damaged chunk %s (pack %s): %s", chunk_id.short(), pack_id.short(), exc)
+
+    def damage_records(self) -> dict[ChunkId, tuple[PackId, int]]:
+        """Every recorded damaged copy: chunk id -> (pack id, payload offset). Records that do not parse
+        are skipped (they only ever make a save write a chunk again)."""
+        out: dict[ChunkId, tuple[PackId, int]] = {}
+        for info in self.backend.list(DAMAGED):
+            name = info.key[len(DAMAGED):]
+            if not HEX_ID.fullmatch(name):
+                continue
+            try:
+                record = json.loads(self.backend.read(info.key))
+                pack, offset = record["pack"], record["offset"]
+                if not isinstance(pack, str) or not HEX_ID.fullmatch(pack) or not isinstance(offset, int):
+                    continue
+            except (ObjectNotFoundError, ValueError, KeyError, TypeError):
+                continue
+            out[ChunkId(bytes.fromhex(name))] = (PackId(bytes.fromhex(pack)), offset)
+        return out
+
+    def clear_damage(self, chunk_ids: Iterable[bytes]) -> None:
+        """Drop the records of these chunks (written again, or repaired); best effort, as recording."""
+        for cid in chunk_ids:
+            try:
+                self.backend.delete(DAMAGED + bytes(cid).hex())
+            except (CasError, OSError) as exc:
+                log.warning("could not drop the damage record of chunk %s: %s", bytes(cid).hex()[:12], exc)
+            with self._keys_lock:
+                self._recorded = {c for c in self._recorded if c[0] != bytes(cid)}
 
     # index objects ----------------------------------------------------------
     def write_index_object(self, packs: list[tuple[PackId, int, bytes]]) -> str | None:

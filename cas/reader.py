@@ -32,6 +32,23 @@ class ChunkRead:
     where: str  # "snapshot S, tensor T" for messages
 
 
+def _of_copy(exc: CorruptionError, chunk_id: bytes, loc: ChunkLocation) -> CorruptionError:
+    """``exc`` marked as the failure of this stored copy of the chunk (unless a deeper read already
+    named the copy that failed): what ``Store.record_damage`` is told, so saves stop deduplicating
+    against it."""
+    if isinstance(exc, ChunkCorruptError) and exc.copy is None:
+        exc.copy = (bytes(chunk_id), bytes(loc.pack_id), loc.offset)
+    return exc
+
+
+def _within(exc: CorruptionError, message: str) -> CorruptionError:
+    """The same error, said where it happened (the damaged copy it names carried over)."""
+    out = type(exc)(message)
+    if isinstance(exc, ChunkCorruptError) and isinstance(out, ChunkCorruptError):
+        out.copy = exc.copy
+    return out
+
+
 class ChunkReader:
     """Verified reads of chunks, through the store's backend (ranged reads straight into tensors)."""
 
@@ -97,12 +114,19 @@ class ChunkReader:
         by link, each verified, to name the damaged chunk. Only bases read through
         :meth:`base` are cached: copying every decoded base costs more than it saves.
         """
-        stored = self.payload(loc) if payload is None else payload
         if not needs_base(loc.codec):
-            out = decode(loc.codec, stored, loc.raw_length, None, dest)
-            if hash_bytes(out) != chunk_id:
-                raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
+            try:
+                stored = self.payload(loc) if payload is None else payload
+                out = decode(loc.codec, stored, loc.raw_length, None, dest)
+                if hash_bytes(out) != chunk_id:
+                    raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
+            except CorruptionError as exc:
+                raise _of_copy(exc, chunk_id, loc) from None
             return out
+        try:
+            stored = self.payload(loc) if payload is None else payload
+        except CorruptionError as exc:
+            raise _of_copy(exc, chunk_id, loc) from None
         links, cached = self._chain(chunk_id, loc, where)
         if dest is not None and len(dest) == loc.raw_length and not dest.readonly:
             buf = dest
@@ -196,9 +220,10 @@ class ChunkReader:
                 if hash_bytes(out) != cid:
                     raise ChunkCorruptError(f"chunk {cid.short()} does not match its hash")
             except CorruptionError as exc:
+                _of_copy(exc, cid, link)
                 if cid == chunk_id:
                     raise  # the caller adds where and pack
-                raise type(exc)(f"{link_where}: {exc} (pack {link.pack_id.short()})") from None
+                raise _within(exc, f"{link_where}: {exc} (pack {link.pack_id.short()})") from None
             base = bytes(out) if cid != chunk_id else out
         assert base is not None
         return base
@@ -242,7 +267,8 @@ class ChunkReader:
                     raise
                 raw = self._decode(base_id, loc, base_where, dest)  # from the store, not the local cache
         except CorruptionError as exc:
-            raise type(exc)(f"{base_where}: {exc} (pack {loc.pack_id.short()})") from None
+            self._record(exc)
+            raise _within(exc, f"{base_where}: {exc} (pack {loc.pack_id.short()})") from None
         if not scratch:
             self._remember(base_id, raw)
         return raw
@@ -250,10 +276,14 @@ class ChunkReader:
     def verified_payload(self, chunk_id: ChunkId, where: str, loc: ChunkLocation) -> bytes:
         """The stored bytes of a chunk, read once and checked by decoding them (for repack/salvage)."""
         try:
-            payload = self.payload(loc)
+            try:
+                payload = self.payload(loc)
+            except CorruptionError as exc:
+                raise _of_copy(exc, chunk_id, loc) from None
             self._decode(chunk_id, loc, where, payload=payload)
         except CorruptionError as exc:
-            raise type(exc)(f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+            self._record(exc)
+            raise _within(exc, f"{where}: {exc} (pack {loc.pack_id.short()})") from None
         return payload
 
     def read(self, chunk_id: ChunkId, where: str, loc: ChunkLocation | None = None) -> bytes:
@@ -267,7 +297,8 @@ class ChunkReader:
                     raise
                 out = self._decode(chunk_id, loc, where)  # from the store, not the local cache
         except CorruptionError as exc:
-            raise type(exc)(f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+            self._record(exc)
+            raise _within(exc, f"{where}: {exc} (pack {loc.pack_id.short()})") from None
         return bytes(out)
 
     def read_into(self, job: ChunkRead, payload: bytes | None = None) -> None:
@@ -276,11 +307,21 @@ class ChunkReader:
         the local pack cache of a remote store drops those cached copies and reads once more from
         the store (the cache's disk may rot; the store's copy is the truth)."""
         try:
-            self._read_into(job, payload)
-        except CorruptionError:
-            if not self._uncache_chain(job.chunk_id, job.location):
-                raise
-            self._read_into(job, None)
+            try:
+                self._read_into(job, payload)
+            except CorruptionError:
+                if not self._uncache_chain(job.chunk_id, job.location):
+                    raise
+                self._read_into(job, None)
+        except CorruptionError as exc:
+            self._record(exc)
+            raise
+
+    def _record(self, exc: CorruptionError) -> None:
+        """Tell the store which stored copy failed (best effort: the read's own error is what counts)."""
+        copy = exc.copy if isinstance(exc, ChunkCorruptError) else None
+        if copy is not None:
+            self.store.record_damage(ChunkId(copy[0]), PackId(copy[1]), copy[2])
 
     def _uncache_chain(self, chunk_id: ChunkId, loc: ChunkLocation) -> bool:
         """Drop the locally cached packs on a chunk's delta chain; True if there were any."""
@@ -335,7 +376,8 @@ class ChunkReader:
             if not in_place:
                 job.dest[:] = out
         except CorruptionError as exc:
-            raise type(exc)(f"{job.where}: {exc} (pack {loc.pack_id.short()})") from None
+            _of_copy(exc, job.chunk_id, loc)
+            raise _within(exc, f"{job.where}: {exc} (pack {loc.pack_id.short()})") from None
 
     def plan(self, dest: memoryview, chunks: Sequence[ChunkId], where: str) -> list[ChunkRead]:
         """Split ``dest`` by the chunks' raw lengths; every chunk must be indexed and the sizes must add up."""

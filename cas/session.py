@@ -226,6 +226,7 @@ class SaveSession:
                 read_base=lambda cid: repo.reader.base(cid, "delta base for a save", scratch=True),
                 fingerprints=self._previous_fingerprints(previous, rehash, bases),
                 pack_size_of=repo.reader.pack_size, zero_runs=repo.codes_zero_runs,
+                damaged=repo.store.damage_records(),
             )
         except BaseException:
             self._stack.close()
@@ -364,6 +365,21 @@ class SaveSession:
         crash_point("before_index_commit")
         self.repo.index.commit(packs, snapshots, replace=self.storer.replaced)
         self.packs = packs
+        self._settle_damage()
+
+    def _settle_damage(self) -> None:
+        """Delete the damage records this save made moot (FORMAT.md §5): those of copies whose pack is
+        gone, and, in a local repository (one index), those of chunks it wrote again or found indexed
+        at another copy. A remote store's records stay until `check --repair`: another machine's index
+        cache may still name the damaged copy, and its saves must not deduplicate against it."""
+        storer = self.storer
+        if not storer.damaged:
+            return
+        pack_size = self.repo.reader.pack_size
+        gone = {cid for cid, (pack_id, _offset) in storer.damaged.items() if pack_size(pack_id) is None}
+        settled = gone | (storer.healed if self.repo.store.is_local else set())
+        if settled:
+            self.repo.store.clear_damage(settled)
 
     def finish(self) -> None:
         """Make what this session stored durable and indexed (no ref); then the session is closed."""

@@ -483,3 +483,167 @@ def test_a_cold_delta_restore_requests_each_pack_once(moto_server: MotoServer, s
     monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "cold-third"))
     with cas.Repository.open(url) as repo:
         assert_same(repo.load("next"), nxt)
+
+
+def rot_chunk_in_store(url: str, repo: cas.Repository, chunk_id: bytes, at: int = 100) -> tuple[str, int]:
+    """Flip one byte of a chunk's payload in the store's copy of its pack (and forget this machine's
+    cached copy, which did not rot); returns the pack key and the payload offset."""
+    loc = repo.index.get(chunk_id)
+    assert loc is not None
+    key = repo.store.pack_key_of(loc.pack_id)
+    with open_backend(url, {"create": False} if "://" not in url else None) as backend:
+        data = bytearray(backend.read(key))
+        data[loc.offset + at] ^= 0x10
+        backend.write(key, bytes(data))
+    repo.store.drop_cached(loc.pack_id)
+    return key, loc.offset
+
+
+def frozen_and_moving(step: int) -> dict[str, Any]:
+    """A frozen tensor (the same bytes in every save) and one that moves."""
+    g = torch.Generator().manual_seed(7)
+    frozen = torch.randn(64 * 1024, generator=g)  # 4 chunks of 64 KiB
+    return {"frozen": frozen, "moving": torch.full((1000,), float(step)), "step": step}
+
+
+def test_a_damaged_chunk_a_load_finds_is_written_again_by_the_next_save(where: str) -> None:
+    """A chunk that rotted in the store is not deduplicated against once a read has found it: the
+    next save holding its bytes writes a fresh copy, which heals every older snapshot that needs it."""
+    from cas.ids import chunk_id_of
+
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[CHUNK:2 * CHUNK])
+        key, offset = rot_chunk_in_store(where, repo, cid)
+        with pytest.raises(cas.ChunkCorruptError, match=f"chunk {cid.hex()[:12]} does not match its hash"):
+            repo.load("s1")
+    record_key = f"damaged/{cid.hex()}"
+    assert record_key in stored_objects(where)
+    with open_backend(where, {"create": False} if "://" not in where else None) as backend:
+        record = json.loads(backend.read(record_key))
+    assert record["chunk"] == cid.hex() and record["offset"] == offset and key.endswith(record["pack"] + ".pack")
+
+    with cas.Repository.open(where) as repo:  # another process: the record is in the store
+        before = pack_bytes(where)
+        snap = repo.save(frozen_and_moving(2), tag="s2")
+        assert snap.bytes_added >= CHUNK  # the damaged chunk (and the moving tensor), not deduplicated
+        assert pack_bytes(where) - before >= CHUNK
+        assert_same(repo.load("s2"), frozen_and_moving(2))
+        assert_same(repo.load("s1"), frozen_and_moving(1))  # healed: its chunk now reads from the fresh copy
+        assert repo.verify(read_data=True).ok
+    if "://" in where:  # other machines' index caches may still name the damaged copy: the record stays
+        assert record_key in stored_objects(where)
+    else:  # one index: the save that wrote it again dropped the record
+        assert record_key not in stored_objects(where)
+    with cas.Repository.open(where) as repo:  # the save after that deduplicates against the fresh copy
+        assert repo.save(frozen_and_moving(3), tag="s3").bytes_added < CHUNK
+        assert_same(repo.load("s1"), frozen_and_moving(1))
+        repo.check(repair=True)  # the damaged pack is salvaged and its record dropped, on every store
+        assert_same(repo.load("s1"), frozen_and_moving(1))
+    assert not [k for k in stored_objects(where) if k.startswith("damaged/")]
+
+
+def test_check_records_the_damage_it_finds_for_the_next_save(where: str) -> None:
+    from cas.ids import chunk_id_of
+
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
+        rot_chunk_in_store(where, repo, cid)
+        report = repo.check()  # no --repair: it reports, and records what it found
+        assert not report.ok and [a["tensor"] for a in report.affected] == ["frozen"]
+    assert f"damaged/{cid.hex()}" in stored_objects(where)
+    with cas.Repository.open(where) as repo:
+        repo.save(frozen_and_moving(2), tag="s2")
+        assert_same(repo.load("s1"), frozen_and_moving(1))
+        assert_same(repo.load("s2"), frozen_and_moving(2))
+    assert bool([k for k in stored_objects(where) if k.startswith("damaged/")]) == ("://" in where)
+
+
+def test_a_damaged_delta_base_is_recorded_and_its_chain_written_again(where: str) -> None:
+    """A delta whose base rotted: the read names the base, and the next save holding the delta's
+    bytes writes them again (as a keyframe), which heals the older snapshot; check --repair then
+    drops the base's record (it is lost, and the index no longer names it)."""
+    g = torch.Generator().manual_seed(5)
+    first = {"w": torch.randn(64 * 1024, generator=g)}
+    second = {"w": first["w"] + 1e-3 * torch.randn(64 * 1024, generator=g)}
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="default") as repo:
+        repo.save(first, tag="s1")
+        repo.save(second, tag="s2")
+        entries = dict(repo.index.iter_chunks())
+        deltas = [cid for cid, loc in entries.items() if loc.base_id is not None]
+        assert deltas, "the second save should store deltas"
+        base = entries[deltas[0]].base_id
+        assert base is not None
+        rot_chunk_in_store(where, repo, base)
+        with pytest.raises(cas.ChunkCorruptError, match=f"delta base {base.hex()[:12]}"):
+            repo.load("s2")
+    assert f"damaged/{base.hex()}" in stored_objects(where)
+    with cas.Repository.open(where) as repo:
+        repo.save(second, tag="s3")  # the same bytes as s2: its chunks are written again, not deduplicated
+        assert_same(repo.load("s2"), second)  # healed through the fresh copies
+        assert_same(repo.load("s3"), second)
+        with pytest.raises(cas.ChunkCorruptError):
+            repo.load("s1")  # the base's own bytes are in no state saved since: still damaged
+        report = repo.check(repair=True)
+        assert base.hex() in report.lost_chunks
+    assert not [k for k in stored_objects(where) if k.startswith("damaged/")]
+
+
+def test_a_store_that_refuses_the_damage_record_still_gets_the_read_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cas.ids import chunk_id_of
+
+    where = str(tmp_path / "repo")
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
+        rot_chunk_in_store(where, repo, cid)
+        real_write = repo.store.backend.write
+
+        def refuse(key: str, *args: Any, **kwargs: Any) -> Any:
+            if key.startswith("damaged/"):
+                raise cas.StorageError("the store is read-only here")
+            return real_write(key, *args, **kwargs)
+
+        monkeypatch.setattr(repo.store.backend, "write", refuse)
+        with pytest.raises(cas.ChunkCorruptError, match="does not match its hash"):
+            repo.load("s1")
+    assert not (tmp_path / "repo" / "damaged").exists()
+
+
+def test_a_save_drops_damage_records_of_packs_that_are_gone(where: str) -> None:
+    from cas.ids import ChunkId, chunk_id_of
+
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
+        repo.store.record_damage(ChunkId(cid), PackId(bytes(32)), 0)  # a copy in a pack no store holds
+        assert repo.store.damage_records() == {cid: (PackId(bytes(32)), 0)}
+        again = repo.save(frozen_and_moving(1), tag="s2")
+        assert again.bytes_added < CHUNK  # the indexed copy is another one: deduplicated as usual
+        assert repo.store.damage_records() == {}
+        assert_same(repo.load("s2"), frozen_and_moving(1))
+
+
+def test_cli_restore_records_damage_and_ls_warns_until_a_save_heals_it(tmp_path: Path) -> None:
+    from cas.ids import chunk_id_of
+    from tests.test_cli import run
+
+    where = tmp_path / "repo"
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
+        rot_chunk_in_store(str(where), repo, cid)
+    assert "warning" not in run("ls", repo=where).stderr
+    failed = run("restore", "s1", tmp_path / "out.pt", repo=where, ok=False)
+    assert failed.returncode == 7 and f"chunk {cid.hex()[:12]} does not match its hash" in failed.stderr
+    listed = run("ls", repo=where)
+    assert "warning: reads found 1 stored chunk damaged; the next save that holds their bytes writes them again" \
+        in listed.stderr and "s1" in listed.stdout
+    with cas.Repository.open(where) as repo:
+        repo.save(frozen_and_moving(2), tag="s2")
+    assert "warning" not in run("ls", repo=where).stderr
+    run("restore", "s1", tmp_path / "out.pt", repo=where)
+    assert_same(torch.load(tmp_path / "out.pt", weights_only=True), frozen_and_moving(1))
