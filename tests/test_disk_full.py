@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import cas
@@ -101,3 +102,48 @@ def test_a_restore_that_runs_out_of_disk_says_what_it_left_and_keeps_directories
     assert stat.S_IMODE(os.stat(two).st_mode) == 0o777 & ~umask
     assert (two / "z.txt").read_bytes() == files["z.txt"]
     assert os.stat(out / "sub").st_mtime_ns == os.stat(src / "sub").st_mtime_ns
+
+
+@pytest.mark.parametrize("refused", ["file", "directory"])
+def test_a_restore_the_os_refuses_says_what_it_left(tmp_path: Path, refused: str) -> None:
+    """An OSError on the way (ENAMETOOLONG: the target's path leaves no room for a file, or for a
+    directory, of the backup) is the same stopped-after report as a full disk: a usage error naming
+    the path, the files before it whole, nothing half-written, and a restore into a target that fits."""
+    import hashlib
+    import os
+
+    from tests.test_cli import run
+
+    sub = "sub" if refused == "file" else "s" * 40
+    src = tmp_path / "src"
+    (src / sub).mkdir(parents=True)
+    files = {"a.bin": os.urandom(50_000), f"{sub}/b.bin": os.urandom(70_000)}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    repo = tmp_path / "repo"
+    run("init", repo=repo)
+    run("save", src, "--tag", "t", repo=repo)
+    out = tmp_path
+    while len(str(out)) < 3800:
+        out = out / ("d" * 200)
+    temp = len("/.cas-0123456789abcdef.tmp")  # the restore writes each file under a temp name first
+    out = out / ("e" * (4095 - temp - len(str(out)) - 1))  # out/<temp> fits in PATH_MAX, out/sub/<temp> does not
+    out.mkdir(parents=True)
+    failed = run("restore", "t", out, "--force", repo=repo, ok=False)
+    assert failed.returncode == 2, failed.stderr
+    assert "Traceback" not in failed.stderr and "--force" in failed.stderr
+    assert "File name too long" in failed.stderr, failed.stderr
+    if refused == "file":  # the directories are made first, then a.bin, then the file that does not fit
+        assert str(out / sub / "b.bin") in failed.stderr
+        assert "the restore stopped after 1 of 2 files" in failed.stderr
+        assert (out / "a.bin").read_bytes() == files["a.bin"]  # the file before it is whole
+        assert [p.name for p in (out / sub).iterdir()] == []  # nothing half-written where it stopped
+    else:  # the directory cannot be made: no file was written
+        assert f"cannot restore into {out}: File name too long ({out / sub})" in failed.stderr
+        assert "the restore stopped after 0 of 2 files" in failed.stderr
+        assert list(out.iterdir()) == []
+    fits = tmp_path / "fits"
+    fits.mkdir()
+    run("restore", "t", fits, "--force", repo=repo)
+    for rel, data in files.items():
+        assert hashlib.sha256((fits / rel).read_bytes()).digest() == hashlib.sha256(data).digest()
