@@ -99,17 +99,27 @@ def check_repository(
     """Check every pack; with ``repair``, first fetch intact copies of damaged or missing packs
     from the replicas in ``heal_from`` (name, backend), then salvage what is still damaged."""
     if not (repair and heal_from):
-        return _check(repo, repair=repair)
-    first = _check(repo, repair=False)
-    if first.ok:
-        return first
-    with repo.store.lock(exclusive=True):
-        healed = heal_packs(repo, first, heal_from)
-    repo.reader.clear_cache()
-    report = _check(repo, repair=True)
-    report.healed = healed
-    report.changed = report.changed or bool(healed)
+        report = _check(repo, repair=repair)
+    else:
+        report = _check(repo, repair=False)
+        if not report.ok:
+            with repo.store.lock(exclusive=True):
+                healed = heal_packs(repo, report, heal_from)
+            repo.reader.clear_cache()
+            report = _check(repo, repair=True)
+            report.healed = healed
+            report.changed = report.changed or bool(healed)
+    if report.ok or repair:
+        _settle_damage_records(repo)
     return report
+
+
+def _settle_damage_records(repo: Repository) -> None:
+    """Drop every damage record (FORMAT.md §5) once a check found nothing damaged, or a repair took
+    the damaged packs out of ``packs/``: no pack there holds a damaged copy any more."""
+    store = repo.store
+    records = store.damage_records()
+    store.clear_damage([(cid, pid, off) for cid, copies in records.items() for pid, off in copies])
 
 
 def _missing_chunks(repo: Repository) -> set[bytes]:
@@ -232,7 +242,8 @@ def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
                     continue
                 loc = ChunkLocation.of(pack_id, entry)
                 try:
-                    payload = repo.reader.verified_payload(entry.chunk_id, f"check of pack {pack_id.short()}", loc)
+                    payload = repo.reader.verified_payload(entry.chunk_id, f"check of pack {pack_id.short()}", loc,
+                                                           record=False)  # candidates of a pack known damaged
                 except (CorruptionError, FormatVersionError):
                     continue
                 verified.add(key)
@@ -249,8 +260,6 @@ def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
 
         if repair and damaged:
             _repair(repo, damaged, salvage, lost, report)
-        if repair:  # the index now names only copies that verify: what reads recorded is settled
-            store.clear_damage(store.damage_records())
 
         # Which snapshots and tensors reach what is gone (lost now, or missing from the index),
         # themselves or through a delta base anywhere down their chain?

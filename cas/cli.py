@@ -285,10 +285,16 @@ def ls_cmd(ctx: Context, as_json: bool) -> None:
         snaps = repo.snapshots()
         damaged = repo.damaged_snapshots() if len(snaps) < len(repo.refs()) else []
         rotted = repo.store.damage_records()
-    if rotted:
-        click.echo(f"warning: reads found {len(rotted)} stored chunk{'s' if len(rotted) != 1 else ''} damaged; "
+        pending = sum(1 for cid, copies in rotted.items()
+                      if (loc := repo.index.get(cid)) is not None and (loc.pack_id, loc.offset) in copies)
+    if pending:
+        click.echo(f"warning: reads found {pending} stored chunk{'s' if pending != 1 else ''} damaged; "
                    "the next save that holds their bytes writes them again, and `cas check` names the "
                    "snapshots they harm", err=True)
+    if len(rotted) > pending:
+        superseded = len(rotted) - pending
+        click.echo(f"note: {superseded} damaged chunk cop{'ies are' if superseded != 1 else 'y is'} superseded by "
+                   "a fresh copy; `cas check --repair` takes the damaged packs out", err=True)
     if as_json:
         emit_json([s.to_dict() for s in snaps])
         return

@@ -167,8 +167,8 @@ class CorruptionError(CasError):
 
 class ChunkCorruptError(CorruptionError):
     """A chunk's stored copy does not decode to its id. ``copy``: (chunk id, pack id, payload offset)
-    of the copy that failed, where the reader knows which one (a pack cut short, a record that decodes
-    to other bytes); None for a chain the index describes wrongly."""
+    of the copy that failed, where the reader read one (a pack cut short, a record that decodes to
+    other bytes, a delta chain that does not resolve: the delta's own copy); None otherwise."""
 
     def __init__(self, message: str, copy: tuple[bytes, bytes, int] | None = None) -> None:
         super().__init__(message)

@@ -281,7 +281,7 @@ def _index_healed(repo: Repository, view: StoreView, unindexed: set[bytes]) -> b
     the lost base anew after ``check --repair``): the snapshots that need them load again."""
     if not unindexed:
         return False
-    chosen = choose_copies(view.copies())
+    chosen = choose_copies(view.copies(), avoid=view.damaged)
     heal = [(cid, chosen[cid][0]) for cid in unindexed if cid in chosen]
     if heal:
         repo.index.apply(put_chunks=heal)

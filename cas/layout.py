@@ -4,7 +4,7 @@
     packs/<xx>/<id>.pack         immutable pack files (§3)
     refs/<name>                  one line: a snapshot id (§6)
     quarantine/<id>.pack         copies of damaged packs kept by `check --repair`
-    damaged/<chunk id>           a stored copy of a chunk that a read found damaged (saves write it again)
+    damaged/<chunk>/<pack>-<n>   a stored copy of a chunk that a read found damaged (saves write it again)
     locks/<uuid>.json            lock objects of remote repositories (§9)
 
 Every byte goes through a :class:`~cas.backends.Backend`; nothing here opens a file of the
@@ -56,6 +56,7 @@ PACKS = "packs/"
 REFS = "refs/"
 QUARANTINE = "quarantine/"
 DAMAGED = "damaged/"
+DAMAGE_KEY = re.compile(r"damaged/([0-9a-f]{64})/([0-9a-f]{64})-(\d{1,19})")
 LOCKS = "locks/"
 INDEXES = "indexes/"
 INDEX_MAGIC = b"CASIDX\x00\x00"
@@ -76,6 +77,11 @@ FLOCK_FILES = frozenset({"locks/gate.lock", "locks/repo.lock"})
 
 
 log = logging.getLogger("cas")
+
+
+def damage_key(chunk_id: bytes, pack_id: bytes, offset: int) -> str:
+    """``damaged/<chunk id>/<pack id>-<payload offset>``: one record per damaged copy (FORMAT.md §5)."""
+    return f"{DAMAGED}{bytes(chunk_id).hex()}/{bytes(pack_id).hex()}-{int(offset)}"
 
 
 def pack_key(pack_id: PackId, meta: bool = False) -> str:
@@ -240,7 +246,11 @@ class Store:
         return self.is_local or self._cached(pack_id) is not None
 
     def drop_cached(self, pack_id: PackId) -> bool:
-        """Forget the local copy of a pack (it failed to verify); True if there was one."""
+        """Forget the local copy of a pack (a read through it failed to verify); True if there was one.
+        While reads go to the store (``reading_the_store``) the failure was not the copy's, and the
+        copy stays: it may be the intact one that ``check --repair`` puts back."""
+        if self._store_reads:
+            return False
         had = self._cached(pack_id) is not None
         self.pack_cache.drop(pack_id)
         return had
@@ -320,8 +330,8 @@ class Store:
     # damage records (FORMAT.md §5) ------------------------------------------
     def record_damage(self, chunk_id: ChunkId, pack_id: PackId, offset: int) -> None:
         """Note that the copy of ``chunk_id`` at ``offset`` in ``pack_id`` does not decode to its id, so
-        the next save that holds the chunk's bytes writes them again instead of deduplicating against
-        it. Best effort: a store that refuses the write (read-only credentials, a fenced region, a full
+        no save deduplicates against it and no rebuilt index chooses it while another copy exists.
+        Best effort: a store that refuses the write (read-only credentials, a fenced region, a full
         disk) loses only the note; the read that found the damage still fails with its own error."""
         copy = (bytes(chunk_id), bytes(pack_id), int(offset))
         with self._keys_lock:
@@ -331,37 +341,36 @@ class Store:
         body = json.dumps({"chunk": chunk_id.hex(), "pack": pack_id.hex(), "offset": int(offset),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
         try:
-            self.backend.write(DAMAGED + chunk_id.hex(), body)
+            self.backend.write(damage_key(*copy), body)
         except (CasError, OSError) as exc:
+            with self._keys_lock:
+                self._recorded.discard(copy)  # a later read may record it yet
             log.warning("could not record damaged chunk %s (pack %s): %s", chunk_id.short(), pack_id.short(), exc)
 
-    def damage_records(self) -> dict[ChunkId, tuple[PackId, int]]:
-        """Every recorded damaged copy: chunk id -> (pack id, payload offset). Records that do not parse
-        are skipped (they only ever make a save write a chunk again)."""
-        out: dict[ChunkId, tuple[PackId, int]] = {}
-        for info in self.backend.list(DAMAGED):
-            name = info.key[len(DAMAGED):]
-            if not HEX_ID.fullmatch(name):
-                continue
-            try:
-                record = json.loads(self.backend.read(info.key))
-                pack, offset = record["pack"], record["offset"]
-                if not isinstance(pack, str) or not HEX_ID.fullmatch(pack) or not isinstance(offset, int):
-                    continue
-            except (ObjectNotFoundError, ValueError, KeyError, TypeError):
-                continue
-            out[ChunkId(bytes.fromhex(name))] = (PackId(bytes.fromhex(pack)), offset)
+    def damage_records(self) -> dict[ChunkId, set[tuple[PackId, int]]]:
+        """Every recorded damaged copy, from the keys alone: chunk id -> {(pack id, payload offset)}.
+        Best effort, as recording: a store that cannot list them gives none (and says so)."""
+        out: dict[ChunkId, set[tuple[PackId, int]]] = {}
+        try:
+            for info in self.backend.list(DAMAGED):
+                m = DAMAGE_KEY.fullmatch(info.key)
+                if m is not None:
+                    copies = out.setdefault(ChunkId(bytes.fromhex(m[1])), set())
+                    copies.add((PackId(bytes.fromhex(m[2])), int(m[3])))
+        except (CasError, OSError) as exc:
+            log.warning("could not list the damage records: %s", exc)
+            return {}
         return out
 
-    def clear_damage(self, chunk_ids: Iterable[bytes]) -> None:
-        """Drop the records of these chunks (written again, or repaired); best effort, as recording."""
-        for cid in chunk_ids:
+    def clear_damage(self, copies: Iterable[tuple[bytes, bytes, int]]) -> None:
+        """Drop these records (chunk id, pack id, offset): their copy is gone, or everything verifies."""
+        for copy in copies:
             try:
-                self.backend.delete(DAMAGED + bytes(cid).hex())
+                self.backend.delete(damage_key(*copy))
             except (CasError, OSError) as exc:
-                log.warning("could not drop the damage record of chunk %s: %s", bytes(cid).hex()[:12], exc)
+                log.warning("could not drop the damage record of chunk %s: %s", bytes(copy[0]).hex()[:12], exc)
             with self._keys_lock:
-                self._recorded = {c for c in self._recorded if c[0] != bytes(cid)}
+                self._recorded.discard((bytes(copy[0]), bytes(copy[1]), int(copy[2])))
 
     # index objects ----------------------------------------------------------
     def write_index_object(self, packs: list[tuple[PackId, int, bytes]]) -> str | None:

@@ -273,17 +273,30 @@ class ChunkReader:
             self._remember(base_id, raw)
         return raw
 
-    def verified_payload(self, chunk_id: ChunkId, where: str, loc: ChunkLocation) -> bytes:
-        """The stored bytes of a chunk, read once and checked by decoding them (for repack/salvage)."""
+    def verified_payload(self, chunk_id: ChunkId, where: str, loc: ChunkLocation, *, record: bool = True) -> bytes:
+        """The stored bytes of a chunk, read once and checked by decoding them (for repack/salvage).
+        As every read, a failure through this machine's cached copy of a pack is tried again from
+        the store. ``record=False``: a failure is not recorded as damage (salvage tries candidates
+        that are often not chunks at all)."""
         try:
             try:
-                payload = self.payload(loc)
-            except CorruptionError as exc:
-                raise _of_copy(exc, chunk_id, loc) from None
-            self._decode(chunk_id, loc, where, payload=payload)
+                payload = self._checked_payload(chunk_id, loc, where)
+            except CorruptionError:
+                if not self._uncache_chain(chunk_id, loc):
+                    raise
+                payload = self._checked_payload(chunk_id, loc, where)  # from the store, not the local cache
         except CorruptionError as exc:
-            self._record(exc)
+            if record:
+                self._record(exc)
             raise _within(exc, f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+        return payload
+
+    def _checked_payload(self, chunk_id: ChunkId, loc: ChunkLocation, where: str) -> bytes:
+        try:
+            payload = self.payload(loc)
+        except CorruptionError as exc:
+            raise _of_copy(exc, chunk_id, loc) from None
+        self._decode(chunk_id, loc, where, payload=payload)
         return payload
 
     def read(self, chunk_id: ChunkId, where: str, loc: ChunkLocation | None = None) -> bytes:

@@ -275,14 +275,12 @@ class ChunkStorer:
         fingerprints: Fingerprints | None = None,
         pack_size_of: Callable[[PackId], int | None] | None = None,
         zero_runs: bool = True,
-        damaged: dict[ChunkId, tuple[PackId, int]] | None = None,
+        damaged: dict[ChunkId, set[tuple[PackId, int]]] | None = None,
     ) -> None:
         self.sink = sink
-        #: copies a read found damaged (``Store.damage_records``): chunk -> (pack, offset); a chunk whose
-        #: indexed copy is one of them counts as not stored, and is written again
+        #: copies a read found damaged (``Store.damage_records``): chunk -> {(pack, offset)}; a chunk
+        #: whose indexed copy is one of them counts as not stored, and is written again
         self.damaged = damaged or {}
-        #: chunks whose damage record this save settles: written again, or indexed at another copy
-        self.healed: set[bytes] = set()
         #: planes may be coded as zero runs (plane mode 2: repositories of format version 3)
         self.zero_runs = zero_runs
         self.pack_size_of = pack_size_of
@@ -316,8 +314,6 @@ class ChunkStorer:
             return False
         if self.lookup.get(cid) is not None:
             self.replaced.add(cid)
-        if cid in self.damaged:
-            self.healed.add(cid)
         return True
 
     def _is_stored(self, cid: bytes) -> bool:
@@ -338,11 +334,9 @@ class ChunkStorer:
                 ok = False
                 break
             path.append(cursor)
-            if self.damaged and ChunkId(cursor) in self.damaged:
-                if self.damaged[ChunkId(cursor)] == (loc.pack_id, loc.offset):
-                    ok = False
-                    break
-                self.healed.add(cursor)  # the index reads another copy (repaired, or written again since)
+            if self.damaged and (loc.pack_id, loc.offset) in self.damaged.get(ChunkId(cursor), ()):
+                ok = False
+                break
             if self.pack_size_of is not None:
                 if loc.pack_id not in self._pack_sizes:
                     self._pack_sizes[loc.pack_id] = self.pack_size_of(loc.pack_id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from cas import fingerprints as fingerprint_cache
-from cas.errors import StorageError, UsageError
+from cas.errors import CasError, StorageError, UsageError
 from cas.faults import crash_point
 from cas.ids import ChunkId, PackId, SnapshotId
 from cas.index import SealedPack
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from cas.repository import Repository
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("cas")
 
 
 @dataclass(frozen=True)
@@ -368,18 +370,18 @@ class SaveSession:
         self._settle_damage()
 
     def _settle_damage(self) -> None:
-        """Delete the damage records this save made moot (FORMAT.md §5): those of copies whose pack is
-        gone, and, in a local repository (one index), those of chunks it wrote again or found indexed
-        at another copy. A remote store's records stay until `check --repair`: another machine's index
-        cache may still name the damaged copy, and its saves must not deduplicate against it."""
-        storer = self.storer
-        if not storer.damaged:
-            return
-        pack_size = self.repo.reader.pack_size
-        gone = {cid for cid, (pack_id, _offset) in storer.damaged.items() if pack_size(pack_id) is None}
-        settled = gone | (storer.healed if self.repo.store.is_local else set())
-        if settled:
-            self.repo.store.clear_damage(settled)
+        """Delete the damage records of copies whose pack is gone (FORMAT.md §5): no index can read
+        them any more. The others stay while their pack holds the damaged copy, so that no save
+        deduplicates against it and no rebuilt index (another machine's cache) chooses it. Best
+        effort: it runs after the index commit, and nothing here may fail the save."""
+        try:
+            pack_size = self.repo.reader.pack_size
+            gone = [(cid, pack_id, offset) for cid, copies in self.storer.damaged.items()
+                    for pack_id, offset in copies if pack_size(pack_id) is None]
+            if gone:
+                self.repo.store.clear_damage(gone)
+        except (CasError, OSError) as exc:
+            log.warning("cas: the damage records were not tidied (%s); the next save tries again", exc)
 
     def finish(self) -> None:
         """Make what this session stored durable and indexed (no ref); then the session is closed."""

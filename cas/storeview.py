@@ -43,6 +43,8 @@ class StoreView:
     sources: dict[PackId, PackSource] = field(default_factory=dict)
     #: keys of the index objects read (gc replaces them with one covering what remains)
     index_objects: list[str] = field(default_factory=list)
+    #: (pack, payload offset) of every copy a read recorded damaged (FORMAT.md §5): chosen last
+    damaged: set[tuple[bytes, int]] = field(default_factory=set)
 
     def copies(self) -> dict[bytes, list[Copy]]:
         out: dict[bytes, list[Copy]] = {}
@@ -57,6 +59,7 @@ def scan_store(store: Store) -> StoreView:
     per save; each footer proves itself against its pack's name), else from the pack (three small
     ranged reads)."""
     view = StoreView()
+    view.damaged = {(bytes(pid), off) for copies in store.damage_records().values() for pid, off in copies}
     known, view.index_objects = store.read_index_objects()
     for pack_id, size in store.list_packs().items():
         source = store.pack_source(pack_id, size)
@@ -82,13 +85,15 @@ def choose_copies(
     copies: dict[bytes, list[Copy]],
     prefer: dict[bytes, ChunkLocation] | None = None,
     assume: Iterable[bytes] = (),
+    avoid: set[tuple[bytes, int]] | frozenset[tuple[bytes, int]] = frozenset(),
 ) -> dict[bytes, tuple[ChunkLocation, int]]:
     """For every chunk with a copy whose chain resolves to a keyframe: that copy and its depth.
 
     A delta copy resolves when some copy of its base does (any copy of a chunk decodes to the
     same bytes); chunks in ``assume`` count as resolved (indexed in packs whose footer does not
     check, where reads verify them). Among resolving copies the one ``prefer`` names (the index's current entry)
-    wins, then the shallowest, then the lowest pack id: deterministic, and no churn.
+    wins, then the shallowest, then the lowest pack id: deterministic, and no churn. A copy in
+    ``avoid`` (pack, offset: recorded damaged) is chosen only when the chunk has no other.
     """
     depth: dict[tuple[bytes, bytes, int], int] = {}
     best: dict[bytes, int] = {}
@@ -127,6 +132,8 @@ def choose_copies(
             (depth[(cid, pid, e.offset)], bytes(pid), ChunkLocation.of(pid, e))
             for pid, e in found if (cid, pid, e.offset) in depth
         ]
+        if avoid:
+            options = [o for o in options if (o[1], o[2].offset) not in avoid] or options
         pick = next((o for o in options if o[2] == wanted), None) or min(options, key=lambda o: (o[0], o[1]))
         chosen[cid] = (pick[2], pick[0])
     return chosen
@@ -199,7 +206,7 @@ def _reconcile_pass(
 ) -> dict[bytes, ChunkLocation]:
     """One transaction of ``reconcile``; returns what the index holds afterwards."""
     current = {bytes(cid): loc for cid, loc in index.iter_chunks()}
-    chosen = choose_copies(copies, current, assume)
+    chosen = choose_copies(copies, current, assume, view.damaged)
     final: dict[bytes, ChunkLocation] = {}
     puts: dict[bytes, ChunkLocation] = {}
     drops: list[bytes] = []
@@ -273,8 +280,8 @@ def salvage(
                 if needs_base(entry.codec) and (entry.base_id is None or bytes(entry.base_id) not in indexed):
                     rest.append(entry)
                     continue
-                try:
-                    reader.verified_payload(ChunkId(cid), f"salvage of pack {pack_id.short()}", loc)
+                try:  # a candidate that fails is no news (the pack is known damaged): not recorded
+                    reader.verified_payload(ChunkId(cid), f"salvage of pack {pack_id.short()}", loc, record=False)
                 except (CorruptionError, FormatVersionError):  # a spurious record header: not a chunk
                     continue
                 index.apply(put_chunks=[(cid, loc)])  # its deltas, later in the list, find it

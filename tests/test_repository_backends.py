@@ -490,13 +490,30 @@ def rot_chunk_in_store(url: str, repo: cas.Repository, chunk_id: bytes, at: int 
     cached copy, which did not rot); returns the pack key and the payload offset."""
     loc = repo.index.get(chunk_id)
     assert loc is not None
-    key = repo.store.pack_key_of(loc.pack_id)
+    return rot_copy(url, repo, loc.pack_id, loc.offset, at), loc.offset
+
+
+def rot_copy(url: str, repo: cas.Repository, pack_id: PackId, offset: int, at: int = 100) -> str:
+    key = repo.store.pack_key_of(pack_id)
     with open_backend(url, {"create": False} if "://" not in url else None) as backend:
         data = bytearray(backend.read(key))
-        data[loc.offset + at] ^= 0x10
+        data[offset + at] ^= 0x10
         backend.write(key, bytes(data))
-    repo.store.drop_cached(loc.pack_id)
-    return key, loc.offset
+    repo.store.drop_cached(pack_id)
+    return key
+
+
+def copies_in_store(repo: cas.Repository, chunk_id: bytes) -> list[tuple[PackId, int]]:
+    """Every (pack, payload offset) whose footer names the chunk."""
+    out = []
+    for pack_id in repo.store.list_packs():
+        out += [(pack_id, e.offset) for e in read_footer(repo.store.pack_source(pack_id), pack_id)
+                if bytes(e.chunk_id) == bytes(chunk_id)]
+    return out
+
+
+def damage_keys(url: str) -> list[str]:
+    return sorted(k for k in stored_objects(url) if k.startswith("damaged/"))
 
 
 def frozen_and_moving(step: int) -> dict[str, Any]:
@@ -506,22 +523,30 @@ def frozen_and_moving(step: int) -> dict[str, Any]:
     return {"frozen": frozen, "moving": torch.full((1000,), float(step)), "step": step}
 
 
-def test_a_damaged_chunk_a_load_finds_is_written_again_by_the_next_save(where: str) -> None:
-    """A chunk that rotted in the store is not deduplicated against once a read has found it: the
-    next save holding its bytes writes a fresh copy, which heals every older snapshot that needs it."""
+def frozen_chunk(i: int = 1) -> bytes:
     from cas.ids import chunk_id_of
 
+    return chunk_id_of(frozen_and_moving(0)["frozen"].numpy().tobytes()[i * CHUNK:(i + 1) * CHUNK])
+
+
+def test_a_damaged_chunk_a_load_finds_is_written_again_by_the_next_save(where: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk that rotted in the store is not deduplicated against once a read has found it: the
+    next save holding its bytes writes a fresh copy, which heals every older snapshot that needs it,
+    in this index and in one rebuilt from the packs (or another machine's); the record stays until
+    `check --repair` takes the damaged pack out."""
+    cid = frozen_chunk()
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
         repo.save(frozen_and_moving(1), tag="s1")
-        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[CHUNK:2 * CHUNK])
         key, offset = rot_chunk_in_store(where, repo, cid)
         with pytest.raises(cas.ChunkCorruptError, match=f"chunk {cid.hex()[:12]} does not match its hash"):
             repo.load("s1")
-    record_key = f"damaged/{cid.hex()}"
-    assert record_key in stored_objects(where)
+    pack_hex = key.rsplit("/", 1)[1][:64]
+    record_key = f"damaged/{cid.hex()}/{pack_hex}-{offset}"
+    assert damage_keys(where) == [record_key]
     with open_backend(where, {"create": False} if "://" not in where else None) as backend:
         record = json.loads(backend.read(record_key))
-    assert record["chunk"] == cid.hex() and record["offset"] == offset and key.endswith(record["pack"] + ".pack")
+    assert record["chunk"] == cid.hex() and record["pack"] == pack_hex and record["offset"] == offset
 
     with cas.Repository.open(where) as repo:  # another process: the record is in the store
         before = pack_bytes(where)
@@ -531,39 +556,65 @@ def test_a_damaged_chunk_a_load_finds_is_written_again_by_the_next_save(where: s
         assert_same(repo.load("s2"), frozen_and_moving(2))
         assert_same(repo.load("s1"), frozen_and_moving(1))  # healed: its chunk now reads from the fresh copy
         assert repo.verify(read_data=True).ok
-    if "://" in where:  # other machines' index caches may still name the damaged copy: the record stays
-        assert record_key in stored_objects(where)
-    else:  # one index: the save that wrote it again dropped the record
-        assert record_key not in stored_objects(where)
-    with cas.Repository.open(where) as repo:  # the save after that deduplicates against the fresh copy
-        assert repo.save(frozen_and_moving(3), tag="s3").bytes_added < CHUNK
+        assert repo.save(frozen_and_moving(3), tag="s3").bytes_added < CHUNK  # the fresh copy dedups
+        repo.rebuild_index()  # never chooses the recorded copy while the fresh one exists
         assert_same(repo.load("s1"), frozen_and_moving(1))
-        repo.check(repair=True)  # the damaged pack is salvaged and its record dropped, on every store
+    assert damage_keys(where) == [record_key]  # kept while the damaged copy is in its pack
+    if "://" in where:  # another machine, its index built from the store: it reads the fresh copy too
+        monkeypatch.setenv("CAS_CACHE_DIR", str(tmp_path / "machine-b"))
+        with cas.Repository.open(where) as repo:
+            assert_same(repo.load("s1"), frozen_and_moving(1))
+            assert repo.save(frozen_and_moving(4), tag="s4").bytes_added < CHUNK
+    with cas.Repository.open(where) as repo:
+        repo.check(repair=True)  # the damaged pack goes to quarantine/, and with it the record
         assert_same(repo.load("s1"), frozen_and_moving(1))
-    assert not [k for k in stored_objects(where) if k.startswith("damaged/")]
+    assert damage_keys(where) == []
 
 
 def test_check_records_the_damage_it_finds_for_the_next_save(where: str) -> None:
-    from cas.ids import chunk_id_of
-
+    cid = frozen_chunk(0)
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
         repo.save(frozen_and_moving(1), tag="s1")
-        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
         rot_chunk_in_store(where, repo, cid)
         report = repo.check()  # no --repair: it reports, and records what it found
         assert not report.ok and [a["tensor"] for a in report.affected] == ["frozen"]
-    assert f"damaged/{cid.hex()}" in stored_objects(where)
+    assert [k.split("/")[1] for k in damage_keys(where)] == [cid.hex()]
     with cas.Repository.open(where) as repo:
         repo.save(frozen_and_moving(2), tag="s2")
         assert_same(repo.load("s1"), frozen_and_moving(1))
         assert_same(repo.load("s2"), frozen_and_moving(2))
-    assert bool([k for k in stored_objects(where) if k.startswith("damaged/")]) == ("://" in where)
+
+
+def test_every_damaged_copy_of_a_chunk_is_recorded(where: str) -> None:
+    """Two copies of one chunk (two sessions stored the same bytes), both rotted: a record per copy,
+    so whichever the index names, the next save writes the chunk again."""
+    cid = frozen_chunk()
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        a, b = repo.session(parent=None), repo.session(parent=None)
+        part = a.store(frozen_and_moving(1))
+        b.store({"frozen": frozen_and_moving(1)["frozen"], "other": torch.ones(10)})
+        a.finish()
+        b.finish()
+        with repo.session(parent=None) as c:
+            c.commit([part], tag="s1")
+        copies = copies_in_store(repo, cid)
+        assert len(copies) == 2
+        for pack_id, offset in copies:
+            rot_copy(where, repo, pack_id, offset)
+        with pytest.raises(cas.ChunkCorruptError):
+            repo.load("s1")
+        assert not repo.check().ok  # reads every record: the other copy too
+    assert sorted(k.split("/")[2] for k in damage_keys(where)) == sorted(f"{p.hex()}-{o}" for p, o in copies)
+    with cas.Repository.open(where) as repo:
+        assert repo.save(frozen_and_moving(2), tag="s2").bytes_added >= CHUNK
+        assert_same(repo.load("s2"), frozen_and_moving(2))
+        assert_same(repo.load("s1"), frozen_and_moving(1))
 
 
 def test_a_damaged_delta_base_is_recorded_and_its_chain_written_again(where: str) -> None:
     """A delta whose base rotted: the read names the base, and the next save holding the delta's
     bytes writes them again (as a keyframe), which heals the older snapshot; check --repair then
-    drops the base's record (it is lost, and the index no longer names it)."""
+    drops the base's record (it is lost, and its damaged pack is out of packs/)."""
     g = torch.Generator().manual_seed(5)
     first = {"w": torch.randn(64 * 1024, generator=g)}
     second = {"w": first["w"] + 1e-3 * torch.randn(64 * 1024, generator=g)}
@@ -578,7 +629,7 @@ def test_a_damaged_delta_base_is_recorded_and_its_chain_written_again(where: str
         rot_chunk_in_store(where, repo, base)
         with pytest.raises(cas.ChunkCorruptError, match=f"delta base {base.hex()[:12]}"):
             repo.load("s2")
-    assert f"damaged/{base.hex()}" in stored_objects(where)
+    assert [k.split("/")[1] for k in damage_keys(where)] == [base.hex()]
     with cas.Repository.open(where) as repo:
         repo.save(second, tag="s3")  # the same bytes as s2: its chunks are written again, not deduplicated
         assert_same(repo.load("s2"), second)  # healed through the fresh copies
@@ -587,19 +638,16 @@ def test_a_damaged_delta_base_is_recorded_and_its_chain_written_again(where: str
             repo.load("s1")  # the base's own bytes are in no state saved since: still damaged
         report = repo.check(repair=True)
         assert base.hex() in report.lost_chunks
-    assert not [k for k in stored_objects(where) if k.startswith("damaged/")]
+    assert damage_keys(where) == []
 
 
 def test_a_store_that_refuses_the_damage_record_still_gets_the_read_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cas.ids import chunk_id_of
-
     where = str(tmp_path / "repo")
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
         repo.save(frozen_and_moving(1), tag="s1")
-        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
-        rot_chunk_in_store(where, repo, cid)
+        rot_chunk_in_store(where, repo, frozen_chunk(0))
         real_write = repo.store.backend.write
 
         def refuse(key: str, *args: Any, **kwargs: Any) -> Any:
@@ -610,33 +658,94 @@ def test_a_store_that_refuses_the_damage_record_still_gets_the_read_error(
         monkeypatch.setattr(repo.store.backend, "write", refuse)
         with pytest.raises(cas.ChunkCorruptError, match="does not match its hash"):
             repo.load("s1")
-    assert not (tmp_path / "repo" / "damaged").exists()
+        monkeypatch.setattr(repo.store.backend, "write", real_write)
+        with pytest.raises(cas.ChunkCorruptError, match="does not match its hash"):
+            repo.load("s1")  # the refused record is tried again by the next read
+    assert len(damage_keys(where)) == 1
+
+
+def test_damage_records_never_fail_a_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listing and tidying the records is best effort: a store that fails there (after the save's
+    index commit, too) still gets its snapshot committed and tagged."""
+    from cas.errors import StorageUnavailableError
+
+    where = str(tmp_path / "repo")
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        rot_chunk_in_store(where, repo, frozen_chunk(0))
+        with pytest.raises(cas.ChunkCorruptError):
+            repo.load("s1")
+        committed = []
+        real_commit, real_stat, real_list = repo.index.commit, repo.store.backend.stat, repo.store.backend.list
+
+        def commit(*args: Any, **kwargs: Any) -> None:
+            real_commit(*args, **kwargs)
+            committed.append(True)
+
+        def stat(key: str, *args: Any, **kwargs: Any) -> Any:
+            if committed:  # the tidying after the index commit asks whether the recorded pack is there
+                raise StorageUnavailableError(f"{key}: timed out")
+            return real_stat(key, *args, **kwargs)
+
+        monkeypatch.setattr(repo.index, "commit", commit)
+        monkeypatch.setattr(repo.store.backend, "stat", stat)
+        with caplog.at_level("WARNING", logger="cas"):
+            repo.save(frozen_and_moving(2), tag="s2")
+        assert committed and "s2" in repo.store.ref_names()
+        assert "the damage records were not tidied" in caplog.text and "timed out" in caplog.text
+        monkeypatch.setattr(repo.store.backend, "stat", real_stat)
+        assert_same(repo.load("s2"), frozen_and_moving(2))
+
+        def failing_list(prefix: str = "", **kwargs: Any) -> Any:
+            if prefix.startswith("damaged/"):
+                raise StorageUnavailableError("listing timed out")
+            return real_list(prefix, **kwargs)
+
+        monkeypatch.setattr(repo.store.backend, "list", failing_list)
+        repo.save(frozen_and_moving(3), tag="s3")  # no records to go by: deduplicated as before, committed
+        assert "s3" in repo.store.ref_names()
 
 
 def test_a_save_drops_damage_records_of_packs_that_are_gone(where: str) -> None:
-    from cas.ids import ChunkId, chunk_id_of
+    from cas.ids import ChunkId
 
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
         repo.save(frozen_and_moving(1), tag="s1")
-        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
+        cid = frozen_chunk(0)
         repo.store.record_damage(ChunkId(cid), PackId(bytes(32)), 0)  # a copy in a pack no store holds
-        assert repo.store.damage_records() == {cid: (PackId(bytes(32)), 0)}
+        assert repo.store.damage_records() == {cid: {(PackId(bytes(32)), 0)}}
         again = repo.save(frozen_and_moving(1), tag="s2")
         assert again.bytes_added < CHUNK  # the indexed copy is another one: deduplicated as usual
         assert repo.store.damage_records() == {}
         assert_same(repo.load("s2"), frozen_and_moving(1))
 
 
+def test_a_check_that_finds_nothing_damaged_drops_stale_records(where: str) -> None:
+    """A record of a copy that is fine (a read through a cached copy that rotted, since dropped)
+    goes at the next check that verifies every pack, with or without --repair."""
+    from cas.ids import ChunkId
+
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        loc = repo.index.get(frozen_chunk(0))
+        assert loc is not None
+        repo.store.record_damage(ChunkId(frozen_chunk(0)), loc.pack_id, loc.offset)
+        assert len(damage_keys(where)) == 1
+        assert repo.check(repair=True).ok
+    assert damage_keys(where) == []
+
+
 def test_cli_restore_records_damage_and_ls_warns_until_a_save_heals_it(tmp_path: Path) -> None:
-    from cas.ids import chunk_id_of
     from tests.test_cli import run
 
     where = tmp_path / "repo"
+    cid = frozen_chunk(0)
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
         repo.save(frozen_and_moving(1), tag="s1")
-        cid = chunk_id_of(frozen_and_moving(1)["frozen"].numpy().tobytes()[:CHUNK])
         rot_chunk_in_store(str(where), repo, cid)
-    assert "warning" not in run("ls", repo=where).stderr
+    assert run("ls", repo=where).stderr == ""
     failed = run("restore", "s1", tmp_path / "out.pt", repo=where, ok=False)
     assert failed.returncode == 7 and f"chunk {cid.hex()[:12]} does not match its hash" in failed.stderr
     listed = run("ls", repo=where)
@@ -644,6 +753,12 @@ def test_cli_restore_records_damage_and_ls_warns_until_a_save_heals_it(tmp_path:
         in listed.stderr and "s1" in listed.stdout
     with cas.Repository.open(where) as repo:
         repo.save(frozen_and_moving(2), tag="s2")
-    assert "warning" not in run("ls", repo=where).stderr
+    listed = run("ls", repo=where)
+    assert "warning" not in listed.stderr
+    assert "note: 1 damaged chunk copy is superseded by a fresh copy; `cas check --repair` takes the damaged " \
+        "packs out" in listed.stderr
     run("restore", "s1", tmp_path / "out.pt", repo=where)
     assert_same(torch.load(tmp_path / "out.pt", weights_only=True), frozen_and_moving(1))
+    repaired = run("check", "--repair", repo=where, ok=False)  # it found damage: exit 1, even once repaired
+    assert repaired.returncode == 1 and "0 lost (repaired)" in repaired.stdout
+    assert run("ls", repo=where).stderr == ""
