@@ -109,8 +109,6 @@ def check_repository(
             report = _check(repo, repair=True)
             report.healed = healed
             report.changed = report.changed or bool(healed)
-    if report.ok or repair:
-        _settle_damage_records(repo)
     return report
 
 
@@ -284,6 +282,8 @@ def _check(repo: Repository, *, repair: bool = False) -> CheckReport:
                 if _chain_broken(repo, cid, present, lost, broken):
                     hit.setdefault(tensor)
             report.affected.extend({"snapshot": label, "tensor": t} for t in hit)
+        if report.ok or repair:  # under the lock: no save or repair moves a pack meanwhile
+            _settle_damage_records(repo)
     return report
 
 

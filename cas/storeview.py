@@ -91,22 +91,32 @@ def choose_copies(
 
     A delta copy resolves when some copy of its base does (any copy of a chunk decodes to the
     same bytes); chunks in ``assume`` count as resolved (indexed in packs whose footer does not
-    check, where reads verify them). Among resolving copies the one ``prefer`` names (the index's current entry)
-    wins, then the shallowest, then the lowest pack id: deterministic, and no churn. A copy in
-    ``avoid`` (pack, offset: recorded damaged) is chosen only when the chunk has no other.
+    check, where reads verify them). A copy is clean when it is not in ``avoid`` (pack, offset:
+    recorded damaged) and, for a delta, some clean copy of its base resolves. Clean copies win over
+    the rest; among them the one ``prefer`` names (the index's current entry), then the
+    shallowest, then the lowest pack id: deterministic, and no churn. A chunk whose copies are all
+    unclean still gets its best one (a recorded copy may be a false alarm; nothing is dropped).
     """
     depth: dict[tuple[bytes, bytes, int], int] = {}
     best: dict[bytes, int] = {}
+    clean_chunks: set[bytes] = set()
+    clean: set[tuple[bytes, bytes, int]] = set()
     pending: list[tuple[bytes, PackId, PackEntry]] = []
     for cid in assume:
         best[cid] = 0
+        clean_chunks.add(cid)
     for cid, found in copies.items():
         for pack_id, entry in found:
             if not needs_base(entry.codec):
-                depth[(cid, pack_id, entry.offset)] = 0
+                key = (cid, bytes(pack_id), entry.offset)
+                depth[key] = 0
                 best[cid] = 0
+                if (key[1], key[2]) not in avoid:
+                    clean.add(key)
+                    clean_chunks.add(cid)
             elif entry.base_id is not None:
                 pending.append((cid, pack_id, entry))
+    deltas = list(pending)
     for _round in range(MAX_CHAIN_LINKS):
         rest = []
         progressed = False
@@ -116,24 +126,38 @@ def choose_copies(
                 rest.append((cid, pack_id, entry))
                 continue
             d = base_depth + 1
-            depth[(cid, pack_id, entry.offset)] = d
+            depth[(cid, bytes(pack_id), entry.offset)] = d
             if cid not in best or d < best[cid]:
                 best[cid] = d
             progressed = True
         pending = rest
         if not progressed or not pending:
             break
+    if avoid:  # which resolving deltas reach a keyframe through clean copies only
+        for _round in range(MAX_CHAIN_LINKS):
+            grew = False
+            for cid, pack_id, entry in deltas:
+                key = (cid, bytes(pack_id), entry.offset)
+                if key in clean or key not in depth or (key[1], key[2]) in avoid:
+                    continue
+                if bytes(entry.base_id) in clean_chunks:  # type: ignore[arg-type]
+                    clean.add(key)
+                    clean_chunks.add(cid)
+                    grew = True
+            if not grew:
+                break
+    else:
+        clean = set(depth)
     chosen: dict[bytes, tuple[ChunkLocation, int]] = {}
     for cid, found in copies.items():
         if cid not in best:
             continue
         wanted = prefer.get(cid) if prefer else None
-        options = [
-            (depth[(cid, pid, e.offset)], bytes(pid), ChunkLocation.of(pid, e))
-            for pid, e in found if (cid, pid, e.offset) in depth
-        ]
-        if avoid:
-            options = [o for o in options if (o[1], o[2].offset) not in avoid] or options
+        keys = [((cid, bytes(pid), e.offset), pid, e) for pid, e in found]
+        options = [(depth[key], key[1], ChunkLocation.of(pid, e), key in clean) for key, pid, e in keys if key in depth]
+        if not options:
+            continue
+        options = [o for o in options if o[3]] or options
         pick = next((o for o in options if o[2] == wanted), None) or min(options, key=lambda o: (o[0], o[1]))
         chosen[cid] = (pick[2], pick[0])
     return chosen

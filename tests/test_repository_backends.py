@@ -762,3 +762,101 @@ def test_cli_restore_records_damage_and_ls_warns_until_a_save_heals_it(tmp_path:
     repaired = run("check", "--repair", repo=where, ok=False)  # it found damage: exit 1, even once repaired
     assert repaired.returncode == 1 and "0 lost (repaired)" in repaired.stdout
     assert run("ls", repo=where).stderr == ""
+
+
+def test_a_rebuilt_index_takes_the_intact_copy_even_where_the_damaged_one_sorts_first(where: str) -> None:
+    """Two copies of one chunk, the one in the pack with the lower id rotted (without the records a
+    rebuild takes that one: same depth, lowest pack id): check records it, and the rebuilt index
+    names the intact copy."""
+    cid = frozen_chunk()
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        a, b = repo.session(parent=None), repo.session(parent=None)
+        part = a.store(frozen_and_moving(1))
+        b.store({"frozen": frozen_and_moving(1)["frozen"], "other": torch.ones(10)})
+        a.finish()
+        b.finish()
+        with repo.session(parent=None) as c:
+            c.commit([part], tag="s1")
+        (low, low_offset), (high, high_offset) = sorted(copies_in_store(repo, cid))
+        rot_copy(where, repo, low, low_offset)
+        assert not repo.check().ok
+        assert damage_keys(where) == [f"damaged/{cid.hex()}/{low.hex()}-{low_offset}"]
+        repo.rebuild_index()
+        loc = repo.index.get(cid)
+        assert loc is not None and (loc.pack_id, loc.offset) == (high, high_offset)
+        assert_same(repo.load("s1"), frozen_and_moving(1))
+
+
+def test_choose_copies_takes_clean_chains_over_ones_through_a_recorded_copy() -> None:
+    from cas.codec import Codec
+    from cas.ids import ChunkId
+    from cas.index import ChunkLocation
+    from cas.pack import PackEntry
+    from cas.storeview import choose_copies
+
+    x, base, other_base = (ChunkId(bytes([i]) * 32) for i in (1, 2, 3))
+    p1, p2, p3, p4 = (PackId(bytes([i]) * 32) for i in (1, 2, 3, 4))
+    copies = {
+        bytes(base): [(p1, PackEntry(base, 100, 10, 10, Codec.RAW, 0))],  # its only copy: recorded damaged
+        bytes(other_base): [(p2, PackEntry(other_base, 100, 10, 10, Codec.RAW, 0))],
+        bytes(x): [(p3, PackEntry(x, 100, 10, 10, Codec.DELTA, 0, base)),  # through the damaged base
+                   (p4, PackEntry(x, 100, 10, 10, Codec.DELTA, 0, other_base))],
+    }
+    avoid = {(bytes(p1), 100)}
+    assert choose_copies(copies)[bytes(x)][0].pack_id == p3  # without records: lowest pack id
+    assert choose_copies(copies, avoid=avoid)[bytes(x)][0].pack_id == p4
+    current = {bytes(x): ChunkLocation.of(p3, copies[bytes(x)][0][1])}
+    assert choose_copies(copies, prefer=current, avoid=avoid)[bytes(x)][0].pack_id == p4
+    assert choose_copies(copies, prefer=current)[bytes(x)][0].pack_id == p3  # no churn without a reason
+    chosen = choose_copies(copies, avoid=avoid)
+    assert chosen[bytes(base)][0].pack_id == p1  # its only copy: still indexed (reads verify it)
+
+
+def test_a_check_without_repair_that_finds_nothing_damaged_drops_stale_records(where: str) -> None:
+    from cas.ids import ChunkId
+
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        loc = repo.index.get(frozen_chunk(0))
+        assert loc is not None
+        repo.store.record_damage(ChunkId(frozen_chunk(0)), loc.pack_id, loc.offset)  # a false alarm
+        rot_chunk_in_store(where, repo, frozen_chunk(2))
+        assert not repo.check().ok  # something is damaged: the records stay
+        assert len(damage_keys(where)) == 2
+    with cas.Repository.init(where + "-clean", chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        loc = repo.index.get(frozen_chunk(0))
+        assert loc is not None
+        repo.store.record_damage(ChunkId(frozen_chunk(0)), loc.pack_id, loc.offset)
+        assert len(damage_keys(where + "-clean")) == 1
+        assert repo.check().ok  # every copy verifies: the record was a false alarm, and goes
+    assert damage_keys(where + "-clean") == []
+
+
+def test_gc_reading_a_rotted_cached_pack_records_nothing_and_keeps_the_data(where: str) -> None:
+    """On a remote store gc reads live chunks through this machine's pack cache: a cached copy that
+    rotted is dropped and the chunk read again from the store, whose copy is intact and is not
+    recorded as damaged."""
+    from cas.ids import chunk_id_of
+
+    if "://" not in where:
+        pytest.skip("a local repository has no pack cache")
+    s3_where = where
+    g = torch.Generator().manual_seed(3)
+    keep, drop = torch.randn(CHUNK, generator=g), torch.randn(CHUNK, generator=g)
+    with cas.Repository.init(s3_where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save({"keep": keep, "drop": drop}, tag="a")
+        repo.save({"keep": keep}, tag="b")
+        cid = chunk_id_of(keep.numpy().tobytes()[:CHUNK])
+        loc = repo.index.get(cid)
+        assert loc is not None
+        cached = repo.store.pack_cache.path_of(loc.pack_id)
+        assert cached is not None, "this machine wrote the pack: it holds a copy"
+        data = bytearray(cached.read_bytes())
+        data[loc.offset + 10] ^= 0x01
+        cached.write_bytes(bytes(data))
+        repo.delete("a")
+        assert repo.gc(repack_below=0.9).packs_repacked >= 1
+        assert damage_keys(s3_where) == []
+        assert_same(repo.load("b"), {"keep": keep})
+        assert repo.check().ok
