@@ -4,7 +4,7 @@
     packs/<xx>/<id>.pack         immutable pack files (§3)
     refs/<name>                  one line: a snapshot id (§6)
     quarantine/<id>.pack         copies of damaged packs kept by `check --repair`
-    damaged/<chunk>/<pack>-<n>   a stored copy of a chunk that a read found damaged (saves write it again)
+    damaged/<chunk>-<pack>-<n>   a stored copy of a chunk that a read found damaged (saves write it again)
     locks/<uuid>.json            lock objects of remote repositories (§9)
 
 Every byte goes through a :class:`~cas.backends.Backend`; nothing here opens a file of the
@@ -56,7 +56,7 @@ PACKS = "packs/"
 REFS = "refs/"
 QUARANTINE = "quarantine/"
 DAMAGED = "damaged/"
-DAMAGE_KEY = re.compile(r"damaged/([0-9a-f]{64})/([0-9a-f]{64})-(\d{1,19})")
+DAMAGE_KEY = re.compile(r"damaged/([0-9a-f]{64})-([0-9a-f]{64})-(\d{1,19})")
 LOCKS = "locks/"
 INDEXES = "indexes/"
 INDEX_MAGIC = b"CASIDX\x00\x00"
@@ -80,8 +80,9 @@ log = logging.getLogger("cas")
 
 
 def damage_key(chunk_id: bytes, pack_id: bytes, offset: int) -> str:
-    """``damaged/<chunk id>/<pack id>-<payload offset>``: one record per damaged copy (FORMAT.md §5)."""
-    return f"{DAMAGED}{bytes(chunk_id).hex()}/{bytes(pack_id).hex()}-{int(offset)}"
+    """``damaged/<chunk id>-<pack id>-<payload offset>``: one record per damaged copy, all in one flat
+    prefix (FORMAT.md §5)."""
+    return f"{DAMAGED}{bytes(chunk_id).hex()}-{bytes(pack_id).hex()}-{int(offset)}"
 
 
 def pack_key(pack_id: PackId, meta: bool = False) -> str:

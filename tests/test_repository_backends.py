@@ -542,7 +542,7 @@ def test_a_damaged_chunk_a_load_finds_is_written_again_by_the_next_save(where: s
         with pytest.raises(cas.ChunkCorruptError, match=f"chunk {cid.hex()[:12]} does not match its hash"):
             repo.load("s1")
     pack_hex = key.rsplit("/", 1)[1][:64]
-    record_key = f"damaged/{cid.hex()}/{pack_hex}-{offset}"
+    record_key = f"damaged/{cid.hex()}-{pack_hex}-{offset}"
     assert damage_keys(where) == [record_key]
     with open_backend(where, {"create": False} if "://" not in where else None) as backend:
         record = json.loads(backend.read(record_key))
@@ -578,7 +578,7 @@ def test_check_records_the_damage_it_finds_for_the_next_save(where: str) -> None
         rot_chunk_in_store(where, repo, cid)
         report = repo.check()  # no --repair: it reports, and records what it found
         assert not report.ok and [a["tensor"] for a in report.affected] == ["frozen"]
-    assert [k.split("/")[1] for k in damage_keys(where)] == [cid.hex()]
+    assert [k[len("damaged/"):][:64] for k in damage_keys(where)] == [cid.hex()]
     with cas.Repository.open(where) as repo:
         repo.save(frozen_and_moving(2), tag="s2")
         assert_same(repo.load("s1"), frozen_and_moving(1))
@@ -604,7 +604,7 @@ def test_every_damaged_copy_of_a_chunk_is_recorded(where: str) -> None:
         with pytest.raises(cas.ChunkCorruptError):
             repo.load("s1")
         assert not repo.check().ok  # reads every record: the other copy too
-    assert sorted(k.split("/")[2] for k in damage_keys(where)) == sorted(f"{p.hex()}-{o}" for p, o in copies)
+    assert sorted(k[len("damaged/") + 65:] for k in damage_keys(where)) == sorted(f"{p.hex()}-{o}" for p, o in copies)
     with cas.Repository.open(where) as repo:
         assert repo.save(frozen_and_moving(2), tag="s2").bytes_added >= CHUNK
         assert_same(repo.load("s2"), frozen_and_moving(2))
@@ -629,7 +629,7 @@ def test_a_damaged_delta_base_is_recorded_and_its_chain_written_again(where: str
         rot_chunk_in_store(where, repo, base)
         with pytest.raises(cas.ChunkCorruptError, match=f"delta base {base.hex()[:12]}"):
             repo.load("s2")
-    assert [k.split("/")[1] for k in damage_keys(where)] == [base.hex()]
+    assert [k[len("damaged/"):][:64] for k in damage_keys(where)] == [base.hex()]
     with cas.Repository.open(where) as repo:
         repo.save(second, tag="s3")  # the same bytes as s2: its chunks are written again, not deduplicated
         assert_same(repo.load("s2"), second)  # healed through the fresh copies
@@ -780,7 +780,7 @@ def test_a_rebuilt_index_takes_the_intact_copy_even_where_the_damaged_one_sorts_
         (low, low_offset), (high, high_offset) = sorted(copies_in_store(repo, cid))
         rot_copy(where, repo, low, low_offset)
         assert not repo.check().ok
-        assert damage_keys(where) == [f"damaged/{cid.hex()}/{low.hex()}-{low_offset}"]
+        assert damage_keys(where) == [f"damaged/{cid.hex()}-{low.hex()}-{low_offset}"]
         repo.rebuild_index()
         loc = repo.index.get(cid)
         assert loc is not None and (loc.pack_id, loc.offset) == (high, high_offset)
@@ -860,3 +860,16 @@ def test_gc_reading_a_rotted_cached_pack_records_nothing_and_keeps_the_data(wher
         assert damage_keys(s3_where) == []
         assert_same(repo.load("b"), {"keep": keep})
         assert repo.check().ok
+
+
+def test_dropped_damage_records_leave_nothing_behind(tmp_path: Path) -> None:
+    """Records live in one flat prefix: a local repository keeps no empty directory once they go."""
+    from cas.ids import ChunkId
+
+    where = tmp_path / "repo"
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+        repo.store.record_damage(ChunkId(frozen_chunk(0)), PackId(bytes(32)), 0)
+        assert [p.name for p in (where / "damaged").iterdir()] == [f"{frozen_chunk(0).hex()}-{'00' * 32}-0"]
+        repo.save(frozen_and_moving(2), tag="s2")  # the recorded pack is gone: the record goes
+        assert list((where / "damaged").iterdir()) == []
