@@ -20,6 +20,7 @@ from cas.codec import check_compression, codec_name
 from cas.errors import (
     AmbiguousSnapshotError,
     ArchivedError,
+    ChunkCorruptError,
     CorruptionError,
     FormatVersionError,
     IndexCorruptError,
@@ -707,7 +708,9 @@ class Repository:
         """Run ``run``; if it fails on the index (a damaged entry, or a chunk missing while the packs
         hold more than the index knows: a stale or lost index), bring the index in line with the
         packs and run it once more. The index is a cache: its gaps are never the last word.
-        A load of ``snapshot`` that meets archived data says which packs need a restore request."""
+        A chunk copy that does not verify (now recorded damaged) is read once more when bringing the
+        index in line re-points it at another copy. A load of ``snapshot`` that meets archived data
+        says which packs need a restore request."""
         try:
             try:
                 return run()
@@ -720,6 +723,11 @@ class Repository:
             self.rebuild_index()
         except MissingChunkError:
             if not self._unknown_packs() or not self._reconcile():
+                raise
+        except ChunkCorruptError as exc:
+            # the read recorded the damaged copy: another copy in the store (a save here or on another
+            # machine wrote the chunk again) serves once the index is brought in line (FORMAT.md §5)
+            if exc.copy is None or not self._reconcile():
                 raise
         self.reader.clear_cache()
         return run()

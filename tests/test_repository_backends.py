@@ -873,3 +873,30 @@ def test_dropped_damage_records_leave_nothing_behind(tmp_path: Path) -> None:
         assert [p.name for p in (where / "damaged").iterdir()] == [f"{frozen_chunk(0).hex()}-{'00' * 32}-0"]
         repo.save(frozen_and_moving(2), tag="s2")  # the recorded pack is gone: the record goes
         assert list((where / "damaged").iterdir()) == []
+
+
+def test_another_machine_whose_cache_names_the_damaged_copy_reads_the_fresh_one_after_a_heal(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Machine B's index cache was built before the rot; machine A finds the damage and heals it with
+    a save. B, opening again, learns the fresh pack and reads the fresh copy."""
+    if "://" not in where:
+        pytest.skip("a local repository has one index")
+    machine_a, machine_b = str(tmp_path / "machine-a"), str(tmp_path / "machine-b")
+    cid = frozen_chunk()
+    monkeypatch.setenv("CAS_CACHE_DIR", machine_a)
+    with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
+        repo.save(frozen_and_moving(1), tag="s1")
+    monkeypatch.setenv("CAS_CACHE_DIR", machine_b)
+    with cas.Repository.open(where) as repo:
+        assert_same(repo.load("s1"), frozen_and_moving(1))  # B's cache now names the copy that will rot
+    monkeypatch.setenv("CAS_CACHE_DIR", machine_a)
+    with cas.Repository.open(where) as repo:
+        rot_chunk_in_store(where, repo, cid)
+        with pytest.raises(cas.ChunkCorruptError):
+            repo.load("s1")
+        repo.save(frozen_and_moving(2), tag="s2")
+    monkeypatch.setenv("CAS_CACHE_DIR", machine_b)
+    with cas.Repository.open(where) as repo:
+        assert_same(repo.load("s1"), frozen_and_moving(1))
+        assert_same(repo.load("s2"), frozen_and_moving(2))
