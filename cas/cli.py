@@ -709,6 +709,7 @@ def check(ctx: Context, repair: bool, as_json: bool) -> None:
     """Read every pack and chunk; report the snapshots and tensors that lost data. Exit 1 if any."""
     with ctx.open(check_index=True) as repo:
         report = repo.check(repair=repair)
+        recorded = sum(len(c) for c in repo.store.damage_records().values()) if not repair and not report.ok else 0
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -721,6 +722,10 @@ def check(ctx: Context, repair: bool, as_json: bool) -> None:
                    + (" (repaired)" if repair and report.changed else ""))
         if repair and report.damaged_packs and not report.changed:
             click.echo("nothing could be repaired: what is lost is not stored anywhere else", err=True)
+        if recorded:
+            click.echo(f"{recorded} damaged chunk cop{'ies are' if recorded != 1 else 'y is'} recorded: the next save "
+                       "that still holds their bytes writes them again, which heals the snapshots above; "
+                       "`cas check --repair` salvages the rest")
     if not report.ok:
         sys.exit(1)
 

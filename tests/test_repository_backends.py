@@ -751,6 +751,10 @@ def test_cli_restore_records_damage_and_ls_warns_until_a_save_heals_it(tmp_path:
     listed = run("ls", repo=where)
     assert "warning: reads found 1 stored chunk damaged; the next save that holds their bytes writes them again" \
         in listed.stderr and "s1" in listed.stdout
+    checked = run("check", repo=where, ok=False)
+    assert checked.returncode == 1 and "affected: snapshot" in checked.stdout
+    assert "1 damaged chunk copy is recorded: the next save that still holds their bytes writes them again" \
+        in checked.stdout
     with cas.Repository.open(where) as repo:
         repo.save(frozen_and_moving(2), tag="s2")
     listed = run("ls", repo=where)
