@@ -347,6 +347,21 @@ def loadavg() -> str:
         return "?"
 
 
+def memory_note() -> str:
+    """A warning when this VM hands freed memory back to its host (virtio free page reporting): the
+    first touch of such a page then faults in the host too (~11 µs instead of ~0.3 measured), and
+    whichever tool happens to get those pages runs up to ~10x slower that round."""
+    try:
+        cmdline = Path("/proc/cmdline").read_text()
+    except OSError:
+        return ""
+    if "page_reporting" not in cmdline:
+        return ""
+    return ("This VM reports freed memory to its host (`page_reporting` on the kernel command line): a tool that "
+            "gets such pages pays a host fault on each first touch, so single rounds swing by up to ~10x; read "
+            "min-max beside the medians.")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -575,6 +590,7 @@ def report(res: Results, sizes: list[int], actual: dict[int, int], rss: list[dic
         f" · data in {args.dir or tempfile.gettempdir()}",
         f"Load average at start / end: {res.notes.get('loadavg_start')} / {res.notes.get('loadavg_end')} "
         "(other processes on the machine add noise, mostly to the disk-bound saves).",
+        *([memory_note()] if memory_note() else []),
         "",
         "GB/s = 1e9 bytes of state dict per second. `vs torch` / `vs st` = speed of the row relative to torch "
         "(torch.save or torch.load) / safetensors (save_file; for loads load_file with the pread backend) in the "
