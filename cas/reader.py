@@ -7,7 +7,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from cas.index import ChunkLocation, Index
 
 if TYPE_CHECKING:
     from cas.layout import Store
+
+T = TypeVar("T")
 
 BASE_CACHE_BYTES = 256 << 20  # decoded delta bases kept for reuse within and across loads
 MAX_CHAIN_LINKS = 1024  # a longer chain is damage (the saver never builds one): refuse, do not loop
@@ -114,19 +116,15 @@ class ChunkReader:
         by link, each verified, to name the damaged chunk. Only bases read through
         :meth:`base` are cached: copying every decoded base costs more than it saves.
         """
+        stored = self._stored(chunk_id, loc) if payload is None else payload
         if not needs_base(loc.codec):
             try:
-                stored = self.payload(loc) if payload is None else payload
                 out = decode(loc.codec, stored, loc.raw_length, None, dest)
                 if hash_bytes(out) != chunk_id:
                     raise ChunkCorruptError(f"chunk {chunk_id.short()} does not match its hash")
             except CorruptionError as exc:
                 raise _of_copy(exc, chunk_id, loc) from None
             return out
-        try:
-            stored = self.payload(loc) if payload is None else payload
-        except CorruptionError as exc:
-            raise _of_copy(exc, chunk_id, loc) from None
         links, cached = self._chain(chunk_id, loc, where)
         if dest is not None and len(dest) == loc.raw_length and not dest.readonly:
             buf = dest
@@ -259,15 +257,9 @@ class ChunkReader:
             if buf is None or len(buf) < loc.raw_length:
                 buf = self._local.scratch = np.empty(max(loc.raw_length, 1 << 20), np.uint8)
             dest = memoryview(buf[: loc.raw_length])  # type: ignore[arg-type]
-        try:
-            try:
-                raw = self._decode(base_id, loc, base_where, dest)  # no copy: the buffer is this call's own
-            except CorruptionError:
-                if not self._uncache_chain(base_id, loc):
-                    raise
-                raw = self._decode(base_id, loc, base_where, dest)  # from the store, not the local cache
+        try:  # no copy: the buffer is this call's own
+            raw = self._from_store_on_failure(base_id, loc, lambda: self._decode(base_id, loc, base_where, dest))
         except CorruptionError as exc:
-            self._record(exc)
             raise _within(exc, f"{base_where}: {exc} (pack {loc.pack_id.short()})") from None
         if not scratch:
             self._remember(base_id, raw)
@@ -278,40 +270,30 @@ class ChunkReader:
         As every read, a failure through this machine's cached copy of a pack is tried again from
         the store. ``record=False``: a failure is not recorded as damage (salvage tries candidates
         that are often not chunks at all)."""
-        try:
-            try:
-                payload = self._checked_payload(chunk_id, loc, where)
-            except CorruptionError:
-                if not self._uncache_chain(chunk_id, loc):
-                    raise
-                payload = self._checked_payload(chunk_id, loc, where)  # from the store, not the local cache
-        except CorruptionError as exc:
-            if record:
-                self._record(exc)
-            raise _within(exc, f"{where}: {exc} (pack {loc.pack_id.short()})") from None
-        return payload
+        def checked() -> bytes:
+            payload = self._stored(chunk_id, loc)
+            self._decode(chunk_id, loc, where, payload=payload)
+            return payload
 
-    def _checked_payload(self, chunk_id: ChunkId, loc: ChunkLocation, where: str) -> bytes:
         try:
-            payload = self.payload(loc)
+            return self._from_store_on_failure(chunk_id, loc, checked, record=record)
+        except CorruptionError as exc:
+            raise _within(exc, f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+
+    def _stored(self, chunk_id: ChunkId, loc: ChunkLocation) -> bytes:
+        """``payload``, a failure marked as this copy's."""
+        try:
+            return self.payload(loc)
         except CorruptionError as exc:
             raise _of_copy(exc, chunk_id, loc) from None
-        self._decode(chunk_id, loc, where, payload=payload)
-        return payload
 
     def read(self, chunk_id: ChunkId, where: str, loc: ChunkLocation | None = None) -> bytes:
         """The verified raw bytes of one chunk."""
-        loc = loc or self.locate(chunk_id, where)
+        found = loc or self.locate(chunk_id, where)
         try:
-            try:
-                out = self._decode(chunk_id, loc, where)
-            except CorruptionError:
-                if not self._uncache_chain(chunk_id, loc):
-                    raise
-                out = self._decode(chunk_id, loc, where)  # from the store, not the local cache
+            out = self._from_store_on_failure(chunk_id, found, lambda: self._decode(chunk_id, found, where))
         except CorruptionError as exc:
-            self._record(exc)
-            raise _within(exc, f"{where}: {exc} (pack {loc.pack_id.short()})") from None
+            raise _within(exc, f"{where}: {exc} (pack {found.pack_id.short()})") from None
         return bytes(out)
 
     def read_into(self, job: ChunkRead, payload: bytes | None = None) -> None:
@@ -319,15 +301,26 @@ class ChunkReader:
         when a batched ranged read already fetched them). A failure that involves a pack read from
         the local pack cache of a remote store drops those cached copies and reads once more from
         the store (the cache's disk may rot; the store's copy is the truth)."""
+        self._from_store_on_failure(job.chunk_id, job.location, lambda: self._read_into(job, payload),
+                                    lambda: self._read_into(job, None))
+
+    def _from_store_on_failure(
+        self, chunk_id: ChunkId, loc: ChunkLocation, attempt: Callable[[], T], again: Callable[[], T] | None = None,
+        *, record: bool = True,
+    ) -> T:
+        """``attempt()``; if it fails and packs on the chunk's chain are cached on this machine, those
+        copies are dropped and ``again()`` (by default ``attempt``) reads from the store. The copy a
+        failure that stands names is recorded damaged (unless ``record`` is False)."""
         try:
             try:
-                self._read_into(job, payload)
+                return attempt()
             except CorruptionError:
-                if not self._uncache_chain(job.chunk_id, job.location):
+                if not self._uncache_chain(chunk_id, loc):
                     raise
-                self._read_into(job, None)
+                return (again or attempt)()  # from the store, not the local cache
         except CorruptionError as exc:
-            self._record(exc)
+            if record:
+                self._record(exc)
             raise
 
     def _record(self, exc: CorruptionError) -> None:

@@ -585,18 +585,24 @@ def test_check_records_the_damage_it_finds_for_the_next_save(where: str) -> None
         assert_same(repo.load("s2"), frozen_and_moving(2))
 
 
+def save_with_two_copies_of_the_frozen_tensor(repo: cas.Repository) -> None:
+    """Snapshot s1 of ``frozen_and_moving(1)``, while a second session stores the frozen tensor's bytes
+    again: two copies of each of its chunks, in two packs (as racing writers leave them)."""
+    a, b = repo.session(parent=None), repo.session(parent=None)
+    part = a.store(frozen_and_moving(1))
+    b.store({"frozen": frozen_and_moving(1)["frozen"], "other": torch.ones(10)})
+    a.finish()
+    b.finish()
+    with repo.session(parent=None) as c:
+        c.commit([part], tag="s1")
+
+
 def test_every_damaged_copy_of_a_chunk_is_recorded(where: str) -> None:
     """Two copies of one chunk (two sessions stored the same bytes), both rotted: a record per copy,
     so whichever the index names, the next save writes the chunk again."""
     cid = frozen_chunk()
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
-        a, b = repo.session(parent=None), repo.session(parent=None)
-        part = a.store(frozen_and_moving(1))
-        b.store({"frozen": frozen_and_moving(1)["frozen"], "other": torch.ones(10)})
-        a.finish()
-        b.finish()
-        with repo.session(parent=None) as c:
-            c.commit([part], tag="s1")
+        save_with_two_copies_of_the_frozen_tensor(repo)
         copies = copies_in_store(repo, cid)
         assert len(copies) == 2
         for pack_id, offset in copies:
@@ -774,13 +780,7 @@ def test_a_rebuilt_index_takes_the_intact_copy_even_where_the_damaged_one_sorts_
     names the intact copy."""
     cid = frozen_chunk()
     with cas.Repository.init(where, chunk_size=CHUNK, compression="none") as repo:
-        a, b = repo.session(parent=None), repo.session(parent=None)
-        part = a.store(frozen_and_moving(1))
-        b.store({"frozen": frozen_and_moving(1)["frozen"], "other": torch.ones(10)})
-        a.finish()
-        b.finish()
-        with repo.session(parent=None) as c:
-            c.commit([part], tag="s1")
+        save_with_two_copies_of_the_frozen_tensor(repo)
         (low, low_offset), (high, high_offset) = sorted(copies_in_store(repo, cid))
         rot_copy(where, repo, low, low_offset)
         assert not repo.check().ok
